@@ -1,0 +1,68 @@
+"""Device and number-format policy: which torch device a label means, and which dtype 'auto' picks."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .settings import SettingsError
+
+_DASHAI_GPU_LABEL = re.compile(r"^gpu\s*(\d+)\s*(:.*)?$", re.IGNORECASE)
+
+
+def available_devices() -> list[str]:
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(label: str) -> torch.device:
+    """'auto', 'CPU', 'GPU', 'cuda', 'cuda:N', 'mps' (any case) or DashAI's 'GPU N: name ...' labels."""
+    text = label.strip()
+    lowered = text.lower()
+    if lowered == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    if lowered == "cpu":
+        return torch.device("cpu")
+    index = None
+    if lowered in ("gpu", "cuda"):
+        index = 0
+    elif lowered.startswith("cuda:") and lowered[5:].isdigit():
+        index = int(lowered[5:])
+    elif _DASHAI_GPU_LABEL.match(text):
+        index = int(_DASHAI_GPU_LABEL.match(text).group(1))
+    elif lowered == "mps":
+        if not torch.backends.mps.is_available():
+            raise SettingsError([f"device={label!r} is not available here: available devices are {', '.join(available_devices())}"])
+        return torch.device("mps")
+    else:
+        raise SettingsError([
+            f"device={label!r} is not valid: use auto, CPU, GPU, cuda, cuda:N, mps or a DashAI label like 'GPU 0: ...'"
+        ])
+    if index >= torch.cuda.device_count():
+        raise SettingsError([
+            f"device={label!r} is not available here: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+            f"available devices are {', '.join(available_devices())}"
+        ])
+    return torch.device(f"cuda:{index}")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU and mps."""
+    if name == "auto":
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = getattr(torch, name)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SettingsError([
+            "dtype='float16' is not supported on the CPU (slow and missing kernels): use float32 or bfloat16"
+        ])
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

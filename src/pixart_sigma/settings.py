@@ -1,0 +1,236 @@
+"""The component's parameters: names, defaults, bounds, descriptions, JSON Schema, errors.
+
+One pydantic model (`Settings`) is the single source of truth: the CLI flags, the JSON
+Schema and the README table are all derived from it. Validation errors are rewritten
+into sentences that name the field, the value, the rule and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+SCHEDULERS = ("dpm-solver++", "sa-solver", "euler", "euler-ancestral", "ddim", "unipc")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
+MAX_STEPS = 200
+MAX_GUIDANCE = 20.0
+MAX_IMAGES = 16
+MAX_SEED = 2**53 - 1
+MAX_SEQUENCE_LENGTH = 300
+MAX_PROMPT_CHARS = 10_000
+# One call may hold at most this many output pixels (16 images at 1024², 4 at 2048²):
+# beyond it a batch exhausts even an 80 GB GPU in the VAE decoder.
+MAX_PIXELS_PER_CALL = 16 * 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """Bad user input. The message is meant for people: field, value, rule, what is valid."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems) if len(problems) == 1 else "\n".join(["invalid settings:"] + [f"  - {p}" for p in problems]))
+
+
+def _nearest_sides(value: int) -> str:
+    if value < MIN_SIDE:
+        return str(MIN_SIDE)
+    if value > MAX_SIDE:
+        return str(MAX_SIDE)
+    low = value // SIDE_MULTIPLE * SIDE_MULTIPLE
+    return f"{low} or {low + SIDE_MULTIPLE}"
+
+
+def _side_rule(field: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if value < MIN_SIDE or value > MAX_SIDE or value % SIDE_MULTIPLE:
+        raise ValueError(
+            f"{field}={value} is not valid: it must be a multiple of {SIDE_MULTIPLE} between "
+            f"{MIN_SIDE} and {MAX_SIDE}; nearest valid: {_nearest_sides(value)}"
+        )
+    return value
+
+
+def check_pixel_budget(width: int, height: int, num_images: int) -> None:
+    pixels = width * height * num_images
+    if pixels > MAX_PIXELS_PER_CALL:
+        raise SettingsError([
+            f"width x height x num_images_per_prompt = {width}x{height}x{num_images} = {pixels:,} pixels "
+            f"is over the budget of {MAX_PIXELS_PER_CALL:,} per call: use at most "
+            f"{max(1, MAX_PIXELS_PER_CALL // (width * height))} images at this size, or a smaller size"
+        ])
+
+
+def check_text(field: str, text: str, *, required: bool) -> str:
+    """Reject text a person did not mean to send: control characters, broken UTF-8, empty prompts."""
+    if not isinstance(text, str):
+        raise SettingsError([f"{field}={text!r} is not valid: it must be a string"])
+    for index, char in enumerate(text):
+        if char in "\t\n\r":
+            continue
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise SettingsError([
+                f"{field} contains the control character U+{ord(char):04X} at position {index}: "
+                "remove it (only tab and newline are allowed)"
+            ])
+        if category == "Cs":
+            raise SettingsError([
+                f"{field} contains invalid UTF-8 (a lone surrogate U+{ord(char):04X} at position {index}): "
+                "send the text as valid UTF-8"
+            ])
+    if len(text) > MAX_PROMPT_CHARS:
+        raise SettingsError([
+            f"{field} is {len(text)} characters long: at most {MAX_PROMPT_CHARS} are accepted "
+            f"(the text encoder reads only the first {MAX_SEQUENCE_LENGTH} tokens anyway)"
+        ])
+    if required and not text.strip():
+        raise SettingsError([f"{field} is empty: describe the image you want, e.g. \"a red fox in the snow\""])
+    return text
+
+
+class Settings(BaseModel):
+    """Everything that decides an image, except the prompt itself."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True,
+                              json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"})
+
+    model_name: str = Field(
+        DEFAULT_MODEL,
+        description="Checkpoint: a known id (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, ...-512-MS faster "
+        "and lighter, ...-2K-MS, or 'demo', the tiny bundled model) or a local diffusers directory.",
+        examples=[DEFAULT_MODEL, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "demo"],
+    )
+    negative_prompt: Optional[str] = Field(
+        None, description="What to keep out of the image, e.g. 'blurry, watermark'. Empty or null: none."
+    )
+    num_inference_steps: int = Field(
+        20, ge=1, le=MAX_STEPS, description="Denoising steps; 14-25 give good images."
+    )
+    guidance_scale: float = Field(
+        4.5, ge=0.0, le=MAX_GUIDANCE,
+        description="Classifier-free guidance: how strictly to follow the prompt; best 3.5-5.5, 1 or less turns it off.",
+    )
+    device: str = Field(
+        "auto",
+        description="Where to run: auto (first GPU if present, else CPU), CPU, GPU, cuda, cuda:N, mps, "
+        "or a DashAI device label. A GPU is strongly recommended.",
+        examples=["auto", "CPU", "GPU", "cuda:0", "mps"],
+    )
+    seed: int = Field(
+        -1, ge=-1, le=MAX_SEED,
+        description="-1 draws a random seed; any other value always gives the same image. Image k of a batch uses seed + k.",
+    )
+    width: Optional[int] = Field(
+        None, description=f"Image width in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
+        "null: the checkpoint's native size (1024 for the default model).",
+        json_schema_extra={"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIDE_MULTIPLE},
+    )
+    height: Optional[int] = Field(
+        None, description=f"Image height in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
+        "null: the checkpoint's native size (1024 for the default model).",
+        json_schema_extra={"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIDE_MULTIPLE},
+    )
+    num_images_per_prompt: int = Field(
+        1, ge=1, le=MAX_IMAGES, description="Images generated from the prompt in one batch."
+    )
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="Number format: auto = bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."
+    )
+    scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        "dpm-solver++", description="Sampler; dpm-solver++ is what the checkpoint ships."
+    )
+    use_resolution_binning: bool = Field(
+        True, description="Generate at the nearest trained aspect-ratio size and resize to the requested one, as PixArt's authors intend."
+    )
+    max_sequence_length: int = Field(
+        MAX_SEQUENCE_LENGTH, ge=1, le=MAX_SEQUENCE_LENGTH,
+        description="Prompt tokens the T5 encoder reads; longer prompts are truncated and the image says so.",
+    )
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _finite_guidance(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"guidance_scale={value} is not valid: it must be a finite number from 0 to {MAX_GUIDANCE:g} (best 3.5-5.5)"
+            )
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: Optional[int], info) -> Optional[int]:
+        return _side_rule(info.field_name, value)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        check_text("negative_prompt", value, required=False)
+        return value if value.strip() else None
+
+    @model_validator(mode="after")
+    def _pixel_budget(self) -> "Settings":
+        if self.width and self.height:
+            check_pixel_budget(self.width, self.height, self.num_images_per_prompt)
+        return self
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string"}
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "settings"
+    value = error.get("input")
+    kind = error["type"]
+    ctx = error.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"unknown setting {field!r}: valid names are {', '.join(Settings.field_names())}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    info = Settings.model_fields.get(field)
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        low = next((m.ge for m in info.metadata if hasattr(m, "ge")), None) if info else None
+        high = next((m.le for m in info.metadata if hasattr(m, "le")), None) if info else None
+        if low is not None and high is not None:
+            hint = " (-1 draws a random seed)" if field == "seed" else ""
+            return f"{field}={value!r} is not valid: it must be from {low} to {high}{hint}"
+        return f"{field}={value!r} is not valid: {error['msg'].lower()}"
+    if kind == "literal_error":
+        return f"{field}={value!r} is not valid: choose one of {ctx.get('expected')}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        wanted = next((word for key, word in _TYPE_WORDS.items() if kind.startswith(key)), kind)
+        if kind == "int_from_float":
+            wanted = "an integer"
+        return f"{field}={value!r} is not valid: it must be {wanted}"
+    return f"{field}={value!r} is not valid: {error['msg']}"
+
+
+def parse_settings(raw: dict[str, Any]) -> Settings:
+    """Validate user values; raise SettingsError listing every problem in plain words."""
+    if not isinstance(raw, dict):
+        raise SettingsError([f"settings must be a mapping of names to values, not {type(raw).__name__}"])
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError([_describe(error) for error in exc.errors()]) from None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the settings, good enough to build a form from."""
+    schema = Settings.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "PixArtSigmaModel settings"
+    schema["additionalProperties"] = False
+    return schema

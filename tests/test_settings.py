@@ -1,0 +1,128 @@
+"""The bad-input checklist at the library level: every error names the field, the value and what is valid."""
+
+import math
+
+import jsonschema
+import pytest
+import torch
+
+from pixart_sigma import PixArtSigmaModel, SettingsError
+from pixart_sigma.settings import Settings
+
+NAMES = ["model_name", "negative_prompt", "num_inference_steps", "guidance_scale", "device", "seed", "width",
+         "height", "num_images_per_prompt"]
+
+
+def errors_for(tiny, **raw) -> str:
+    with pytest.raises(SettingsError) as info:
+        PixArtSigmaModel.validate_and_transform({"model_name": tiny, **raw})
+    return str(info.value)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"width": 1001}, ["width=1001", "multiple of 8", "1000 or 1008"]),
+    ({"height": 1001}, ["height=1001", "1000 or 1008"]),
+    ({"width": 0}, ["width=0", "nearest valid: 64"]),
+    ({"width": -8}, ["width=-8", "nearest valid: 64"]),
+    ({"width": 56}, ["width=56", "nearest valid: 64"]),
+    ({"height": 4096}, ["height=4096", "nearest valid: 2048"]),
+    ({"width": 2048, "height": 2048, "num_images_per_prompt": 8}, ["2048x2048x8", "at most 4 images"]),
+    ({"num_inference_steps": 0}, ["num_inference_steps=0", "from 1 to 200"]),
+    ({"num_inference_steps": -3}, ["num_inference_steps=-3", "from 1 to 200"]),
+    ({"num_inference_steps": 201}, ["num_inference_steps=201", "from 1 to 200"]),
+    ({"num_inference_steps": 2.5}, ["num_inference_steps=2.5", "integer"]),
+    ({"guidance_scale": math.nan}, ["guidance_scale=nan", "finite"]),
+    ({"guidance_scale": math.inf}, ["guidance_scale=inf", "finite"]),
+    ({"guidance_scale": -0.5}, ["guidance_scale=-0.5", "from 0.0 to 20.0"]),
+    ({"guidance_scale": 20.5}, ["guidance_scale=20.5", "from 0.0 to 20.0"]),
+    ({"guidance_scale": "high"}, ["guidance_scale='high'", "a number"]),
+    ({"seed": -2}, ["seed=-2", "-1 draws a random seed"]),
+    ({"seed": 2**53}, ["seed=9007199254740992", "9007199254740991"]),
+    ({"seed": 4.2}, ["seed=4.2", "integer"]),
+    ({"seed": True}, ["seed=True", "integer"]),
+    ({"seed": "7"}, ["seed='7'", "integer"]),
+    ({"num_images_per_prompt": 0}, ["num_images_per_prompt=0", "from 1 to 16"]),
+    ({"num_images_per_prompt": -1}, ["num_images_per_prompt=-1", "from 1 to 16"]),
+    ({"num_images_per_prompt": 10**6}, ["num_images_per_prompt=1000000", "from 1 to 16"]),
+    ({"scheduler": "plms"}, ["scheduler='plms'", "'dpm-solver++'", "'unipc'"]),
+    ({"dtype": "int8"}, ["dtype='int8'", "'bfloat16'"]),
+    ({"max_sequence_length": 301}, ["max_sequence_length=301", "from 1 to 300"]),
+    ({"negative_prompt": "blurry\x00"}, ["negative_prompt", "U+0000"]),
+    ({"cfg": 7}, ["unknown setting 'cfg'", *NAMES]),
+    ({"device": "tpu"}, ["device='tpu'", "cuda:N"]),
+    ({"dtype": "float16", "device": "cpu"}, ["float16", "CPU", "float32"]),
+])
+def test_bad_settings_are_named_with_what_is_valid(tiny, raw, expected):
+    message = errors_for(tiny, **raw)
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_every_problem_is_reported_at_once(tiny):
+    message = errors_for(tiny, width=13, seed=-5, foo=1)
+    assert "width=13" in message and "seed=-5" in message and "unknown setting 'foo'" in message
+
+
+def test_seed_plus_batch_must_stay_in_range(tiny):
+    assert "seed + k" in errors_for(tiny, seed=2**53 - 1, num_images_per_prompt=2)
+
+
+def test_zero_is_a_valid_fixed_seed(tiny):
+    assert PixArtSigmaModel.validate_and_transform({"model_name": tiny, "seed": 0})["seed"] == 0
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(SettingsError) as info:
+        PixArtSigmaModel.validate_and_transform({"model_name": "stabilityai/sdxl"})
+    assert "PixArt-alpha/PixArt-Sigma-XL-2-512-MS" in str(info.value) and "demo" in str(info.value)
+
+
+def test_validate_returns_values_and_the_objects_the_model_needs(tiny):
+    values = PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": "CPU"})
+    assert values["torch_device"] == torch.device("cpu")
+    assert values["torch_dtype"] == torch.float32  # auto on CPU
+    assert values["checkpoint"].pipeline_source == tiny
+    assert (values["width"], values["height"]) == (64, 64)  # the checkpoint's native size
+    assert values["num_inference_steps"] == 20 and values["guidance_scale"] == 4.5 and values["seed"] == -1
+
+
+@pytest.mark.parametrize("label", ["cpu", "CPU", "Cpu", "auto"])
+def test_cpu_labels(tiny, label):
+    assert PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": label})["torch_device"].type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("label", ["GPU", "gpu", "cuda", "cuda:3", "GPU 0: NVIDIA H100 - Compute Capability 9.0"])
+def test_missing_gpu_is_an_error_that_lists_what_is_there(tiny, label):
+    message = errors_for(tiny, device=label)
+    assert "not available here" in message and "cpu" in message
+
+
+def test_defaults_match_the_component_table():
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert defaults["model_name"] == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    assert defaults["negative_prompt"] is None
+    assert defaults["num_inference_steps"] == 20 and defaults["guidance_scale"] == 4.5
+    assert defaults["seed"] == -1 and defaults["num_images_per_prompt"] == 1
+    assert defaults["scheduler"] == "dpm-solver++" and defaults["use_resolution_binning"] is True
+    assert defaults["max_sequence_length"] == 300 and defaults["dtype"] == "auto"
+
+
+def test_schema_is_valid_draft_2020_12_and_describes_every_field():
+    schema = PixArtSigmaModel.get_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"].endswith("2020-12/schema")
+    assert set(NAMES) <= set(schema["properties"])
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), name
+        assert "default" in prop, name
+    assert schema["properties"]["scheduler"]["enum"] == ["dpm-solver++", "sa-solver", "euler", "euler-ancestral",
+                                                         "ddim", "unipc"]
+    assert schema["properties"]["width"]["multipleOf"] == 8
+
+
+def test_schema_agrees_with_validation():
+    validator = jsonschema.Draft202012Validator(PixArtSigmaModel.get_schema())
+    assert validator.is_valid({"width": 512, "seed": 0})
+    for bad in ({"width": 1001}, {"seed": -2}, {"num_inference_steps": 0}, {"nope": 1}, {"scheduler": "x"}):
+        assert not validator.is_valid(bad), bad
