@@ -9,7 +9,6 @@ download, how big it is and where it goes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -152,10 +151,11 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _download_hint(repos: list[tuple[str, float]]) -> str:
+def _download_hint(repos: list[tuple[str, float, list[str]]]) -> str:
     from huggingface_hub import constants
 
-    lines = [f"  hf download {repo}   (about {gb:g} GB of safetensors)" for repo, gb in repos]
+    lines = [f"  hf download {repo} --include {' '.join(repr(p) for p in patterns)}   (about {gb:g} GB)"
+             for repo, gb, patterns in repos]
     return (
         "Download them once on a machine with internet access:\n" + "\n".join(lines) +
         f"\nThey go to the Hugging Face cache at {constants.HF_HUB_CACHE} (set HF_HOME to move it); "
@@ -194,12 +194,12 @@ def locate(checkpoint: Checkpoint) -> tuple[Path, Optional[Path]]:
         try:
             found[repo_id] = _locate_repo(repo_id, patterns)
         except Exception as exc:  # hub unreachable, offline, auth: all end in the same advice
-            missing.append((repo_id, gb, exc))
+            missing.append((repo_id, gb, patterns, exc))
     if missing:
-        reason = "; ".join(f"{repo}: {type(exc).__name__}: {exc}".splitlines()[0] for repo, _, exc in missing)
+        reason = "; ".join(f"{repo}: {type(exc).__name__}: {exc}".splitlines()[0] for repo, _, _, exc in missing)
         raise CheckpointError(
             f"model_name={checkpoint.model_name!r} needs weights that are not on this machine and could not be "
-            f"downloaded ({reason}).\n" + _download_hint([(repo, gb) for repo, gb, _ in missing])
+            f"downloaded ({reason}).\n" + _download_hint([(repo, gb, patterns) for repo, gb, patterns, _ in missing])
         )
     pipeline_dir = found.get(checkpoint.pipeline_source, Path(checkpoint.pipeline_source))
     transformer_dir = None
@@ -232,8 +232,3 @@ def load_pipeline(checkpoint: Checkpoint, dtype):
         pipeline.vae.to(torch.float32)
     return pipeline
 
-
-def hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return os.fspath(constants.HF_HUB_CACHE)

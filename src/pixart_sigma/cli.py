@@ -82,19 +82,27 @@ def _write(images, output_dir: Path, names: Optional[list[str]] = None) -> list[
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import PixArtSigmaModel, read_settings, reproducible_settings
+    from . import PixArtSigmaModel, read_settings
+    from .images import batch_settings
 
     settings: dict[str, Any] = {}
-    prompt = args.prompt
+    prompt, keep = args.prompt, None
+    given = _given_settings(args)
     if args.from_image:
         record = read_settings(args.from_image)
-        settings = reproducible_settings(record)
+        settings, index = batch_settings(record)
+        if not given.keys() & {"seed", "num_images_per_prompt"}:
+            keep = index  # remake the image's whole batch and keep it alone: bit-identical pixels
+        else:
+            settings.update(seed=record["seed"], num_images_per_prompt=1)
         prompt = prompt or record.get("prompt")
-    settings.update(_given_settings(args))
+    settings.update(given)
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
     model = PixArtSigmaModel(**settings)
     images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"))
+    if keep is not None:
+        images = images[keep:keep + 1]
     for path in _write(images, Path(args.output_dir)):
         print(f"{path}  seed={read_settings(path)['seed']}")
     return 0

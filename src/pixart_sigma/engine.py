@@ -8,6 +8,7 @@ proves the images equal diffusers' own `PixArtSigmaPipeline.__call__` for the sa
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections import OrderedDict
@@ -56,6 +57,15 @@ def _aspect_ratio_bins(sample_size: int) -> Optional[dict]:
 
     return {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN,
             256: ASPECT_RATIO_2048_BIN}.get(sample_size)
+
+
+def _step_kwargs(scheduler, generators) -> dict:
+    """Stochastic samplers (euler-ancestral, sa-solver, ddim's eta) draw their noise from the per-image generators."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": generators} if "generator" in accepted else {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    return kwargs
 
 
 @dataclass
@@ -149,7 +159,8 @@ class Engine:
 
     def make_scheduler(self, name: str):
         # A fresh scheduler per call: schedulers keep per-run state.
-        return _scheduler_classes()[name].from_config(self.pipeline.scheduler.config)
+        overrides = {"algorithm_type": "data_prediction"} if name == "sa-solver" else {}
+        return _scheduler_classes()[name].from_config(self.pipeline.scheduler.config, **overrides)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
@@ -197,7 +208,7 @@ class Engine:
         shape = (count, transformer.config.in_channels, height // factor, width // factor)
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=embeds.dtype)
         latents = latents * scheduler.init_noise_sigma
-        step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+        step_kwargs = _step_kwargs(scheduler, generators)
         learned_sigma = transformer.config.out_channels // 2 == transformer.config.in_channels
         conditions = {"resolution": None, "aspect_ratio": None}
 

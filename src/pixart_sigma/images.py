@@ -130,8 +130,22 @@ def read_settings(source: Union[str, os.PathLike, Image.Image]) -> dict[str, Any
 
 
 def reproducible_settings(record: dict[str, Any]) -> dict[str, Any]:
-    """The part of a record that `PixArtSigmaModel` accepts as settings to make the same image."""
+    """Settings that make this one image again (same starting noise).
+
+    An image from a batch, made alone, can differ by one colour level in a few pixels, because
+    batched matrix products round differently; `batch_settings` gives bit-identical pixels.
+    """
     return {key: record[key] for key in REPRODUCIBLE_KEYS if key in record}
+
+
+def batch_settings(record: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Settings that remake the whole batch an image came from, and the image's index in it: same pixels."""
+    settings = reproducible_settings(record)
+    size = int(record.get("batch_size", 1))
+    if size > 1 and "batch_seed" in record:
+        settings.update(seed=record["batch_seed"], num_images_per_prompt=size)
+        return settings, int(record.get("batch_index", 0))
+    return settings, 0
 
 
 def safe_stem(prompt: str, limit: int = 48) -> str:

@@ -104,7 +104,7 @@ class PixArtSigmaModel:
                 "scheduler": s["scheduler"], "dtype": dtype_name(self.engine.dtype),
                 "use_resolution_binning": s["use_resolution_binning"],
                 "max_sequence_length": s["max_sequence_length"],
-                "batch_index": index, "batch_seed": first_seed, "device": str(self.engine.device),
+                "batch_index": index, "batch_seed": first_seed, "batch_size": len(seeds), "device": str(self.engine.device),
                 "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
                 "version": __version__,
             })

@@ -1,0 +1,120 @@
+"""The command line: generate, --from, batch (resumable), schema, info; bad input exits 2 without a traceback."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixart_sigma import read_settings
+from pixart_sigma.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def written(out):
+    return [line.split("  ")[0] for line in out.strip().splitlines()]
+
+
+def test_generate_writes_pngs_and_prints_their_seeds(tiny, tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", "a red circle", "--model-name", tiny, "--seed", 5,
+                       "--num-images-per-prompt", 2, "--num-inference-steps", 3, "-o", tmp_path, "-q")
+    assert code == 0
+    files = written(out)
+    assert len(files) == 2 and "seed=5" in out and "seed=6" in out
+    assert [read_settings(f)["seed"] for f in files] == [5, 6]
+    assert all(Image.open(f).size == (64, 64) for f in files)
+
+
+def test_every_setting_is_a_flag(tiny, tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", "a fox", "--model-name", tiny, "--negative-prompt", "blur",
+                       "--num-inference-steps", 2, "--guidance-scale", 3.5, "--device", "CPU", "--seed", 0,
+                       "--width", 96, "--height", 64, "--num-images-per-prompt", 1, "--dtype", "float32",
+                       "--scheduler", "ddim", "--no-use-resolution-binning", "--max-sequence-length", 100,
+                       "-o", tmp_path, "-q")
+    assert code == 0
+    record = read_settings(written(out)[0])
+    assert record["negative_prompt"] == "blur" and record["guidance_scale"] == 3.5 and record["seed"] == 0
+    assert (record["width"], record["height"]) == (96, 64) and record["scheduler"] == "ddim"
+    assert record["use_resolution_binning"] is False and record["max_sequence_length"] == 100
+
+
+def test_generate_from_a_png_makes_the_same_pixels(tiny, tmp_path, capsys):
+    _, out, _ = run(capsys, "generate", "a blue square", "--model-name", tiny, "--num-inference-steps", 3,
+                    "--num-images-per-prompt", 3, "-o", tmp_path / "first", "-q")
+    source = written(out)[2]
+    code, out, _ = run(capsys, "generate", "--from", source, "-o", tmp_path / "again", "-q")
+    assert code == 0
+    again = written(out)
+    assert len(again) == 1
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(source)))
+    assert read_settings(again[0])["seed"] == read_settings(source)["seed"]
+
+
+def test_batch_is_resumable(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n# a comment\na green triangle\n一只猫\n", encoding="utf-8")
+    args = ["batch", prompts, "--model-name", tiny, "--num-inference-steps", 2, "--seed", 1, "-o", tmp_path / "out", "-q"]
+    code, out, err = run(capsys, *args)
+    assert code == 0 and len(written(out)) == 3 and "3 prompt(s) generated, 0 already done" in err
+    assert sorted(read_settings(f)["prompt"] for f in written(out)) == sorted(["a red circle", "a green triangle", "一只猫"])
+    first = written(out)
+    (tmp_path / "out" / first[1].split("/")[-1]).unlink()
+    code, out, err = run(capsys, *args)
+    assert code == 0 and written(out) == [first[1]] and "1 prompt(s) generated, 2 already done" in err
+
+
+def test_batch_checks_every_line_before_generating(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fine\nbad\x07line\n", encoding="utf-8")
+    code, out, err = run(capsys, "batch", prompts, "--model-name", tiny, "-o", tmp_path / "out", "-q")
+    assert code == 2 and "prompts.txt:2" in err and "U+0007" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_schema_prints_the_json_schema(capsys):
+    code, out, _ = run(capsys, "schema")
+    schema = json.loads(out)
+    assert code == 0 and schema["properties"]["num_inference_steps"]["default"] == 20
+
+
+def test_info_prints_the_settings(tiny, tmp_path, capsys):
+    _, out, _ = run(capsys, "generate", "ünïcode prompt", "--model-name", tiny, "--seed", 9,
+                    "--num-inference-steps", 2, "-o", tmp_path, "-q")
+    code, out, _ = run(capsys, "info", written(out)[0])
+    record = json.loads(out)
+    assert code == 0 and record["prompt"] == "ünïcode prompt" and record["seed"] == 9
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "x", "--width", "1001"], "width=1001"),
+    (["generate", "x", "--guidance-scale", "nan"], "guidance_scale=nan"),
+    (["generate", "x", "--seed", "-2"], "seed=-2"),
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "x", "--model-name", "no/such-model"], "neither a known checkpoint"),
+    (["generate"], "give a PROMPT"),
+    (["info", "/does/not/exist.png"], "No such file"),
+    (["batch", "/does/not/exist.txt"], "No such file"),
+])
+def test_bad_input_exits_2_with_the_library_message(tiny, argv, fragment, capsys, tmp_path):
+    if "--model-name" not in argv and argv[0] == "generate":
+        argv = argv + ["--model-name", tiny]
+    code, _, err = run(capsys, *argv, *(["-o", tmp_path] if argv[0] != "info" else []))
+    assert code == 2 and fragment in err and "Traceback" not in err and err.startswith("error:")
+
+
+def test_python_dash_m_works(tiny, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pixart_sigma", "generate", "a cat", "--model-name", tiny,
+                             "--seed", "1", "--num-inference-steps", "2", "-o", str(tmp_path), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "seed=1" in result.stdout and list(tmp_path.glob("*.png"))
+    bad = subprocess.run([sys.executable, "-m", "pixart_sigma", "generate", "x", "--model-name", tiny,
+                          "--num-inference-steps", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "num_inference_steps=0" in bad.stderr and "Traceback" not in bad.stderr
