@@ -9,10 +9,13 @@ PROMPT ?= a red circle on a blue background
 
 .PHONY: demo test clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile requirements-dashai-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# DashAI for the plugin tests: the real package, without its (huge) dependency tree.
+	$(PY) -m pip install --quiet --no-deps dashai==0.10.0
+	$(PY) -m pip install --quiet -r requirements-dashai-test.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -163,7 +163,7 @@ def _download_hint(repos: list[tuple[str, float, list[str]]]) -> str:
     )
 
 
-def _locate_repo(repo_id: str, patterns: list[str]) -> Path:
+def _locate_repo(repo_id: str, patterns: list[str], local_only: bool = False) -> Path:
     """A hub repo's snapshot folder from the cache, downloading it only when allowed."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -171,14 +171,15 @@ def _locate_repo(repo_id: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
+        if local_only:
+            raise
     if _hub_offline():
         raise LocalEntryNotFoundError(f"{repo_id} is not in the cache and HF_HUB_OFFLINE is set")
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def locate(checkpoint: Checkpoint) -> tuple[Path, Optional[Path]]:
-    """Local folders of (pipeline, transformer-or-None) for a checkpoint."""
+def locate(checkpoint: Checkpoint, local_only: bool = False) -> tuple[Path, Optional[Path]]:
+    """Local folders of (pipeline, transformer-or-None) for a checkpoint; `local_only` never downloads."""
     needed = []
     if not Path(checkpoint.pipeline_source).is_dir():
         gb = 19.5 if checkpoint.transformer_source else KNOWN_CHECKPOINTS[BASE_REPO].download_gb
@@ -192,7 +193,7 @@ def locate(checkpoint: Checkpoint) -> tuple[Path, Optional[Path]]:
             [p for p in PIPELINE_PATTERNS if not p.startswith("transformer/")] if checkpoint.transformer_source
             else PIPELINE_PATTERNS)
         try:
-            found[repo_id] = _locate_repo(repo_id, patterns)
+            found[repo_id] = _locate_repo(repo_id, patterns, local_only)
         except Exception as exc:  # hub unreachable, offline, auth: all end in the same advice
             missing.append((repo_id, gb, patterns, exc))
     if missing:
@@ -210,6 +211,15 @@ def locate(checkpoint: Checkpoint) -> tuple[Path, Optional[Path]]:
             raise CheckpointError(f"{root} holds no transformer/config.json")
         _check_safetensors(transformer_dir)
     return pipeline_dir, transformer_dir
+
+
+def is_available(model_name: str) -> bool:
+    """True when a checkpoint's weights are on this machine (nothing is downloaded to find out)."""
+    try:
+        locate(resolve_checkpoint(model_name), local_only=True)
+        return True
+    except (CheckpointError, SettingsError):
+        return False
 
 
 def load_pipeline(checkpoint: Checkpoint, dtype):

@@ -1,0 +1,117 @@
+"""The DashAI plugin, against the real dashai 0.10.0 package: discovery, registry, validation, DashAI's flow."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("DashAI", reason="dashai is installed by `make test` (see requirements-dashai-test.txt)")
+
+os.environ.setdefault("DASHAI_LOCAL_PATH", os.environ["HF_HOME"])  # DashAI's plugin folder: keep it private
+
+from DashAI.back.config_object import ConfigObject  # noqa: E402
+from DashAI.back.dependencies.database.models import ProcessData  # noqa: E402
+from DashAI.back.dependencies.registry.component_registry import ComponentRegistry  # noqa: E402
+from DashAI.back.plugins.utils import get_available_plugins  # noqa: E402
+from DashAI.back.tasks.text_to_image_generation_task import TextToImageGenerationTask  # noqa: E402
+
+from pixart_sigma import PixArtSigmaModel as CoreModel  # noqa: E402
+from pixart_sigma import SettingsError, read_settings  # noqa: E402
+
+from conftest import BASE_REPO  # noqa: E402
+
+GOOD = {"model_name": BASE_REPO, "negative_prompt": "", "num_inference_steps": 3, "guidance_scale": 4.5,
+        "device": "CPU", "seed": 42, "width": 64, "height": 64, "num_images_per_prompt": 2, "dtype": "auto",
+        "scheduler": "dpm-solver++", "use_resolution_binning": True, "max_sequence_length": 300}
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    found = [cls for cls in get_available_plugins() if cls.__module__ == "pixart_sigma.integrations.dashai"]
+    assert len(found) == 1, "DashAI's plugin discovery did not find our entry point"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def registry(plugin):
+    return ComponentRegistry(initial_components=[TextToImageGenerationTask, plugin])
+
+
+def test_core_package_never_imports_dashai():
+    import subprocess
+    import sys
+
+    code = "import sys, pixart_sigma, pixart_sigma.cli; assert not [m for m in sys.modules if m.startswith('DashAI')]"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_registry_accepts_it_as_a_text_to_image_model(registry, plugin, hub_cache):
+    entry = registry["PixArtSigmaModel"]
+    assert entry["class"] is plugin and entry["type"] == "GenerativeModel" and entry["configurable_object"]
+    assert [c["name"] for c in registry.get_related_components("PixArtSigmaModel")] == ["TextToImageGenerationTask"]
+    assert entry["color"] and "PixArt-Sigma" in str(entry["display_name"])
+    assert entry["metadata"]["requires_download"] is True
+    assert entry["metadata"]["download_size_bytes"] == 24_300_000_000
+    assert entry["metadata"]["download_size_bytes_by_model"][BASE_REPO] == 21_900_000_000
+    assert registry.refresh_download_status("PixArtSigmaModel") is True  # 1024 + 512 are in the HF cache
+
+
+def test_the_front_end_schema_carries_our_fields_defaults_bounds_and_descriptions(registry):
+    schema = registry["PixArtSigmaModel"]["schema"]
+    properties = schema["properties"]
+    assert set(GOOD) == set(properties)
+    assert properties["num_inference_steps"]["placeholder"] == 20
+    assert properties["guidance_scale"]["placeholder"] == 4.5
+    assert properties["width"]["multipleOf"] == 8 and properties["width"]["maximum"] == 2048
+    assert properties["seed"]["minimum"] == -1 and properties["seed"]["placeholder"] == -1
+    assert properties["model_name"]["enum"][0] == BASE_REPO and "demo" in properties["model_name"]["enum"]
+    assert properties["device"]["enum"][-1] == "CPU"
+    assert properties["scheduler"]["enum"] == ["dpm-solver++", "sa-solver", "euler", "euler-ancestral", "ddim", "unipc"]
+    # Optional fields carry their description inside anyOf, as DashAI's own components do.
+    assert all(p.get("description") or p["anyOf"][0]["description"] for p in properties.values())
+    assert "Images per prompt" in str(properties["num_images_per_prompt"]["title"])  # our alias
+
+
+def test_validate_and_transform_through_dashai(plugin, hub_cache):
+    assert issubclass(plugin, ConfigObject)
+    values = plugin.validate_and_transform(dict(GOOD))
+    assert values["seed"] == 42 and values["torch_device"].type == "cpu" and values["negative_prompt"] is None
+    for bad, fragment in [({"width": 1001}, "nearest valid: 1000 or 1008"), ({"guidance_scale": float("nan")}, "finite"),
+                          ({"device": "GPU 0: NVIDIA H100 - Compute Capability 9.0"}, "not available here"),
+                          ({"checkpoint": "512"}, "valid names are")]:
+        with pytest.raises(SettingsError, match=fragment):
+            plugin.validate_and_transform({**GOOD, **bad})
+
+
+def test_a_generation_through_dashais_own_flow(plugin, registry, hub_cache, tmp_path):
+    import time
+
+    task = registry["TextToImageGenerationTask"]["class"]()
+    prompt = task.prepare_for_task([ProcessData(data="a red circle on a blue background", data_type="str")])
+    start = time.perf_counter()
+    model = plugin(**GOOD)  # what DashAI's generative job does for every job
+    first = time.perf_counter() - start
+    output = model.generate(prompt)
+    del model
+    start = time.perf_counter()
+    second_model = plugin(**GOOD)  # the next job: a new object, the weights stay warm
+    second = time.perf_counter() - start
+    print(f"\nDashAI job 1 construction {first:.3f} s, job 2 {second:.3f} s")
+    assert second_model.model.engine is CoreModel(**{**GOOD, "negative_prompt": None}).engine
+    assert second < first
+
+    saved = task.process_output(output, images_path=tmp_path / "images")
+    assert len(saved) == 2 and all(kind == "Image" for _, kind in saved)
+    for (name, _), image in zip(saved, output):
+        reread = Image.open(tmp_path / "images" / name)
+        assert reread.size == (64, 64)
+        assert np.array_equal(np.asarray(reread), np.asarray(image))
+
+
+def test_same_settings_and_seed_give_the_same_pixels_as_our_api(plugin, hub_cache):
+    through_dashai = plugin(**GOOD).generate("a green triangle")
+    ours = CoreModel(**{k: v for k, v in GOOD.items() if k != "negative_prompt"}).generate("a green triangle")
+    assert [read_settings(i)["seed"] for i in through_dashai] == [42, 43]
+    for a, b in zip(through_dashai, ours):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
