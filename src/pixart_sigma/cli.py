@@ -81,9 +81,20 @@ def _write(images, output_dir: Path, names: Optional[list[str]] = None) -> list[
     return written
 
 
+def _load(settings: dict[str, Any], quiet: bool):
+    from . import PixArtSigmaModel
+
+    values = PixArtSigmaModel.validate_and_transform(settings)  # bad input is refused before any loading
+    if not quiet:
+        print(f"loading {values['model_name']} on {values['torch_device']} ({str(values['torch_dtype'])[6:]})",
+              file=sys.stderr, flush=True)
+    return PixArtSigmaModel(**settings)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import PixArtSigmaModel, read_settings
+    from . import read_settings
     from .images import batch_settings
+    from .settings import check_text
 
     settings: dict[str, Any] = {}
     prompt, keep = args.prompt, None
@@ -99,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.update(given)
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
-    model = PixArtSigmaModel(**settings)
+    check_text("prompt", prompt, required=True)  # before the model loads, not after
+    model = _load(settings, args.quiet)
     images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"))
     if keep is not None:
         images = images[keep:keep + 1]
@@ -116,7 +128,6 @@ def _batch_key(prompt: str, settings: dict[str, Any]) -> str:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import PixArtSigmaModel
     from .images import safe_stem
     from .settings import check_text
 
@@ -130,7 +141,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _UsageError(f"{source}:{number}: {exc}") from None
     settings = _given_settings(args)
-    model = PixArtSigmaModel(**settings)
+    model = _load(settings, args.quiet)
     count = model.settings["num_images_per_prompt"]
     output_dir = Path(args.output_dir)
     done = skipped = 0
@@ -198,9 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar is enough: silence the per-file loading bars and chatter of diffusers/transformers."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from . import Cancelled, CheckpointError, GenerationError, SettingsError
+
+    _quiet_libraries()
 
     try:
         return args.handler(args)
