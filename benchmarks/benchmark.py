@@ -29,6 +29,7 @@ PROMPT = "a photo of a red fox sitting in the snow at sunset, highly detailed"
 PRESETS = {
     "full": dict(dit_layers=28, t5_layers=24, sizes=[512, 1024, 2048], steps=20, repeats=3),
     "cpu-small": dict(dit_layers=2, t5_layers=2, sizes=[256], steps=4, repeats=2),
+    "smoke": dict(dit_layers=1, t5_layers=1, sizes=[64], steps=2, repeats=1),  # the test suite's check that it runs
 }
 
 

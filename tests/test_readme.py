@@ -38,5 +38,12 @@ def test_readme_starts_with_the_two_commands():
     assert "make test" in (README.parent / ".ci" / "run").read_text()
 
 
+def test_readme_download_command_fetches_what_we_load():
+    from pixart_sigma.checkpoints import PIPELINE_PATTERNS
+
+    line = next(line for line in README.read_text().splitlines() if line.startswith("hf download"))
+    assert all(f"'{pattern}'" in line for pattern in PIPELINE_PATTERNS)
+
+
 if __name__ == "__main__":
     print(settings_table())

@@ -25,6 +25,7 @@ PIPELINE_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "*/config
                      "text_encoder/*.safetensors", "text_encoder/*.json",
                      "transformer/*.safetensors", "vae/*.safetensors"]
 TRANSFORMER_PATTERNS = ["transformer/config.json", "transformer/*.safetensors"]
+BASE_WITHOUT_TRANSFORMER_GB = 19.5  # the 1024 repo less its transformer: what the 512 and 2K releases borrow
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def locate(checkpoint: Checkpoint, local_only: bool = False) -> tuple[Path, Opti
     """Local folders of (pipeline, transformer-or-None) for a checkpoint; `local_only` never downloads."""
     needed = []
     if not Path(checkpoint.pipeline_source).is_dir():
-        gb = 19.5 if checkpoint.transformer_source else KNOWN_CHECKPOINTS[BASE_REPO].download_gb
+        gb = BASE_WITHOUT_TRANSFORMER_GB if checkpoint.transformer_source else KNOWN_CHECKPOINTS[BASE_REPO].download_gb
         needed.append((checkpoint.pipeline_source, gb))
     if checkpoint.transformer_source and not Path(checkpoint.transformer_source).is_dir():
         needed.append((checkpoint.transformer_source, KNOWN_CHECKPOINTS[checkpoint.transformer_source].download_gb))
