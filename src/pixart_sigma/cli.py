@@ -84,7 +84,9 @@ def _write(images, output_dir: Path, names: Optional[list[str]] = None) -> list[
 def _load(settings: dict[str, Any], quiet: bool):
     from . import PixArtSigmaModel
 
-    values = PixArtSigmaModel.validate_and_transform(settings)  # bad input is refused before any loading
+    _quiet_libraries()
+    # Cheap (no weights read): resolves device and dtype for the line below; the model validates again.
+    values = PixArtSigmaModel.validate_and_transform(settings)
     if not quiet:
         print(f"loading {values['model_name']} on {values['torch_device']} ({str(values['torch_dtype'])[6:]})",
               file=sys.stderr, flush=True)
@@ -223,8 +225,6 @@ def _quiet_libraries() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from . import Cancelled, CheckpointError, GenerationError, SettingsError
-
-    _quiet_libraries()
 
     try:
         return args.handler(args)
