@@ -1,0 +1,327 @@
+"""The bundled demo model's world: captioned pictures of simple shapes, and a checker that reads them.
+
+`render(scene)` draws a 64x64 picture of one or two shapes on a plain background; `caption(scene, rng)`
+words it in one of several templates; `read(image)` says which background, colour, shape, size and
+position a picture shows. The checker is built from the renderer's geometry (colour segmentation and
+shape measures), never from a generator's outputs, so it can score the demo model honestly.
+
+Some colour-shape pairs and some caption wordings never appear in training (`HELD_OUT_PAIRS`,
+`HELD_OUT_TEMPLATES`); the demo model is scored on them to measure generalisation, not recall.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64  # pixels, the demo checkpoint's native size
+SUPERSAMPLE = 4  # drawn 4x larger then box-filtered: anti-aliased edges
+
+PALETTE = {
+    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
+    "blue": (40, 80, 220), "purple": (150, 60, 190), "white": (245, 245, 245), "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+}
+FOREGROUND_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+BACKGROUND_COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 20, "large": 36}  # side of the shape's bounding box, pixels
+POSITIONS = {"centre": (32, 32), "left": (19, 32), "right": (45, 32), "top": (32, 19), "bottom": (32, 45)}
+JITTER = 3  # pixels a shape's centre may move from its named position
+
+# Never shown in training, as one shape or as part of two: the model must compose them.
+HELD_OUT_PAIRS = (("green", "triangle"), ("yellow", "circle"), ("purple", "square"))
+
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+POSITION_WORDS = {
+    "centre": ("in the centre", "in the center", "in the middle"),
+    "left": ("on the left",), "right": ("on the right",), "top": ("at the top",), "bottom": ("at the bottom",),
+}
+COLOUR_WORDS = {colour: (colour,) for colour in PALETTE} | {"gray": ("gray", "grey")}
+
+# {obj}: "a small red circle"; {pos}: "on the left"; {bg}: "blue". Empty parts collapse.
+TRAIN_TEMPLATES = (
+    "{obj} {pos} on a {bg} background",
+    "{bg} background with {obj} {pos}",
+    "a picture of {obj} {pos}, {bg} background",
+    "{obj} on a {bg} background {pos}",
+)
+HELD_OUT_TEMPLATES = (
+    "an image with a {bg} background and {obj} {pos}",
+    "{obj} {pos} with a {bg} background",
+)
+NO_BACKGROUND_TEMPLATES = ("{obj} {pos}", "a picture of {obj} {pos}")
+TWO_SHAPE_TEMPLATES = (
+    "{obj} {pos} and {obj2} {pos2} on a {bg} background",
+    "{bg} background with {obj} {pos} and {obj2} {pos2}",
+)
+
+VOCABULARY = sorted({
+    word for text in (
+        " ".join(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES + NO_BACKGROUND_TEMPLATES + TWO_SHAPE_TEMPLATES),
+        " ".join(w for words in SIZE_WORDS.values() for w in words),
+        " ".join(w for words in POSITION_WORDS.values() for w in words),
+        " ".join(w for words in COLOUR_WORDS.values() for w in words),
+        " ".join(SHAPES), "shape a an",
+    ) for word in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text))
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    offset: tuple[int, int] = (0, 0)  # jitter from the named position, pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: tuple[Shape, ...]
+    # Which attributes the caption names; the others were chosen at random and are not checked.
+    named: frozenset = frozenset({"background", "colour", "shape", "size", "position"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """What the checker sees in a picture. Fields are None when it cannot tell."""
+    background: Optional[str]
+    colour: Optional[str]
+    shape: Optional[str]
+    size: Optional[str]
+    position: Optional[str]
+
+
+def render(scene: Scene) -> Image.Image:
+    big = SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    for item in scene.shapes:
+        cx, cy = POSITIONS[item.position]
+        cx, cy = (cx + item.offset[0]) * SUPERSAMPLE, (cy + item.offset[1]) * SUPERSAMPLE
+        half = SIZES[item.size] * SUPERSAMPLE / 2
+        box = (cx - half, cy - half, cx + half, cy + half)
+        fill = PALETTE[item.colour]
+        if item.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif item.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:  # an upright isosceles triangle filling its box
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    return image.reduce(SUPERSAMPLE)
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[int(rng.integers(len(options)))]
+
+
+def _object_phrase(item: Shape, named: frozenset, rng: np.random.Generator) -> str:
+    words = ["a"]
+    if "size" in named:
+        words.append(_pick(rng, SIZE_WORDS[item.size]))
+    if "colour" in named:
+        words.append(_pick(rng, COLOUR_WORDS[item.colour]))
+    words.append(item.shape if "shape" in named else "shape")
+    if words[1][0] in "aeiou":
+        words[0] = "an"
+    return " ".join(words)
+
+
+def caption(scene: Scene, rng: np.random.Generator, templates: Optional[Sequence[str]] = None) -> str:
+    """Word `scene` in one of `templates` (by default the training wordings that fit it)."""
+    named = scene.named
+    if templates is None:
+        if len(scene.shapes) == 2:
+            templates = TWO_SHAPE_TEMPLATES
+        else:
+            templates = TRAIN_TEMPLATES if "background" in named else NO_BACKGROUND_TEMPLATES
+    parts = {"bg": _pick(rng, COLOUR_WORDS[scene.background]) if "background" in named else ""}
+    for key, item in zip(("", "2"), scene.shapes):
+        parts["obj" + key] = _object_phrase(item, named, rng)
+        parts["pos" + key] = _pick(rng, POSITION_WORDS[item.position]) if "position" in named else ""
+    text = _pick(rng, templates).format(**parts)
+    return re.sub(r"\s+", " ", text.replace(" ,", ",")).strip()
+
+
+def _random_shape(rng: np.random.Generator, background: str, colour: Optional[str] = None,
+                  shape: Optional[str] = None, size: Optional[str] = None,
+                  position: Optional[str] = None, allowed_pairs: Optional[set] = None) -> Shape:
+    while True:
+        c = colour or _pick(rng, [x for x in FOREGROUND_COLOURS if x != background])
+        s = shape or _pick(rng, SHAPES)
+        if allowed_pairs is None or (c, s) in allowed_pairs:
+            break
+    offset = tuple(int(v) for v in rng.integers(-JITTER, JITTER + 1, size=2))
+    return Shape(s, c, size or _pick(rng, tuple(SIZES)), position or _pick(rng, tuple(POSITIONS)), offset)
+
+
+TRAIN_PAIRS = {(c, s) for c in FOREGROUND_COLOURS for s in SHAPES} - set(HELD_OUT_PAIRS)
+
+
+def training_scene(rng: np.random.Generator, two_shapes: float = 0.1) -> Scene:
+    """A random training scene (two shapes with chance `two_shapes`): held-out pairs never appear;
+    some attributes go unnamed."""
+    background = _pick(rng, BACKGROUND_COLOURS)
+    if rng.random() < two_shapes:
+        axis = _pick(rng, (("left", "right"), ("top", "bottom")))
+        first = _random_shape(rng, background, size="small", position=axis[0], allowed_pairs=TRAIN_PAIRS)
+        second = _random_shape(rng, background, size="small", position=axis[1], allowed_pairs={
+            pair for pair in TRAIN_PAIRS if pair[0] != first.colour})
+        return Scene(background, (first, second), frozenset({"background", "colour", "shape", "size", "position"}))
+    named = {"shape"} if rng.random() < 0.9 else set()
+    for attribute, chance in (("colour", 0.85), ("background", 0.8), ("size", 0.6), ("position", 0.7)):
+        if rng.random() < chance:
+            named.add(attribute)
+    return Scene(background, (_random_shape(rng, background, allowed_pairs=TRAIN_PAIRS),), frozenset(named))
+
+
+def evaluation_prompts(count: int, seed: int = 0, held_out: bool = True) -> list[tuple[str, Scene]]:
+    """`count` prompts naming colour, shape and background (size and position half the time).
+
+    held_out: half use a held-out colour-shape pair in a training wording, half a training pair in a
+    held-out wording. Otherwise: training pairs in training wordings (prompts like those trained on).
+    """
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for index in range(count):
+        background = _pick(rng, BACKGROUND_COLOURS)
+        named = {"background", "colour", "shape"} | {a for a in ("size", "position") if rng.random() < 0.5}
+        if held_out and index % 2 == 0:
+            pairs = {pair for pair in HELD_OUT_PAIRS if pair[0] != background}
+            item, templates = _random_shape(rng, background, allowed_pairs=pairs), TRAIN_TEMPLATES
+        else:
+            item = _random_shape(rng, background, allowed_pairs=TRAIN_PAIRS)
+            templates = HELD_OUT_TEMPLATES if held_out else TRAIN_TEMPLATES
+        scene = Scene(background, (item,), frozenset(named))
+        prompts.append((caption(scene, rng, templates), scene))
+    return prompts
+
+
+def colourless_prompts(count: int, seed: int = 0, colour: str = "red") -> list[tuple[str, Scene]]:
+    """`count` prompts naming a shape and a background but no shape colour, on backgrounds other than
+    `colour` (so the shape could be `colour`): for measuring what a negative prompt does."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        background = _pick(rng, [c for c in BACKGROUND_COLOURS if c != colour])
+        scene = Scene(background, (_random_shape(rng, background),), frozenset({"background", "shape"}))
+        prompts.append((caption(scene, rng, TRAIN_TEMPLATES), scene))
+    return prompts
+
+
+def generate_images(prompts: Sequence[tuple[str, Scene]], first_seed: int = 0, **settings) -> list[Image.Image]:
+    """One picture per prompt through the public API (prompt k uses seed first_seed + k)."""
+    from .model import PixArtSigmaModel
+
+    settings.setdefault("model_name", "demo")
+    return [PixArtSigmaModel(seed=first_seed + k, **settings).generate(prompt)[0]
+            for k, (prompt, _) in enumerate(prompts)]
+
+
+# --- the checker -------------------------------------------------------------------------------
+
+_NAMES = tuple(PALETTE)
+_RGB = np.array([PALETTE[name] for name in _NAMES], dtype=np.float32)
+MIN_SHAPE_PIXELS = 40  # fewer pixels of one colour than this is noise, not a shape
+
+
+def _labels(image: Image.Image) -> np.ndarray:
+    """Each pixel's nearest palette colour (index into _NAMES)."""
+    pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX), dtype=np.float32)
+    distances = ((pixels[:, :, None, :] - _RGB[None, None]) ** 2).sum(-1)
+    return distances.argmin(-1)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of `mask`."""
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list = []
+    height, width = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, region = [(y0, x0)], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _shape_of(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    height = bottom - top + 1
+    fill = mask.sum() / (height * (right - left + 1))
+    widths = mask[top:bottom + 1].sum(1).astype(np.float32)
+    third = max(height // 3, 1)
+    taper = widths[:third].mean() / max(widths[-third:].mean(), 1.0)
+    if taper < 0.6:
+        return "triangle"
+    return "square" if fill > 0.88 else "circle"
+
+
+def _position_of(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)  # the bounding box's centre: a triangle's centroid sits low
+    dx = (xs.min() + xs.max()) / 2 - (SIZE - 1) / 2
+    dy = (ys.min() + ys.max()) / 2 - (SIZE - 1) / 2
+    if max(abs(dx), abs(dy)) < 6.5:
+        return "centre"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def read(image: Image.Image) -> Reading:
+    """Read one picture: background = the border's colour; the shape = the main other colour."""
+    labels = _labels(image)
+    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
+    background = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    inside = labels[2:-2, 2:-2]
+    counts = Counter(int(v) for v in inside[inside != background].ravel())
+    if not counts or counts.most_common(1)[0][1] < MIN_SHAPE_PIXELS:
+        return Reading(_NAMES[background], None, None, None, None)
+    colour = counts.most_common(1)[0][0]
+    # Anti-aliased edges blend the two colours; count them into the shape so its outline stays whole.
+    mask = _largest_component(labels != background)
+    if mask.sum() < MIN_SHAPE_PIXELS:
+        return Reading(_NAMES[background], _NAMES[colour], None, None, None)
+    ys, xs = np.nonzero(mask)
+    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    size = "large" if extent >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
+    return Reading(_NAMES[background], _NAMES[colour], _shape_of(mask), size, _position_of(mask))
+
+
+def score(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict:
+    """Share of pictures whose reading matches what the prompt named, per attribute (single shapes)."""
+    hits: dict[str, list[bool]] = {}
+    for scene, image in zip(scenes, images):
+        reading, target = read(image), scene.shapes[0]
+        expected = {"background": scene.background, "colour": target.colour, "shape": target.shape,
+                    "size": target.size, "position": target.position}
+        for attribute, value in expected.items():
+            if attribute in scene.named:
+                hits.setdefault(attribute, []).append(getattr(reading, attribute) == value)
+    return {attribute: sum(v) / len(v) for attribute, v in hits.items()}
+
+
+def colour_share(images: Sequence[Image.Image], colour: str) -> float:
+    """Share of pictures whose shape the checker reads as `colour`."""
+    return sum(read(image).colour == colour for image in images) / len(images)
