@@ -25,7 +25,7 @@ $(TEST_STAMP): $(STAMP) requirements-dashai-test.txt
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pixart-sigma generate "$(PROMPT)" --model-name demo --seed 42 -o outputs
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pixart-sigma generate "$(PROMPT)" --model-name demo --seed 0 -o outputs
 
 test: $(TEST_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

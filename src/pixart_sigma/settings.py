@@ -104,7 +104,7 @@ class Settings(BaseModel):
     model_name: str = Field(
         DEFAULT_MODEL,
         description="Checkpoint: a known id (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, ...-512-MS faster "
-        "and lighter, ...-2K-MS, or 'demo', the tiny bundled model) or a local diffusers directory.",
+        "and lighter, ...-2K-MS, or 'demo', the small bundled shapes model, 64x64) or a local diffusers directory.",
         examples=[DEFAULT_MODEL, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "demo"],
     )
     negative_prompt: Optional[str] = Field(

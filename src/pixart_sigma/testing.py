@@ -1,4 +1,4 @@
-"""Tiny PixArt-Sigma checkpoints with the real architecture, for tests and the bundled demo.
+"""Tiny PixArt-Sigma checkpoints with the real architecture, for tests (and the demo trainer's tokenizer).
 
 They use the same classes as the release (PixArtTransformer2DModel with ada_norm_single,
 T5EncoderModel, AutoencoderKL, DPM-Solver++ configured as PixArt-Sigma ships it), saved in

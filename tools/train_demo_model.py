@@ -1,0 +1,244 @@
+"""Train the bundled demo model (`model_name="demo"`) from scratch on the shapes world.
+
+The same classes as the released PixArt-Sigma checkpoint: PixArtTransformer2DModel (ada_norm_single),
+a small T5EncoderModel with a word-level T5 tokenizer, AutoencoderKL, and the DPM-Solver++ scheduler
+configuration PixArt-Sigma ships (linear betas 0.0001-0.02, 1000 steps, epsilon prediction).
+
+Two stages, each deterministic from --seed (same files for the same torch version and --threads):
+1. vae: the latent of a 64x64 picture is fixed, not learned: 4x4 average-pooled RGB in [-1, 1] plus its
+   luminance (16x16x4). The encoder learns to produce it; the decoder learns to draw the sharp picture
+   back from it, with noise added to its input so that it also cleans up imperfect generated latents.
+2. transformer: noise prediction as PixArt trains, with the embeddings of a frozen T5 encoder (here
+   randomly initialised: no pretrained T5 fits) through cross-attention, ~10% of captions dropped to
+   the empty prompt (so classifier-free guidance works), min-SNR loss weighting and an EMA of the
+   weights. Scenes are rendered on the fly; held-out colour-shape pairs and wordings never appear.
+
+About 80 minutes on a 2-core CPU with the defaults. Prints progress and loss; writes a diffusers
+pipeline directory (model_index.json + five parts, safetensors, half precision: ~12 MB) to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
+                       PixArtTransformer2DModel)
+from diffusers.training_utils import EMAModel
+from transformers import T5Config, T5EncoderModel
+
+from pixart_sigma import demo_world
+from pixart_sigma.testing import PIXART_SCHEDULER_CONFIG, tiny_tokenizer
+
+TARGET = Path(__file__).resolve().parents[1] / "src" / "pixart_sigma" / "checkpoints_data" / "demo"
+POOL = 4  # the VAE's scale factor: 64x64 pictures, 16x16 latents
+CAPTION_DROP = 0.1
+MIN_SNR_GAMMA = 5.0
+VAE_TWO_SHAPES = 0.2  # the VAE sees more two-shape pictures than the transformer: more edges to learn
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def render_batch(rng: np.random.Generator, count: int, two_shapes: float = 0.1) -> tuple[torch.Tensor, list[str]]:
+    """`count` random training pictures as a (count, 3, 64, 64) tensor in [-1, 1], with captions."""
+    scenes = [demo_world.training_scene(rng, two_shapes) for _ in range(count)]
+    captions = [demo_world.caption(scene, rng) for scene in scenes]
+    pixels = np.stack([np.asarray(demo_world.render(scene)) for scene in scenes])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, captions
+
+
+def fixed_latent(images: torch.Tensor) -> torch.Tensor:
+    """The latent a picture is encoded to: pooled RGB plus pooled luminance."""
+    rgb = F.avg_pool2d(images, POOL)
+    luminance = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).unsqueeze(1)
+    return torch.cat([rgb, luminance], dim=1)
+
+
+def build_vae(scaling_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=demo_world.SIZE, scaling_factor=scaling_factor,
+    )
+
+
+def build_text_encoder(vocab_size: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+    ))
+
+
+def build_transformer() -> PixArtTransformer2DModel:
+    # Patch 4 on a 16x16 latent: 16 tokens of width 192, eight layers (5.1 M parameters).
+    return PixArtTransformer2DModel(
+        sample_size=demo_world.SIZE // POOL, patch_size=4, in_channels=4, out_channels=8, num_layers=8,
+        num_attention_heads=6, attention_head_dim=32, cross_attention_dim=192, caption_channels=64,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )
+
+
+def report(label: str, step: int, total: int, losses: list, started: float) -> None:
+    """One progress line: mean loss since the last line, speed, time left."""
+    speed = (time.time() - started) / (step + 1)
+    log(f"{label} {step + 1}/{total} loss {sum(losses) / len(losses):.4f} ({speed:.2f} s/step, "
+        f"{speed * (total - step - 1) / 60:.1f} min left)")
+    losses.clear()
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(args) -> AutoencoderKL:
+    rng = np.random.default_rng([args.seed, 1])
+    torch.manual_seed(args.seed + 1)
+    latents = fixed_latent(render_batch(np.random.default_rng([args.seed, 0]), 4096, VAE_TWO_SHAPES)[0])
+    scaling_factor = round(1.0 / latents.std().item(), 4)
+    vae = build_vae(scaling_factor).to(args.device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, scaling_factor "
+        f"{scaling_factor}, {args.vae_steps} steps of {args.vae_batch_size}")
+    started, losses = time.time(), []
+    for step in range(args.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.vae_steps, 1e-3, 50)
+        images, _ = render_batch(rng, args.vae_batch_size, VAE_TWO_SHAPES)
+        images = images.to(args.device)
+        target = fixed_latent(images)
+        posterior = vae.encode(images).latent_dist
+        # The encoder's posterior: mean on the fixed latent, a small fixed spread (std ~0.02).
+        encoder_loss = F.mse_loss(posterior.mean, target) + 0.01 * F.mse_loss(posterior.logvar, torch.full_like(posterior.logvar, -8.0))
+        # Random numbers come from the CPU generator on every device, so the data stream is the same.
+        noise = (torch.rand(len(images), 1, 1, 1) * 0.1 * torch.randn(target.shape)).to(args.device)
+        decoded = vae.decode(target + noise).sample
+        decoder_loss = F.mse_loss(decoded, images) + F.l1_loss(decoded, images)
+        loss = encoder_loss + decoder_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            report("vae step", step, args.vae_steps, losses, started)
+    return vae.eval()
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+
+
+def save_pipeline(output: Path, transformer, text_encoder, tokenizer, vae) -> None:
+    pipeline = PixArtSigmaPipeline(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                                   scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG))
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    pipeline.to(torch.float32)
+    shutil.rmtree(output, ignore_errors=True)
+    staging.rename(output)
+
+
+def train_transformer(args, vae: AutoencoderKL) -> None:
+    rng = np.random.default_rng([args.seed, 2])
+    torch.manual_seed(args.seed + 2)
+    tokenizer = tiny_tokenizer(demo_world.VOCABULARY)
+    text_encoder = build_text_encoder(len(tokenizer)).to(args.device)
+    transformer = build_transformer().to(args.device)
+    text_encoder.requires_grad_(False)  # frozen, as PixArt trains with its T5
+    parameters = list(transformer.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(parameters, decay=0.999, use_ema_warmup=True, power=0.75)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    scale = vae.config.scaling_factor
+    log(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M, {args.steps} steps of {args.batch_size}")
+    started, losses = time.time(), []
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
+        images, captions = render_batch(rng, args.batch_size)
+        captions = ["" if rng.random() < CAPTION_DROP else text for text in captions]
+        latents = fixed_latent(images.to(args.device)) * scale
+        tokens = tokenizer(captions, padding="longest", return_tensors="pt").to(args.device)
+        with torch.no_grad():
+            embeddings = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        noise = torch.randn(latents.shape).to(args.device)
+        timesteps = torch.randint(0, 1000, (len(latents),))
+        weights = snr_weights(noise_scheduler, timesteps).to(args.device)
+        timesteps = timesteps.to(args.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = transformer(noisy, encoder_hidden_states=embeddings, encoder_attention_mask=tokens.attention_mask,
+                                 timestep=timesteps, return_dict=False)[0]
+        prediction = prediction[:, :latents.shape[1]]  # the learned-sigma half is unused by the samplers
+        per_image = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per_image * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        ema.step(parameters)
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            report("step", step, args.steps, losses, started)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            ema.store(parameters)
+            ema.copy_to(parameters)
+            save_pipeline(args.output, transformer, text_encoder, tokenizer, vae)
+            ema.restore(parameters)
+            log(f"saved the EMA weights of step {step + 1} to {args.output}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=TARGET, help="pipeline directory to write (default: the bundled demo)")
+    parser.add_argument("--steps", type=int, default=11000, help="transformer training steps")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the transformer and T5")
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-batch-size", type=int, default=32)
+    parser.add_argument("--save-every", type=int, default=1000, help="write the pipeline every N steps")
+    parser.add_argument("--vae", type=Path, help="skip stage 1: the vae/ folder of an earlier run with the same --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (much faster; other rounding, so other files)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    diffusers.utils.logging.set_verbosity_error()  # saving half-precision copies warns on every save
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed for deterministic CUDA matmuls
+    torch.use_deterministic_algorithms(True)
+    started = time.time()
+    if args.vae:
+        # Stage 1 is deterministic and stage 2 reads only the VAE's config, so this gives the same files.
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).to(args.device)
+        log(f"vae: taken from {args.vae}")
+    else:
+        vae = train_vae(args)
+    for parameter in vae.parameters():
+        parameter.requires_grad_(False)
+    train_transformer(args, vae)
+    size = sum(p.stat().st_size for p in args.output.rglob("*.safetensors"))
+    log(f"done in {(time.time() - started) / 60:.1f} min: {args.output} ({size / 1e6:.1f} MB of safetensors)")
+
+
+if __name__ == "__main__":
+    main()
