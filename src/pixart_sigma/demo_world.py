@@ -265,17 +265,30 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _shape_of(mask: np.ndarray) -> str:
+SHAPE_MATCH = 0.85  # least overlap (IoU) with an ideal shape (renders: 0.875 or more); blobs get none
+
+
+def _ideal(shape: str, height: int, width: int) -> np.ndarray:
+    """The renderer's shape filling a height x width box."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    v, u = (ys + 0.5) / height, (xs + 0.5) / width  # 0..1 inside the box
+    if shape == "square":
+        return np.ones((height, width), dtype=bool)
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    return np.abs(u - 0.5) <= v / 2  # apex at the top centre, base along the bottom
+
+
+def _shape_of(mask: np.ndarray) -> Optional[str]:
+    """The shape whose ideal outline in the mask's bounding box overlaps it best, if it overlaps enough."""
     ys, xs = np.nonzero(mask)
-    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
-    height = bottom - top + 1
-    fill = mask.sum() / (height * (right - left + 1))
-    widths = mask[top:bottom + 1].sum(1).astype(np.float32)
-    third = max(height // 3, 1)
-    taper = widths[:third].mean() / max(widths[-third:].mean(), 1.0)
-    if taper < 0.6:
-        return "triangle"
-    return "square" if fill > 0.88 else "circle"
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    overlaps = {}
+    for shape in SHAPES:
+        ideal = _ideal(shape, *box.shape)
+        overlaps[shape] = (box & ideal).sum() / (box | ideal).sum()
+    best = max(overlaps, key=overlaps.get)
+    return best if overlaps[best] >= SHAPE_MATCH else None
 
 
 def _position_of(mask: np.ndarray) -> str:
