@@ -279,10 +279,8 @@ def _ideal(shape: str, height: int, width: int) -> np.ndarray:
     return np.abs(u - 0.5) <= v / 2  # apex at the top centre, base along the bottom
 
 
-def _shape_of(mask: np.ndarray) -> Optional[str]:
-    """The shape whose ideal outline in the mask's bounding box overlaps it best, if it overlaps enough."""
-    ys, xs = np.nonzero(mask)
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+def _shape_of(box: np.ndarray) -> Optional[str]:
+    """The shape whose ideal outline in the box (the mask cut to its bounding box) overlaps it best, if enough."""
     overlaps = {}
     for shape in SHAPES:
         ideal = _ideal(shape, *box.shape)
@@ -291,10 +289,10 @@ def _shape_of(mask: np.ndarray) -> Optional[str]:
     return best if overlaps[best] >= SHAPE_MATCH else None
 
 
-def _position_of(mask: np.ndarray) -> str:
-    ys, xs = np.nonzero(mask)  # the bounding box's centre: a triangle's centroid sits low
-    dx = (xs.min() + xs.max()) / 2 - (SIZE - 1) / 2
-    dy = (ys.min() + ys.max()) / 2 - (SIZE - 1) / 2
+def _position_of(top: int, bottom: int, left: int, right: int) -> str:
+    # The bounding box's centre: a triangle's centroid sits low.
+    dx = (left + right) / 2 - (SIZE - 1) / 2
+    dy = (top + bottom) / 2 - (SIZE - 1) / 2
     if max(abs(dx), abs(dy)) < 6.5:
         return "centre"
     if abs(dx) >= abs(dy):
@@ -317,9 +315,11 @@ def read(image: Image.Image) -> Reading:
     if mask.sum() < MIN_SHAPE_PIXELS:
         return Reading(_NAMES[background], _NAMES[colour], None, None, None)
     ys, xs = np.nonzero(mask)
-    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    extent = max(bottom - top, right - left) + 1
     size = "large" if extent >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
-    return Reading(_NAMES[background], _NAMES[colour], _shape_of(mask), size, _position_of(mask))
+    return Reading(_NAMES[background], _NAMES[colour], _shape_of(mask[top:bottom + 1, left:right + 1]), size,
+                   _position_of(top, bottom, left, right))
 
 
 def score(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict:
