@@ -49,14 +49,14 @@ def _scheduler_classes() -> dict[str, type]:
     }
 
 
-def _aspect_ratio_bins(sample_size: int) -> Optional[dict]:
-    """PixArt's trained aspect-ratio sizes for a transformer sample size; None when it has no table."""
+def _aspect_ratio_bins(native_size: int) -> Optional[dict]:
+    """PixArt's trained aspect-ratio sizes for a checkpoint's native size in pixels; None when it has no table."""
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
                                                                         ASPECT_RATIO_1024_BIN)
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 
-    return {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN,
-            256: ASPECT_RATIO_2048_BIN}.get(sample_size)
+    return {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
+            2048: ASPECT_RATIO_2048_BIN}.get(native_size)
 
 
 def _step_kwargs(scheduler, generators) -> dict:
@@ -148,10 +148,11 @@ class Engine:
     # -- images -------------------------------------------------------------------------------
     def sample_size(self, width: int, height: int, binning: bool) -> tuple[int, int]:
         """(width, height) to sample at: the nearest trained aspect-ratio bin when binning applies."""
-        bins = _aspect_ratio_bins(self.pipeline.transformer.config.sample_size) if binning else None
+        native = self.pipeline.transformer.config.sample_size * self.pipeline.vae_scale_factor
+        bins = _aspect_ratio_bins(native) if binning else None
         if bins is None:
-            # The transformer patches the latent 2x2: sides must be multiples of vae_scale x patch (16),
-            # so sizes that are only multiples of 8 are sampled a little larger and cropped back.
+            # The transformer cuts the latent into patches: sides must be multiples of vae_scale x patch
+            # (16 for PixArt), so sizes that are only multiples of 8 are sampled a little larger and cropped back.
             step = self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
             return -(-width // step) * step, -(-height // step) * step
         bin_height, bin_width = self.pipeline.image_processor.classify_height_width_bin(height, width, ratios=bins)
@@ -159,7 +160,9 @@ class Engine:
 
     def make_scheduler(self, name: str):
         # A fresh scheduler per call: schedulers keep per-run state.
-        overrides = {"algorithm_type": "data_prediction"} if name == "sa-solver" else {}
+        # DDIMScheduler defaults to clip_sample=True, clipping predicted latents to [-1, 1]: right for
+        # pixel-space models, wrong for VAE latents (scaled latents reach beyond +-1, colours wash out).
+        overrides = {"sa-solver": {"algorithm_type": "data_prediction"}, "ddim": {"clip_sample": False}}.get(name, {})
         return _scheduler_classes()[name].from_config(self.pipeline.scheduler.config, **overrides)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
