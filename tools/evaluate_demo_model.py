@@ -13,10 +13,13 @@ import argparse
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pixart_sigma import demo_world as world
+from pixart_sigma.checkpoints import load_pipeline, resolve_checkpoint
 from pixart_sigma.settings import SCHEDULERS
+from train_demo_model import vae_round_trip  # tools/, beside this script
 
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
 
@@ -31,12 +34,7 @@ def header(first: str) -> str:
 
 
 def checker_on_renders(count: int) -> dict:
-    rng = np.random.default_rng(123)
-    scenes = []
-    while len(scenes) < count:
-        scene = world.training_scene(rng)
-        if len(scene.shapes) == 1:
-            scenes.append(world.Scene(scene.background, scene.shapes))  # every attribute checked
+    scenes = world.rendered_scenes(count, seed=123)
     return world.score(scenes, [world.render(scene) for scene in scenes])
 
 
@@ -52,6 +50,8 @@ def main() -> None:
 
     print(header("checker on rendered pictures"))
     print(row("renderer's own pictures (all attributes named)", checker_on_renders(1000), 1000))
+    vae = load_pipeline(resolve_checkpoint(args.model_name), torch.float32).vae
+    print(row("the same, decoded by the VAE from their exact latents", vae_round_trip(vae, 1000, seed=123), 1000))
 
     prompts = world.evaluation_prompts(args.prompts)
     scenes = [scene for _, scene in prompts]
@@ -63,6 +63,11 @@ def main() -> None:
         print(row(f"{tag}, held-out colour-shape pairs", world.score(scenes[0::2], images[0::2]), len(scenes[0::2])))
         print(row(f"{tag}, held-out wordings", world.score(scenes[1::2], images[1::2]), len(scenes[1::2])))
         print(row(f"**{tag}, all**", world.score(scenes, images), len(scenes)))
+        if guidance == 4.5:
+            per_shape = {shape: world.score([s for s in scenes if s.shapes[0].shape == shape],
+                                            [i for s, i in zip(scenes, images) if s.shapes[0].shape == shape])["shape"]
+                         for shape in world.SHAPES}
+            print(f"| {tag}, shape right per shape | | " + ", ".join(f"{k} {v:.0%}" for k, v in per_shape.items()) + " | | | | |")
         if guidance == 4.5 and args.grid:
             grid = Image.new("RGB", (8 * 64, 2 * 64))
             for k, image in enumerate(images[:16]):

@@ -182,6 +182,17 @@ def training_scene(rng: np.random.Generator, two_shapes: float = 0.1) -> Scene:
     return Scene(background, (_random_shape(rng, background, allowed_pairs=TRAIN_PAIRS),), frozenset(named))
 
 
+def rendered_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """`count` random single-shape training scenes with every attribute named: for checking the checker."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < count:
+        scene = training_scene(rng)
+        if len(scene.shapes) == 1:
+            scenes.append(Scene(scene.background, scene.shapes))
+    return scenes
+
+
 def evaluation_prompts(count: int, seed: int = 0, held_out: bool = True) -> list[tuple[str, Scene]]:
     """`count` prompts naming colour, shape and background (size and position half the time).
 
