@@ -63,9 +63,13 @@ def render_batch(rng: np.random.Generator, count: int, two_shapes: float = 0.1) 
     """`count` random training pictures as a (count, 3, 64, 64) tensor in [-1, 1], with captions."""
     scenes = [demo_world.training_scene(rng, two_shapes) for _ in range(count)]
     captions = [demo_world.caption(scene, rng) for scene in scenes]
+    return rendered(scenes), captions
+
+
+def rendered(scenes) -> torch.Tensor:
+    """The scenes' pictures as a (count, 3, 64, 64) tensor in [-1, 1]."""
     pixels = np.stack([np.asarray(demo_world.render(scene)) for scene in scenes])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return images, captions
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def fixed_latent(images: torch.Tensor) -> torch.Tensor:
@@ -152,9 +156,8 @@ def vae_round_trip(vae: AutoencoderKL, count: int = 300, seed: int = 5, device: 
     """The checker's scores on rendered pictures decoded from their exact latents: the decoder's
     ceiling on what the whole model can score."""
     scenes = demo_world.rendered_scenes(count, seed=seed)
-    pixels = np.stack([np.asarray(demo_world.render(scene)) for scene in scenes])
     with torch.no_grad():
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+        images = rendered(scenes).to(device)
         decoded = vae.decode(fixed_latent(images).to(vae.dtype)).sample.float()
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return demo_world.score(scenes, [Image.fromarray(picture) for picture in decoded])
@@ -271,17 +274,14 @@ def save_pipeline(output: Path, transformer, text_encoder, tokenizer, vae) -> No
     staging.rename(output)
 
 
-def train_transformer(args, vae: AutoencoderKL) -> None:
+def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, tokenizer) -> None:
     rng = np.random.default_rng([args.seed, 2])
-    torch.manual_seed(args.seed + 2)
-    tokenizer = tiny_tokenizer(demo_world.VOCABULARY)
-    text_encoder = train_text_encoder(args, tokenizer)  # then frozen, as PixArt trains with its T5
     torch.manual_seed(args.seed + 2)
     transformer = build_transformer().to(args.device)
     parameters = list(transformer.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     ema = EMAModel(parameters, decay=0.999, use_ema_warmup=True, power=0.75)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    noise_scheduler = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)  # the shipped sampler's noise schedule
     scale = vae.config.scaling_factor
     log(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M, {args.steps} steps of {args.batch_size}")
@@ -353,7 +353,9 @@ def main() -> None:
         parameter.requires_grad_(False)
     scores = vae_round_trip(vae, seed=args.seed + 5, device=args.device)
     log("vae round trip, the checker on 300 decoded pictures: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
-    train_transformer(args, vae)
+    tokenizer = tiny_tokenizer(demo_world.VOCABULARY)
+    text_encoder = train_text_encoder(args, tokenizer)  # then frozen, as PixArt trains with its T5
+    train_transformer(args, vae, text_encoder, tokenizer)
     size = sum(p.stat().st_size for p in args.output.rglob("*.safetensors"))
     log(f"done in {(time.time() - started) / 60:.1f} min: {args.output} ({size / 1e6:.1f} MB of safetensors)")
 
