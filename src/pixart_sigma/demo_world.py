@@ -277,6 +277,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 SHAPE_MATCH = 0.85  # least overlap (IoU) with an ideal shape (renders: 0.875 or more); blobs get none
+SOFT_EDGE = 2  # pixels an ideal shape's box may reach past the mask's (see _shape_of)
 
 
 def _ideal(shape: str, height: int, width: int) -> np.ndarray:
@@ -291,11 +292,20 @@ def _ideal(shape: str, height: int, width: int) -> np.ndarray:
 
 
 def _shape_of(box: np.ndarray) -> Optional[str]:
-    """The shape whose ideal outline in the box (the mask cut to its bounding box) overlaps it best, if enough."""
-    overlaps = {}
-    for shape in SHAPES:
-        ideal = _ideal(shape, *box.shape)
-        overlaps[shape] = (box & ideal).sum() / (box | ideal).sum()
+    """The shape whose ideal outline best overlaps the mask (cut to its bounding box), if well enough.
+
+    The ideal's box may reach up to SOFT_EDGE pixels past the mask's at the top and on both sides: soft
+    edges shave a triangle's thin apex and base corners off the mask, shrinking its box, and a triangle
+    blurred by one pixel would otherwise read as no shape (squares and circles keep their boxes)."""
+    height, width = box.shape
+    overlaps = dict.fromkeys(SHAPES, 0.0)
+    for top in range(SOFT_EDGE + 1):
+        for side in range(SOFT_EDGE + 1):
+            placed = np.zeros((height + top, width + 2 * side), dtype=bool)
+            placed[top:, side:side + width] = box
+            for shape in SHAPES:
+                ideal = _ideal(shape, *placed.shape)
+                overlaps[shape] = max(overlaps[shape], (placed & ideal).sum() / (placed | ideal).sum())
     best = max(overlaps, key=overlaps.get)
     return best if overlaps[best] >= SHAPE_MATCH else None
 
