@@ -5,9 +5,10 @@ a small T5EncoderModel with a word-level T5 tokenizer, AutoencoderKL, and the DP
 configuration PixArt-Sigma ships (linear betas 0.0001-0.02, 1000 steps, epsilon prediction).
 
 Three stages, each deterministic from --seed (same files for the same torch version and --threads):
-1. vae: the latent of a 64x64 picture is fixed, not learned: 4x4 average-pooled RGB in [-1, 1] plus its
-   luminance (16x16x4). The encoder learns to produce it; the decoder learns to draw the sharp picture
-   back from it, with noise added to its input so that it also cleans up imperfect generated latents.
+1. vae: the latent of a 64x64 picture is fixed, not learned: 4x4 average-pooled RGB in [-1, 1] plus the
+   pooled signed distance to the shapes' outline (16x16x4; see shape_field). The encoder learns to
+   produce it; the decoder learns to draw the sharp picture back from it, with noise added to its input
+   so that it also cleans up imperfect generated latents.
    Then the checker reads pictures decoded from exact latents: the ceiling for the whole model.
 2. text encoder: a small T5 learns to read the captions (which colour is the shape's, which the
    background's), as the release's T5 had learned language before PixArt used it; then it is frozen.
@@ -39,6 +40,7 @@ import torch
 import transformers
 import torch.nn.functional as F
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
                        PixArtTransformer2DModel)
 from diffusers.training_utils import EMAModel
@@ -52,6 +54,9 @@ POOL = 4  # the VAE's scale factor: 64x64 pictures, 16x16 latents
 CAPTION_DROP = 0.1
 MIN_SNR_GAMMA = 5.0
 TEXT_LR = 2e-3  # the text encoder's peak learning rate
+FIELD_REACH = 8.0  # pixels: how far from a shape's outline its field still changes
+SHAPE_THRESHOLD = 0.3  # colour distance from the background (RGB in [-1, 1]) that counts as shape; the
+# closest palette pair (orange, yellow) is 0.64 apart, so edges move by well under a pixel
 VAE_TWO_SHAPES = 0.2  # the VAE sees more two-shape pictures than the transformer: more edges to learn
 
 
@@ -73,10 +78,23 @@ def rendered(scenes) -> torch.Tensor:
 
 
 def fixed_latent(images: torch.Tensor) -> torch.Tensor:
-    """The latent a picture is encoded to: pooled RGB plus pooled luminance."""
-    rgb = F.avg_pool2d(images, POOL)
-    luminance = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).unsqueeze(1)
-    return torch.cat([rgb, luminance], dim=1)
+    """The latent a picture is encoded to: pooled RGB plus the pooled shape field (see shape_field)."""
+    return F.avg_pool2d(torch.cat([images, shape_field(images).to(images.device)], dim=1), POOL)
+
+
+def shape_field(images: torch.Tensor) -> torch.Tensor:
+    """Each pixel's signed distance to the shapes' outline (inside +, outside -), in units of FIELD_REACH
+    pixels and clipped to [-1, 1]: a (count, 1, 64, 64) tensor. Pooled RGB alone keeps a shape only in
+    the coverage of the blocks its edge crosses; the field spreads the outline over a band FIELD_REACH
+    pixels wide on both sides, so circle, square and triangle differ over many latent pixels (easier to
+    learn) and the outline stays exact where the field crosses zero (a triangle keeps its corners)."""
+    pixels = images.detach().float().cpu()
+    corners = torch.stack([pixels[:, :, 0, 0], pixels[:, :, 0, -1], pixels[:, :, -1, 0], pixels[:, :, -1, -1]], -1)
+    background = corners.median(-1).values[:, :, None, None]  # shapes never reach the corners
+    masks = ((pixels - background).norm(dim=1) > SHAPE_THRESHOLD).numpy()
+    fields = [np.where(mask, distance_transform_edt(mask) - 0.5, 0.5 - distance_transform_edt(~mask))
+              if mask.any() else np.full(mask.shape, -FIELD_REACH) for mask in masks]
+    return torch.from_numpy(np.clip(np.stack(fields)[:, None] / FIELD_REACH, -1, 1)).float()
 
 
 def build_vae(scaling_factor: float) -> AutoencoderKL:
