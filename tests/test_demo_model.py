@@ -4,6 +4,7 @@ The README reports the figures on 120 held-out prompts; here a smaller sample ke
 """
 
 import hashlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from pixart_sigma import PixArtSigmaModel
@@ -161,3 +163,29 @@ def test_the_trainer_rebuilds_a_loadable_checkpoint_deterministically(tmp_path):
     assert first == second
     image = PixArtSigmaModel(model_name=str(tmp_path / "a"), seed=0, num_inference_steps=2).generate("a red circle")[0]
     assert image.size == (64, 64)
+
+
+def _trainer():
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "tools" / "train_demo_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_latent_holds_the_pooled_colours_and_the_distance_to_the_outline():
+    trainer = _trainer()
+    scenes = [world.Scene("blue", (world.Shape(shape, "red", "large", "centre"),)) for shape in ("square", "circle")]
+    pictures = trainer.rendered(scenes)
+    field = trainer.shape_field(pictures)[:, 0]
+    assert field.shape == (2, 64, 64) and field.min() == -1 and field.max() == 1
+    # The square spans pixels 14..49: inside +, outside -, half a pixel from the outline either side,
+    # full +-1 from FIELD_REACH pixels on.
+    square = field[0]
+    assert square[32, 32] == 1 and square[0, 0] == -1
+    assert square[32, 14] == pytest.approx(0.5 / trainer.FIELD_REACH) and square[32, 13] == pytest.approx(-0.5 / trainer.FIELD_REACH)
+    # Where the shapes differ, the field says so: the box's corner is inside the square, outside the circle.
+    assert square[16, 16] > 0 > field[1, 16, 16]
+    latent = trainer.fixed_latent(pictures)
+    assert latent.shape == (2, 4, 16, 16)
+    assert torch.allclose(latent[:, :3], torch.nn.functional.avg_pool2d(pictures, 4))
+    assert torch.allclose(latent[:, 3], torch.nn.functional.avg_pool2d(field[:, None], 4)[:, 0])

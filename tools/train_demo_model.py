@@ -19,7 +19,7 @@ Three stages, each deterministic from --seed (same files for the same torch vers
    min-SNR loss weighting and an EMA of the weights.
 Scenes are rendered on the fly; the held-out colour-shape pairs and wordings never appear in any stage.
 
-About 80 minutes on a 2-core CPU with the defaults. Prints progress and loss; writes a diffusers
+About 85 minutes on a 2-core CPU with the defaults. Prints progress and loss; writes a diffusers
 pipeline directory (model_index.json + five parts, safetensors, half precision: ~12 MB) to --output.
 """
 
@@ -78,8 +78,10 @@ def rendered(scenes) -> torch.Tensor:
 
 
 def fixed_latent(images: torch.Tensor) -> torch.Tensor:
-    """The latent a picture is encoded to: pooled RGB plus the pooled shape field (see shape_field)."""
-    return F.avg_pool2d(torch.cat([images, shape_field(images).to(images.device)], dim=1), POOL)
+    """The latent a picture is encoded to: pooled RGB plus the pooled shape field (see shape_field).
+    Computed on the CPU, where scipy draws the field; returned on the pictures' device."""
+    pixels = images.cpu()
+    return F.avg_pool2d(torch.cat([pixels, shape_field(pixels)], dim=1), POOL).to(images.device)
 
 
 def shape_field(images: torch.Tensor) -> torch.Tensor:
@@ -87,8 +89,9 @@ def shape_field(images: torch.Tensor) -> torch.Tensor:
     pixels and clipped to [-1, 1]: a (count, 1, 64, 64) tensor. Pooled RGB alone keeps a shape only in
     the coverage of the blocks its edge crosses; the field spreads the outline over a band FIELD_REACH
     pixels wide on both sides, so circle, square and triangle differ over many latent pixels (easier to
-    learn) and the outline stays exact where the field crosses zero (a triangle keeps its corners)."""
-    pixels = images.detach().float().cpu()
+    learn) and the outline stays exact where the field crosses zero (a triangle keeps its corners).
+    `images` must be on the CPU."""
+    pixels = images.detach().float()
     corners = torch.stack([pixels[:, :, 0, 0], pixels[:, :, 0, -1], pixels[:, :, -1, 0], pixels[:, :, -1, -1]], -1)
     background = corners.median(-1).values[:, :, None, None]  # shapes never reach the corners
     masks = ((pixels - background).norm(dim=1) > SHAPE_THRESHOLD).numpy()
@@ -175,8 +178,7 @@ def vae_round_trip(vae: AutoencoderKL, count: int = 300, seed: int = 5, device: 
     ceiling on what the whole model can score."""
     scenes = demo_world.rendered_scenes(count, seed=seed)
     with torch.no_grad():
-        images = rendered(scenes).to(device)
-        decoded = vae.decode(fixed_latent(images).to(vae.dtype)).sample.float()
+        decoded = vae.decode(fixed_latent(rendered(scenes)).to(device, vae.dtype)).sample.float()
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return demo_world.score(scenes, [Image.fromarray(picture) for picture in decoded])
 
@@ -309,7 +311,7 @@ def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, to
             group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
         images, captions = render_batch(rng, args.batch_size)
         captions = ["" if rng.random() < CAPTION_DROP else text for text in captions]
-        latents = fixed_latent(images.to(args.device)) * scale
+        latents = fixed_latent(images).to(args.device) * scale  # the pictures themselves stay on the CPU
         tokens = tokenizer(captions, padding="longest", return_tensors="pt").to(args.device)
         with torch.no_grad():
             embeddings = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
@@ -344,7 +346,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=TARGET, help="pipeline directory to write (default: the bundled demo)")
     parser.add_argument("--steps", type=int, default=11000, help="transformer training steps")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the transformer and T5")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the transformer")
     parser.add_argument("--text-steps", type=int, default=1500, help="text encoder pre-training steps")
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch-size", type=int, default=32)
