@@ -3,7 +3,7 @@
 Everything goes through the public API (`PixArtSigmaModel(...).generate(prompt)`), at the default
 settings unless a row says otherwise: 20 steps of DPM-Solver++, guidance 4.5, the native 64x64.
 
-    python tools/evaluate_demo_model.py                    # the bundled demo, 120 held-out prompts
+    python tools/evaluate_demo_model.py                    # the bundled demo, 360 held-out prompts
     python tools/evaluate_demo_model.py --model-name DIR --prompts 40 --grid docs/demo-grid.png
 """
 
@@ -41,7 +41,7 @@ def checker_on_renders(count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", default="demo")
-    parser.add_argument("--prompts", type=int, default=120, help="held-out prompts (half pairs, half wordings)")
+    parser.add_argument("--prompts", type=int, default=360, help="held-out prompts (half pairs, half wordings; 120 read colour within about 3 points either way)")
     parser.add_argument("--negative-prompts", type=int, default=30, help="colourless prompts per colour")
     parser.add_argument("--grid", help="also write a PNG grid of the first 16 held-out pictures here")
     args = parser.parse_args()
