@@ -189,5 +189,5 @@ def test_the_latent_holds_the_pooled_colours_and_the_distance_to_the_outline():
     assert square[16, 16] > 0 > field[1, 16, 16]
     latent = trainer.fixed_latent(pictures)
     assert latent.shape == (2, 4, 16, 16)
-    assert torch.allclose(latent[:, :3], torch.nn.functional.avg_pool2d(pictures, 4))
-    assert torch.allclose(latent[:, 3], torch.nn.functional.avg_pool2d(field[:, None], 4)[:, 0])
+    assert torch.allclose(latent[:, :3], torch.nn.functional.avg_pool2d(pictures, trainer.POOL))
+    assert torch.allclose(latent[:, 3], torch.nn.functional.avg_pool2d(field[:, None], trainer.POOL)[:, 0])

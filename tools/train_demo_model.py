@@ -153,8 +153,8 @@ def train_vae(args) -> AutoencoderKL:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.vae_steps, 1e-3, 50)
         images, _ = render_batch(rng, args.vae_batch_size, VAE_TWO_SHAPES)
+        target = fixed_latent(images).to(args.device)  # from the CPU pictures: the field is drawn there
         images = images.to(args.device)
-        target = fixed_latent(images)
         posterior = vae.encode(images).latent_dist
         # The encoder's posterior: mean on the fixed latent, a small fixed spread (std ~0.02).
         encoder_loss = F.mse_loss(posterior.mean, target) + 0.01 * F.mse_loss(posterior.logvar, torch.full_like(posterior.logvar, -8.0))
