@@ -79,9 +79,8 @@ def rendered(scenes) -> torch.Tensor:
 
 def fixed_latent(images: torch.Tensor) -> torch.Tensor:
     """The latent a picture is encoded to: pooled RGB plus the pooled shape field (see shape_field).
-    Computed on the CPU, where scipy draws the field; returned on the pictures' device."""
-    pixels = images.cpu()
-    return F.avg_pool2d(torch.cat([pixels, shape_field(pixels)], dim=1), POOL).to(images.device)
+    `images` must be on the CPU, where scipy draws the field; callers move the small latent."""
+    return F.avg_pool2d(torch.cat([images, shape_field(images)], dim=1), POOL)
 
 
 def shape_field(images: torch.Tensor) -> torch.Tensor:
