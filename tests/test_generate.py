@@ -36,7 +36,8 @@ def ours(model, prompt=PROMPT):
 def test_images_equal_diffusers_pipeline(tiny, reference, scheduler):
     from pixart_sigma.engine import _scheduler_classes
 
-    model = PixArtSigmaModel(model_name=tiny, seed=11, num_images_per_prompt=2, num_inference_steps=8,
+    # On the CPU, as the reference: on a GPU machine "auto" would pick cuda and bfloat16.
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=11, num_images_per_prompt=2, num_inference_steps=8,
                              negative_prompt="green", width=64, height=96, scheduler=scheduler)
     reference.scheduler = _scheduler_classes()[scheduler].from_config(reference.scheduler.config)
     expected = diffusers_images(reference, [11, 12], prompt=PROMPT, negative_prompt="green", num_inference_steps=8,
@@ -49,7 +50,7 @@ def test_guidance_of_one_skips_the_unconditional_pass_like_diffusers(tiny, refer
     from diffusers import DPMSolverMultistepScheduler
 
     reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
-    model = PixArtSigmaModel(model_name=tiny, seed=3, guidance_scale=1.0, num_inference_steps=5)
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=3, guidance_scale=1.0, num_inference_steps=5)
     expected = diffusers_images(reference, [3], prompt=PROMPT, guidance_scale=1.0, num_inference_steps=5,
                                 use_resolution_binning=False)
     assert np.array_equal(ours(model), np.round(expected * 255) / 255)
@@ -60,7 +61,8 @@ def test_resolution_binning_matches_diffusers(tmp_path):
     directory = save_tiny_pipeline(tmp_path / "binned", seed=4, sample_size=32)
     reference = PixArtSigmaPipeline.from_pretrained(directory)
     reference.set_progress_bar_config(disable=True)
-    model = PixArtSigmaModel(model_name=str(directory), seed=5, num_inference_steps=4, width=272, height=232)
+    model = PixArtSigmaModel(model_name=str(directory), device="cpu", seed=5, num_inference_steps=4, width=272,
+                             height=232)
     images = model.generate(PROMPT)
     assert images[0].size == (272, 232)
     assert read_settings(images[0])["sampled_size"] != [272, 232]

@@ -86,9 +86,18 @@ def test_validate_returns_values_and_the_objects_the_model_needs(tiny):
     assert values["num_inference_steps"] == 20 and values["guidance_scale"] == 4.5 and values["seed"] == -1
 
 
-@pytest.mark.parametrize("label", ["cpu", "CPU", "Cpu", "auto"])
+@pytest.mark.parametrize("label", ["cpu", "CPU", "Cpu"])
 def test_cpu_labels(tiny, label):
     assert PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": label})["torch_device"].type == "cpu"
+
+
+def test_auto_takes_the_first_gpu_if_there_is_one(tiny):
+    values = PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": "auto"})
+    if torch.cuda.is_available():
+        assert str(values["torch_device"]) == "cuda:0"
+        assert values["torch_dtype"] in (torch.bfloat16, torch.float16)  # bfloat16 where the GPU supports it
+    else:
+        assert str(values["torch_device"]) == "cpu" and values["torch_dtype"] == torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
