@@ -5,7 +5,7 @@ SDXL VAE) -- the same compute as the real checkpoint -- and times, per resolutio
 end to end (ours with a cold and a warm prompt cache, diffusers), T5 encode, one DiT step
 (CFG batch), VAE decode, and peak GPU memory. Prints a Markdown table; --json writes rows.
 
-    python benchmarks/benchmark.py                       # GPU: 512, 1024, 2048 at 20 steps (< 8 min on an H100)
+    python benchmarks/benchmark.py                       # GPU: 512, 1024, 2048 at 20 steps (2 min on an H200)
     python benchmarks/benchmark.py --preset cpu-small    # CPU: 2-layer DiT and T5 at full width, 256 px
 """
 
