@@ -5,6 +5,7 @@ settings unless a row says otherwise: 20 steps of DPM-Solver++, guidance 4.5, th
 
     python tools/evaluate_demo_model.py                    # the bundled demo, 360 held-out prompts
     python tools/evaluate_demo_model.py --model-name DIR --prompts 40 --grid docs/demo-grid.png
+    python tools/evaluate_demo_model.py --device cuda --dtype float32  # the same on a GPU
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=360, help="held-out prompts (half pairs, half wordings; 120 read colour within about 3 points either way)")
     parser.add_argument("--negative-prompts", type=int, default=30, help="colourless prompts per colour")
     parser.add_argument("--grid", help="also write a PNG grid of the first 16 held-out pictures here")
+    parser.add_argument("--device", default="cpu", help="where the pictures are generated (the README's figures: cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, bfloat16 on most GPUs), float32, ...")
     args = parser.parse_args()
     started = time.time()
-    model = {"model_name": args.model_name, "device": "cpu"}
+    model = {"model_name": args.model_name, "device": args.device, "dtype": args.dtype}
+    print(f"generating on {args.device} in dtype={args.dtype}\n")
 
     print(header("checker on rendered pictures"))
     print(row("renderer's own pictures (all attributes named)", checker_on_renders(1000), 1000))
