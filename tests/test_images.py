@@ -12,6 +12,7 @@ PROMPTS = ["a red circle", "一只在雪地里的红狐狸", "лиса в сне
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_settings_survive_a_png_round_trip(tiny, tmp_path, prompt):
+    # On the CPU, where dtype=auto is float32 (on a GPU it would be bfloat16).
     model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=7, num_inference_steps=2, negative_prompt="模糊, blurry",
                              scheduler="unipc", guidance_scale=3.5)
     image = model.generate(prompt)[0]
