@@ -19,7 +19,7 @@ from PIL import Image
 
 from pixart_sigma import demo_world as world
 from pixart_sigma.checkpoints import load_pipeline, resolve_checkpoint
-from pixart_sigma.settings import SCHEDULERS
+from pixart_sigma.settings import DTYPES, SCHEDULERS
 from train_demo_model import vae_round_trip  # tools/, beside this script
 
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--negative-prompts", type=int, default=30, help="colourless prompts per colour")
     parser.add_argument("--grid", help="also write a PNG grid of the first 16 held-out pictures here")
     parser.add_argument("--device", default="cpu", help="where the pictures are generated (the README's figures: cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto (float32 on the CPU, bfloat16 on most GPUs), float32, ...")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float32 on the CPU, bfloat16 on most GPUs")
     args = parser.parse_args()
     started = time.time()
     model = {"model_name": args.model_name, "device": args.device, "dtype": args.dtype}
