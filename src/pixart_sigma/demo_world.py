@@ -147,6 +147,7 @@ def caption(scene: Scene, rng: np.random.Generator, templates: Optional[Sequence
         parts["obj" + key] = _object_phrase(item, named, rng)
         parts["pos" + key] = _pick(rng, POSITION_WORDS[item.position]) if "position" in named else ""
     text = _pick(rng, templates).format(**parts)
+    text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange background"
     return re.sub(r"\s+", " ", text.replace(" ,", ",")).strip()
 
 
