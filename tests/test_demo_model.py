@@ -3,6 +3,7 @@
 The README reports the figures on 360 held-out prompts; here a smaller sample keeps the suite fast. Every picture comes through the public API at the default settings unless noted.
 """
 
+import dataclasses
 import hashlib
 import importlib.util
 import re
@@ -42,6 +43,18 @@ def test_the_checker_reads_the_renderers_pictures(blur):
     scenes = world.rendered_scenes(540, seed=5)
     scores = world.score(scenes, [world.render(scene).filter(ImageFilter.GaussianBlur(blur)) for scene in scenes])
     assert min(scores.values()) >= 0.98, scores
+
+
+def test_shape_scores_per_shape_count_each_shape_on_its_own():
+    scenes = world.rendered_scenes(60, seed=4)
+    images = [world.render(scene) for scene in scenes]
+    assert world.shape_score_per_shape(scenes, images) == {shape: 1.0 for shape in world.SHAPES}
+    triangles = [k for k, s in enumerate(scenes) if s.shapes[0].shape == "triangle"]
+    scene = scenes[triangles[0]]
+    circle = world.Scene(scene.background, (dataclasses.replace(scene.shapes[0], shape="circle"),))
+    images[triangles[0]] = world.render(circle)  # one triangle drawn as a circle
+    per_shape = world.shape_score_per_shape(scenes, images)
+    assert per_shape["triangle"] == 1 - 1 / len(triangles) and per_shape["circle"] == per_shape["square"] == 1.0
 
 
 def test_the_checker_reads_no_shape_in_crosses_and_l_shapes():

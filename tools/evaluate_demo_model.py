@@ -68,9 +68,7 @@ def main() -> None:
         print(row(f"{tag}, held-out wordings", world.score(scenes[1::2], images[1::2]), len(scenes[1::2])))
         print(row(f"**{tag}, all**", world.score(scenes, images), len(scenes)))
         if guidance == 4.5:
-            per_shape = {shape: world.score([s for s in scenes if s.shapes[0].shape == shape],
-                                            [i for s, i in zip(scenes, images) if s.shapes[0].shape == shape])["shape"]
-                         for shape in world.SHAPES}
+            per_shape = world.shape_score_per_shape(scenes, images)
             print(f"| {tag}, shape right per shape | | " + ", ".join(f"{k} {v:.0%}" for k, v in per_shape.items()) + " | | | | |")
         if guidance == 4.5 and args.grid:
             grid = Image.new("RGB", (8 * 64, 2 * 64))

@@ -13,9 +13,10 @@ Writes results.json, grids.png (the first 16 pictures of each variant, a row eac
 variant's transformer to --out. The README's "What moved shape" gives two rounds of results.
 
     python tools/sweep_demo_recipes.py --variants '[{"name": "p2w128", "patch": 2, "width": 128,
-        "layers": 6, "lr": 1e-3, "steps": 18000}, ...]'        # also "seed", "gamma" (min-SNR)
+        "layers": 6, "lr": 1e-3, "steps": 18000}, ...]'        # also "seed" (default 0)
 """
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_demo_model as trainer  # noqa: E402
@@ -73,15 +75,6 @@ def build_cache(count: int, workers: int):
 
 
 # ---- variants ---------------------------------------------------------------------------------------
-def build(patch: int, width: int, layers: int):
-    """The trainer's transformer with another patch size, width (heads of 32) and depth."""
-    from diffusers import PixArtTransformer2DModel
-    return PixArtTransformer2DModel(
-        sample_size=16, patch_size=patch, in_channels=4, out_channels=8, num_layers=layers,
-        num_attention_heads=width // 32, attention_head_dim=32, cross_attention_dim=width, caption_channels=64,
-        norm_type="ada_norm_single", use_additional_conditions=False)
-
-
 class Variant:
     """One recipe: its transformer, AdamW, EMA and static input buffers; on cuda one captured graph
     does a whole step (noising, forward, min-SNR loss, backward, clipping, AdamW), as the trainer does."""
@@ -89,14 +82,12 @@ class Variant:
     def __init__(self, spec: dict, device: torch.device, tables, seed: int = 0):
         self.spec = spec
         self.name, self.steps, self.peak = spec["name"], spec["steps"], spec["lr"]
-        self.gamma = spec.get("gamma", trainer.MIN_SNR_GAMMA)
         self.device = device
         torch.manual_seed(seed + 2)
-        self.model = build(spec["patch"], spec["width"], spec["layers"]).to(device)
+        self.model = trainer.build_transformer(spec["patch"], spec["width"], spec["layers"]).to(device)
         self.params = list(self.model.parameters())
-        self.ema = [p.detach().clone() for p in self.params]
-        self.sqrt_ab, self.sqrt_1mab, snr = tables
-        self.snr_w = torch.clamp(snr, max=self.gamma) / snr
+        self.ema = EMAModel(self.params, foreach=True, **trainer.EMA_SETTINGS)
+        self.sqrt_ab, self.sqrt_1mab, self.snr_w = tables  # per timestep, on the device: nothing on the host
         cuda = device.type == "cuda"
         self.lr = torch.tensor(0.0, device=device) if cuda else 0.0  # a tensor, so the graph reads each step's
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.01, foreach=True, capturable=cuda)
@@ -149,32 +140,22 @@ class Variant:
 
     def train_step(self, lat, emb, mask):
         lr = trainer.cosine_lr(self.step, self.steps, self.peak, 200)
-        k = self.step + 1  # diffusers' EMAModel(decay=0.999, use_ema_warmup=True, power=0.75), as the trainer
-        decay = 0.0 if k <= 1 else min(0.999, 1 - k ** -0.75)
-        if self.graph is not None:
-            with torch.cuda.stream(self.stream):
-                self.lat.copy_(lat, non_blocking=True)
-                self.emb.copy_(emb, non_blocking=True)
-                self.mask.copy_(mask, non_blocking=True)
-                self.noise.normal_(generator=self.gen)
-                self.t.random_(0, 1000, generator=self.gen)
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            self.lat.copy_(lat, non_blocking=True)
+            self.emb.copy_(emb, non_blocking=True)
+            self.mask.copy_(mask, non_blocking=True)
+            self.noise.normal_(generator=self.gen)
+            self.t.random_(0, 1000, generator=self.gen)
+            if self.graph is not None:
                 self.lr.fill_(lr)
                 self.graph.replay()
                 self.loss_sum += self.static_loss
-                with torch.no_grad():
-                    torch._foreach_lerp_(self.ema, self.params, 1 - decay)
-        else:
-            self.lat.copy_(lat)
-            self.emb.copy_(emb)
-            self.mask.copy_(mask)
-            self.noise.normal_(generator=self.gen)
-            self.t.random_(0, 1000, generator=self.gen)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            self.opt.zero_grad(set_to_none=True)
-            self.loss_sum += self.body()
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, self.params, 1 - decay)
+            else:
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.zero_grad(set_to_none=True)
+                self.loss_sum += self.body()
+            self.ema.step(self.params)
         self.step += 1
         if self.step % 2000 == 0 or self.step == self.steps:
             self.losses.append((self.step, float(self.loss_sum) / 2000))
@@ -187,9 +168,7 @@ class Variant:
 def evaluate(variant: Variant, parts: dict, count: int, device: torch.device):
     """The EMA weights' scores on the first `count` held-out prompts, and their pictures."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
-    with torch.no_grad():
-        for p, e in zip(variant.params, variant.ema):
-            p.copy_(e)
+    variant.ema.copy_to(variant.params)
     model = variant.model.eval()
     pipe = PixArtSigmaPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
                                transformer=model, scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG))
@@ -203,17 +182,15 @@ def evaluate(variant: Variant, parts: dict, count: int, device: torch.device):
         images += pipe(prompt=[p for p, _ in chunk], num_inference_steps=20, guidance_scale=4.5, height=64, width=64,
                        generator=gens, use_resolution_binning=False, clean_caption=False).images
     result = {k: round(v, 4) for k, v in world.score(scenes, images).items()}
-    for shape in world.SHAPES:
-        idx = [i for i, s in enumerate(scenes) if s.shapes[0].shape == shape]
-        if idx:
-            result[f"shape_{shape}"] = round(world.score([scenes[i] for i in idx], [images[i] for i in idx])["shape"], 4)
+    for shape, share in world.shape_score_per_shape(scenes, images).items():
+        result[f"shape_{shape}"] = round(share, 4)
     first48 = world.score(scenes[:48], images[:48])
     result["shape_first48"] = round(first48["shape"], 4)
     return result, images
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", required=True, help="JSON list of specs")
     ap.add_argument("--cache", type=int, default=16000)
     ap.add_argument("--workers", type=int, default=15)
@@ -245,8 +222,8 @@ def main():
     log(f"embeddings {tuple(emb.shape)}; {length} tokens at most")
 
     ns = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)
-    ab = ns.alphas_cumprod.to(device)
-    tables = (ab.sqrt(), (1 - ab).sqrt(), ab / (1 - ab))
+    ab = ns.alphas_cumprod
+    tables = tuple(table.to(device) for table in (ab.sqrt(), (1 - ab).sqrt(), trainer.snr_weights(ns, torch.arange(1000))))
     variants = []
     for spec in specs:
         v = Variant(spec, device, tables, seed=spec.get("seed", 0))

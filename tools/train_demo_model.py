@@ -55,6 +55,7 @@ TARGET = Path(__file__).resolve().parents[1] / "src" / "pixart_sigma" / "checkpo
 POOL = 4  # the VAE's scale factor: 64x64 pictures, 16x16 latents
 CAPTION_DROP = 0.1
 MIN_SNR_GAMMA = 5.0
+EMA_SETTINGS = {"decay": 0.999, "use_ema_warmup": True, "power": 0.75}
 TEXT_LR = 2e-3  # the text encoder's peak learning rate
 FIELD_REACH = 8.0  # pixels: how far from a shape's outline its field still changes
 SHAPE_THRESHOLD = 0.3  # colour distance from the background (RGB in [-1, 1]) that counts as shape; the
@@ -116,14 +117,15 @@ def build_text_encoder(vocab_size: int) -> T5EncoderModel:
     ))
 
 
-def build_transformer() -> PixArtTransformer2DModel:
+def build_transformer(patch_size: int = 2, width: int = 128, layers: int = 6) -> PixArtTransformer2DModel:
     # Patch 2 on a 16x16 latent: 64 tokens of width 128, six layers (1.8 M parameters). Against the
     # earlier patch 4 (16 tokens of width 192, eight layers, 5.1 M), a step costs 1.2 times as much on the
     # CPU, and each token draws a 2x2 latent block (8x8 pixels) instead of 4x4: sharper shapes in the
     # same time (GPU sweep at equal CPU cost: shape 79-85% against 65%; see the README).
     return PixArtTransformer2DModel(
-        sample_size=demo_world.SIZE // POOL, patch_size=2, in_channels=4, out_channels=8, num_layers=6,
-        num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
+        sample_size=demo_world.SIZE // POOL, patch_size=patch_size, in_channels=4, out_channels=8,
+        num_layers=layers, num_attention_heads=width // 32, attention_head_dim=32, cross_attention_dim=width,
+        caption_channels=64,
         norm_type="ada_norm_single", use_additional_conditions=False,
     )
 
@@ -304,7 +306,7 @@ def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, to
     transformer = build_transformer().to(args.device)
     parameters = list(transformer.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
-    ema = EMAModel(parameters, decay=0.999, use_ema_warmup=True, power=0.75)
+    ema = EMAModel(parameters, **EMA_SETTINGS)
     noise_scheduler = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)  # the shipped sampler's noise schedule
     scale = vae.config.scaling_factor
     log(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, text encoder "

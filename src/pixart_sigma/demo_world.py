@@ -129,9 +129,7 @@ def _object_phrase(item: Shape, named: frozenset, rng: np.random.Generator) -> s
     if "colour" in named:
         words.append(_pick(rng, COLOUR_WORDS[item.colour]))
     words.append(item.shape if "shape" in named else "shape")
-    if words[1][0] in "aeiou":
-        words[0] = "an"
-    return " ".join(words)
+    return " ".join(words)  # caption() makes "a orange" "an orange"
 
 
 def caption(scene: Scene, rng: np.random.Generator, templates: Optional[Sequence[str]] = None) -> str:
@@ -147,7 +145,7 @@ def caption(scene: Scene, rng: np.random.Generator, templates: Optional[Sequence
         parts["obj" + key] = _object_phrase(item, named, rng)
         parts["pos" + key] = _pick(rng, POSITION_WORDS[item.position]) if "position" in named else ""
     text = _pick(rng, templates).format(**parts)
-    text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange background"
+    text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange circle", "an orange background"
     return re.sub(r"\s+", " ", text.replace(" ,", ",")).strip()
 
 
@@ -355,6 +353,16 @@ def score(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict:
             if attribute in scene.named:
                 hits.setdefault(attribute, []).append(getattr(reading, attribute) == value)
     return {attribute: sum(v) / len(v) for attribute, v in hits.items()}
+
+
+def shape_score_per_shape(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict:
+    """Share of pictures whose shape reads as named, per named shape (those the scenes have)."""
+    per_shape = {}
+    for shape in SHAPES:
+        pairs = [(s, i) for s, i in zip(scenes, images) if s.shapes[0].shape == shape and "shape" in s.named]
+        if pairs:
+            per_shape[shape] = score(*zip(*pairs))["shape"]
+    return per_shape
 
 
 def colour_share(images: Sequence[Image.Image], colour: str) -> float:
