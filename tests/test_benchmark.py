@@ -20,3 +20,24 @@ def test_benchmark_script_runs_and_reports_both_paths(tmp_path):
     row = report["rows"][0]
     assert row["size"] == 64 and row["diffusers_s"] > 0 and row["ours_cold_s"] > 0 and row["dit_step_ms"] > 0
     assert "| 64² | 2 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_benchmark_times_the_variants_against_the_fp32_baseline(tmp_path):
+    out = tmp_path / "training.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_training.py"),
+                             "--variants", "fp32 eager,bf16 eager", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                             "--batch-size", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fp32 eager", "bf16 eager"}
+    assert rows["fp32 eager"]["speedup"] == 1 and rows["bf16 eager"]["speedup"] > 0
+    assert all(len(row["rounds"]) == 2 and row["s_per_step"] > 0 for row in rows.values())
+    assert "| fp32 eager |" in result.stdout and "| bf16 eager |" in result.stdout
+
+
+def test_training_benchmark_names_the_valid_variants_for_a_wrong_one():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_training.py"), "--variants", "fp16"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown ['fp16']" in result.stderr and "bf16 compiled" in result.stderr

@@ -3,9 +3,10 @@
 Several variants train side by side in one process, each as one CUDA graph on its own stream, so
 their tiny kernels overlap (about 100 steps a second each for 4 variants on an H200). A variant's
 `steps` are chosen so that it would take as long on the 2-core CPU as the recipe it is compared with
-(measure a step there first). Then each is scored on the held-out prompts with the batched diffusers
-pipeline at the defaults (20 steps, guidance 4.5, one CPU generator per prompt with seed k: the same
-noise, and within one level the same pixels, as tools/evaluate_demo_model.py).
+(measure a step there first, as the trainer runs it: benchmarks/demo_training.py). Then each is
+scored on the held-out prompts with the batched diffusers pipeline at the defaults (20 steps,
+guidance 4.5, one CPU generator per prompt with seed k: the same noise, and within one level the
+same pixels, as tools/evaluate_demo_model.py). The sweep trains in fp32; the trainer, in bf16.
 
 The VAE, tokenizer and text encoder are the bundled demo's (frozen, as in the trainer's stage 3);
 pictures come from a cache of rendered batches shared by all variants (step s uses batch s mod N).
