@@ -53,7 +53,7 @@ class Run:
         started = time.perf_counter()
         for _ in range(count):
             batch = trainer.transformer_batch(self.rng, self.args.batch_size, self.text_encoder, self.tokenizer,
-                                              1.0, self.args.device)
+                                              1.0, self.args.device)  # the latents' scale changes no work
             loss = trainer.diffusion_loss(self.forward, self.noise_scheduler, *batch)
             trainer.optimise(loss, self.optimizer, self.parameters, self.ema)
             loss.item()
