@@ -21,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import train_demo_model as trainer  # noqa: E402
 from pixart_sigma import demo_world  # noqa: E402
-from pixart_sigma.testing import PIXART_SCHEDULER_CONFIG, tiny_tokenizer  # noqa: E402
+from pixart_sigma.testing import tiny_tokenizer  # noqa: E402
 
 VARIANTS = {"fp32 eager": ("fp32", False), "bf16 eager": ("bf16", False),
             "fp32 compiled": ("fp32", True), "bf16 compiled": ("bf16", True)}
@@ -35,17 +33,12 @@ BASELINE = "fp32 eager"
 
 
 class Run:
-    """One variant: its own transformer, optimizer, EMA and data stream (the same seed for every variant)."""
+    """One variant: the trainer's transformer stage and its own data stream (the same seed for every variant)."""
 
     def __init__(self, precision: str, compile: bool, text_encoder, tokenizer, args):
         torch.manual_seed(0)
         self.rng = np.random.default_rng(0)
-        self.transformer = trainer.build_transformer().to(args.device)
-        self.parameters = list(self.transformer.parameters())
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=args.lr, weight_decay=0.01)
-        self.ema = EMAModel(self.parameters, **trainer.EMA_SETTINGS)
-        self.forward = trainer.training_forward(self.transformer, args.device, precision, compile)
-        self.noise_scheduler = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)
+        self.training = trainer.TransformerTraining(args.device, args.lr, precision, compile)
         self.text_encoder, self.tokenizer, self.args = text_encoder, tokenizer, args
 
     def steps(self, count: int) -> float:
@@ -54,9 +47,7 @@ class Run:
         for _ in range(count):
             batch = trainer.transformer_batch(self.rng, self.args.batch_size, self.text_encoder, self.tokenizer,
                                               1.0, self.args.device)  # the latents' scale changes no work
-            loss = trainer.diffusion_loss(self.forward, self.noise_scheduler, *batch)
-            trainer.optimise(loss, self.optimizer, self.parameters, self.ema)
-            loss.item()
+            self.training.step(*batch).item()
         if self.args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return (time.perf_counter() - started) / count

@@ -352,34 +352,43 @@ def diffusion_loss(forward, noise_scheduler, latents, embeddings, mask) -> torch
     return (per_image * weights).mean()
 
 
-def optimise(loss: torch.Tensor, optimizer, parameters: list, ema: EMAModel) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-    optimizer.step()
-    ema.step(parameters)
+class TransformerTraining:
+    """The transformer stage: the model, AdamW, the EMA of its weights, the shipped sampler's noise schedule
+    and the training forward; `step` is one training step on a batch (the trainer's and the benchmark's)."""
+
+    def __init__(self, device, lr: float, precision: str = "bf16", compile: bool = True):
+        self.transformer = build_transformer().to(device)
+        self.parameters = list(self.transformer.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.01)
+        self.ema = EMAModel(self.parameters, **EMA_SETTINGS)
+        self.noise_scheduler = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)
+        self.forward = training_forward(self.transformer, device, precision, compile)
+
+    def step(self, latents, embeddings, mask) -> torch.Tensor:
+        """Backpropagate the loss, clip, AdamW, EMA; returns the loss."""
+        loss = diffusion_loss(self.forward, self.noise_scheduler, latents, embeddings, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        self.ema.step(self.parameters)
+        return loss
 
 
 def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, tokenizer) -> None:
     rng = np.random.default_rng([args.seed, 2])
     torch.manual_seed(args.seed + 2)
-    transformer = build_transformer().to(args.device)
-    parameters = list(transformer.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
-    ema = EMAModel(parameters, **EMA_SETTINGS)
-    noise_scheduler = DDPMScheduler.from_config(PIXART_SCHEDULER_CONFIG)  # the shipped sampler's noise schedule
-    forward = training_forward(transformer, args.device, args.precision, args.compile)
+    training = TransformerTraining(args.device, args.lr, args.precision, args.compile)
+    transformer, parameters, ema = training.transformer, training.parameters, training.ema
     log(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f} M parameters, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M, {args.steps} steps of {args.batch_size}"
         f" ({args.precision}{', compiled' if args.compile else ''})")
     started, losses = time.time(), []
     for step in range(args.steps):
-        for group in optimizer.param_groups:
+        for group in training.optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
         batch = transformer_batch(rng, args.batch_size, text_encoder, tokenizer, vae.config.scaling_factor, args.device)
-        loss = diffusion_loss(forward, noise_scheduler, *batch)
-        optimise(loss, optimizer, parameters, ema)
-        losses.append(loss.item())
+        losses.append(training.step(*batch).item())
         if (step + 1) % 100 == 0:
             report("step", step, args.steps, losses, started)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
@@ -414,6 +423,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (much faster; other rounding, so other files)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Denormals flush to zero on the main thread. It did not change the speed, but the shipped checkpoint
+    # was trained with it, so it stays: the same files again.
     torch.set_flush_denormal(True)
     diffusers.utils.logging.set_verbosity_error()  # saving half-precision copies warns on every save
     diffusers.utils.logging.disable_progress_bar()
