@@ -51,6 +51,16 @@ def errors_for(tiny, **raw) -> str:
     ({"cfg": 7}, ["unknown setting 'cfg'", *NAMES]),
     ({"device": "tpu"}, ["device='tpu'", "cuda:N"]),
     ({"dtype": "float16", "device": "cpu"}, ["float16", "CPU", "float32"]),
+    # Crafted values that used to escape as other exceptions (ValueError from int(), OSError, the current folder).
+    ({"device": "cuda:²"}, ["device='cuda:²'", "cuda:N"]),
+    ({"device": "cuda:" + "9" * 5000}, ["device is 5005 characters long"]),
+    ({"device": "cuda:" + "9" * 150}, ["device='cuda:999", "cuda:N"]),
+    ({"device": "GPU ٣"}, ["device='GPU ٣'", "cuda:N"]),
+    ({"model_name": "x" * 5000}, ["model_name is 5000 characters long", "at most 1024"]),
+    ({"model_name": "x" * 1000}, ["model_name='xxxx", "cannot be a directory here"]),
+    ({"model_name": ""}, ["model_name is empty"]),
+    ({"model_name": "   "}, ["model_name is empty"]),
+    ({"model_name": "demo\x00"}, ["model_name", "U+0000"]),
 ])
 def test_bad_settings_are_named_with_what_is_valid(tiny, raw, expected):
     message = errors_for(tiny, **raw)
@@ -84,6 +94,38 @@ def test_validate_returns_values_and_the_objects_the_model_needs(tiny):
     assert values["checkpoint"].pipeline_source == tiny
     assert (values["width"], values["height"]) == (64, 64)  # the checkpoint's native size
     assert values["num_inference_steps"] == 20 and values["guidance_scale"] == 4.5 and values["seed"] == -1
+
+
+def test_every_refusal_is_a_pixart_sigma_error(tiny):
+    from pixart_sigma import CheckpointError, GenerationError, MetadataError, PixArtSigmaError
+
+    for error in (SettingsError, CheckpointError, GenerationError, MetadataError):
+        assert issubclass(error, PixArtSigmaError)
+    with pytest.raises(PixArtSigmaError):
+        PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": "cuda:²"})
+
+
+def test_auto_dtype_takes_float16_on_gpus_that_only_emulate_bfloat16(monkeypatch):
+    from pixart_sigma.devices import resolve_dtype
+
+    asked = {}
+
+    def bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a T4 or V100: emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    assert resolve_dtype("auto", torch.device("cuda:0")) == torch.float16
+    assert asked == {"including_emulation": False}
+
+
+def test_auto_device_picks_apple_silicon_when_there_is_no_cuda(monkeypatch):
+    from pixart_sigma.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
 
 
 @pytest.mark.parametrize("label", ["cpu", "CPU", "Cpu"])

@@ -6,9 +6,11 @@ import re
 
 import torch
 
-from .settings import SettingsError
+from .errors import SettingsError
 
-_DASHAI_GPU_LABEL = re.compile(r"^gpu\s*(\d+)\s*(:.*)?$", re.IGNORECASE)
+# ASCII digits only ("²" is a digit to str.isdigit but not to int()), at most 3 of them.
+_CUDA_INDEX = re.compile(r"^cuda:([0-9]{1,3})$", re.ASCII)
+_DASHAI_GPU_LABEL = re.compile(r"^gpu\s*([0-9]{1,3})\s*(:.*)?$", re.IGNORECASE | re.ASCII)
 
 
 def available_devices() -> list[str]:
@@ -23,14 +25,18 @@ def resolve_device(label: str) -> torch.device:
     text = label.strip()
     lowered = text.lower()
     if lowered == "auto":
-        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        if torch.backends.mps.is_available():  # Apple silicon
+            return torch.device("mps")
+        return torch.device("cpu")
     if lowered == "cpu":
         return torch.device("cpu")
     index = None
     if lowered in ("gpu", "cuda"):
         index = 0
-    elif lowered.startswith("cuda:") and lowered[5:].isdigit():
-        index = int(lowered[5:])
+    elif _CUDA_INDEX.match(lowered):
+        index = int(_CUDA_INDEX.match(lowered).group(1))
     elif _DASHAI_GPU_LABEL.match(text):
         index = int(_DASHAI_GPU_LABEL.match(text).group(1))
     elif lowered == "mps":
@@ -39,7 +45,7 @@ def resolve_device(label: str) -> torch.device:
         return torch.device("mps")
     else:
         raise SettingsError([
-            f"device={label!r} is not valid: use auto, CPU, GPU, cuda, cuda:N, mps or a DashAI label like 'GPU 0: ...'"
+            f"device={label[:80]!r} is not valid: use auto, CPU, GPU, cuda, cuda:N, mps or a DashAI label like 'GPU 0: ...'"
         ])
     if index >= torch.cuda.device_count():
         raise SettingsError([
@@ -53,8 +59,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU and mps."""
     if name == "auto":
         if device.type == "cuda":
+            # Native bf16 only (Ampere and newer): T4 and V100 emulate it slowly, float16 is their format.
             with torch.cuda.device(device):
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     dtype = getattr(torch, name)
     if device.type == "cpu" and dtype == torch.float16:

@@ -9,13 +9,44 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import SettingsError
+
 DEFAULT_MODEL = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
-SCHEDULERS = ("dpm-solver++", "sa-solver", "euler", "euler-ancestral", "ddim", "unipc")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One `scheduler` choice: the diffusers class, the name A1111-style tools show, config overrides."""
+
+    diffusers_class: str
+    a1111_name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+# The samplers, declared once: the setting's choices, the engine's classes and the metadata names derive from it.
+SAMPLERS: dict[str, Sampler] = {
+    "dpm-solver++": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M"),
+    "sa-solver": Sampler("SASolverScheduler", "SA-Solver", {"algorithm_type": "data_prediction"}),
+    "euler": Sampler("EulerDiscreteScheduler", "Euler"),
+    "euler-ancestral": Sampler("EulerAncestralDiscreteScheduler", "Euler a"),
+    # DDIM's default clip_sample=True clips predicted latents to [-1, 1]: right for pixel-space
+    # models, wrong for VAE latents (scaled latents reach beyond +-1, colours wash out).
+    "ddim": Sampler("DDIMScheduler", "DDIM", {"clip_sample": False}),
+    "unipc": Sampler("UniPCMultistepScheduler", "UniPC"),
+}
+SCHEDULERS = tuple(SAMPLERS)
+
+# Settings that pick the weights and where they live: changing one means another load. Every
+# other setting can be given per call of `generate`.
+LOAD_SETTINGS = ("model_name", "device", "dtype")
+MAX_MODEL_NAME_CHARS = 1024
+MAX_DEVICE_CHARS = 200
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 MAX_STEPS = 200
@@ -27,14 +58,6 @@ MAX_PROMPT_CHARS = 10_000
 # One call may hold at most this many output pixels (16 images at 1024², 4 at 2048²):
 # beyond it a batch exhausts even an 80 GB GPU in the VAE decoder.
 MAX_PIXELS_PER_CALL = 16 * 1024 * 1024
-
-
-class SettingsError(ValueError):
-    """Bad user input. The message is meant for people: field, value, rule, what is valid."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems) if len(problems) == 1 else "\n".join(["invalid settings:"] + [f"  - {p}" for p in problems]))
 
 
 def _nearest_sides(value: int) -> str:
@@ -95,6 +118,12 @@ def check_text(field: str, text: str, *, required: bool) -> str:
     return text
 
 
+def _printable(field: str, text: str) -> None:
+    for index, char in enumerate(text):
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"{field} contains the control character U+{ord(char):04X} at position {index}: remove it")
+
+
 class Settings(BaseModel):
     """Everything that decides an image, except the prompt itself."""
 
@@ -102,57 +131,77 @@ class Settings(BaseModel):
                               json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"})
 
     model_name: str = Field(
-        DEFAULT_MODEL,
+        DEFAULT_MODEL, title="Checkpoint",
         description="Checkpoint: a known id (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, ...-512-MS faster "
         "and lighter, ...-2K-MS, or 'demo', the small bundled shapes model, 64x64) or a local diffusers directory.",
         examples=[DEFAULT_MODEL, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "demo"],
     )
     negative_prompt: Optional[str] = Field(
-        None, description="What to keep out of the image, e.g. 'blurry, watermark'. Empty or null: none."
+        None, title="Negative prompt", description="What to keep out of the image, e.g. 'blurry, watermark'. Empty or null: none."
     )
     num_inference_steps: int = Field(
-        20, ge=1, le=MAX_STEPS, description="Denoising steps; 14-25 give good images."
+        20, title="Inference steps", ge=1, le=MAX_STEPS, description="Denoising steps; 14-25 give good images."
     )
     guidance_scale: float = Field(
-        4.5, ge=0.0, le=MAX_GUIDANCE,
+        4.5, title="Guidance scale", ge=0.0, le=MAX_GUIDANCE,
         description="Classifier-free guidance: how strictly to follow the prompt; best 3.5-5.5, 1 or less turns it off.",
     )
     device: str = Field(
-        "auto",
-        description="Where to run: auto (first GPU if present, else CPU), CPU, GPU, cuda, cuda:N, mps, "
+        "auto", title="Device",
+        description="Where to run: auto (first GPU if present, else Apple's mps, else CPU), CPU, GPU, cuda, cuda:N, mps, "
         "or a DashAI device label. A GPU is strongly recommended.",
         examples=["auto", "CPU", "GPU", "cuda:0", "mps"],
     )
     seed: int = Field(
-        -1, ge=-1, le=MAX_SEED,
+        -1, title="Seed", ge=-1, le=MAX_SEED,
         description="-1 draws a random seed; any other value always gives the same image. Image k of a batch uses seed + k.",
     )
     width: Optional[int] = Field(
-        None, description=f"Image width in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
+        None, title="Width", description=f"Image width in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
         "null: the checkpoint's native size (1024 for the default model).",
         json_schema_extra={"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIDE_MULTIPLE},
     )
     height: Optional[int] = Field(
-        None, description=f"Image height in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
+        None, title="Height", description=f"Image height in pixels, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}; "
         "null: the checkpoint's native size (1024 for the default model).",
         json_schema_extra={"minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIDE_MULTIPLE},
     )
     num_images_per_prompt: int = Field(
-        1, ge=1, le=MAX_IMAGES, description="Images generated from the prompt in one batch."
+        1, title="Images per prompt", ge=1, le=MAX_IMAGES, description="Images generated from the prompt in one batch."
     )
     dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
-        "auto", description="Number format: auto = bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."
+        "auto", title="Number format", description="Number format: auto = bfloat16 on GPUs with native bfloat16, float16 on older GPUs (T4, V100), "
+        "float32 on CPU and mps."
     )
     scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
-        "dpm-solver++", description="Sampler; dpm-solver++ is what the checkpoint ships."
+        "dpm-solver++", title="Sampler", description="Sampler; dpm-solver++ is what the checkpoint ships."
     )
     use_resolution_binning: bool = Field(
-        True, description="Generate at the nearest trained aspect-ratio size and resize to the requested one, as PixArt's authors intend."
+        True, title="Resolution binning", description="Sample at the nearest trained aspect-ratio size, then resize to cover and centre-crop to exactly the "
+        "requested size, as PixArt's authors intend. Off: sample at the requested size (rounded up to 16, cropped back)."
     )
     max_sequence_length: int = Field(
-        MAX_SEQUENCE_LENGTH, ge=1, le=MAX_SEQUENCE_LENGTH,
+        MAX_SEQUENCE_LENGTH, title="Max prompt tokens", ge=1, le=MAX_SEQUENCE_LENGTH,
         description="Prompt tokens the T5 encoder reads; longer prompts are truncated and the image says so.",
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model_name is empty: use a known checkpoint id, 'demo', or the path of a local directory")
+        if len(value) > MAX_MODEL_NAME_CHARS:
+            raise ValueError(f"model_name is {len(value)} characters long: at most {MAX_MODEL_NAME_CHARS} are accepted")
+        _printable("model_name", value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if len(value) > MAX_DEVICE_CHARS:
+            raise ValueError(f"device is {len(value)} characters long: use auto, CPU, GPU, cuda, cuda:N or mps")
+        _printable("device", value)
+        return value
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
@@ -185,6 +234,11 @@ class Settings(BaseModel):
     @classmethod
     def field_names(cls) -> list[str]:
         return list(cls.model_fields)
+
+    @classmethod
+    def per_call_names(cls) -> list[str]:
+        """Settings `generate` accepts per call: all but those that choose the weights (LOAD_SETTINGS)."""
+        return [name for name in cls.model_fields if name not in LOAD_SETTINGS]
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string"}
