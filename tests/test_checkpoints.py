@@ -1,5 +1,7 @@
 """Checkpoints: hub ids through the HF cache, transformer-only injection, local dirs, safetensors only."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,8 +74,169 @@ def test_the_bundled_demo_is_a_regular_diffusers_pipeline():
 
     from pixart_sigma.checkpoints import DEMO_DIR
 
-    assert PixArtSigmaPipeline.from_pretrained(DEMO_DIR) is not None
+    # diffusers' own loader reads it as a PixArt-Sigma pipeline, with every part of the release's classes.
+    pipeline = PixArtSigmaPipeline.from_pretrained(DEMO_DIR)
+    assert {name: type(part).__name__ for name, part in pipeline.components.items()} == {
+        "transformer": "PixArtTransformer2DModel", "text_encoder": "T5EncoderModel", "tokenizer": "T5Tokenizer",
+        "vae": "AutoencoderKL", "scheduler": "DPMSolverMultistepScheduler"}
     size = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
     assert size < 15e6
     image = PixArtSigmaModel(model_name="demo", seed=42, num_inference_steps=4).generate("a red circle")[0]
     assert image.size == (64, 64)
+
+
+# -- a checkpoint is complete or refused, and crafted folders cannot hang or crash us ---------------
+@pytest.fixture
+def copy_of(tmp_path, tiny_dir):
+    import shutil
+
+    def make(name="copy"):
+        return Path(shutil.copytree(tiny_dir, tmp_path / name))
+    return make
+
+
+def test_a_pipeline_without_its_tokenizer_is_refused_not_run_with_unk_tokens(copy_of):
+    import shutil
+
+    directory = copy_of()
+    shutil.rmtree(directory / "tokenizer")
+    with pytest.raises(SettingsError, match="tokenizer"):
+        PixArtSigmaModel(model_name=str(directory))
+    (directory / "tokenizer").mkdir()
+    with pytest.raises(SettingsError, match="has no tokenizer"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_an_incomplete_hub_cache_is_not_downloaded_and_says_what_to_fetch(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from pixart_sigma import unload_all
+    from pixart_sigma.checkpoints import is_available
+    from conftest import put_in_hub_cache
+
+    unload_all()  # weights already in memory would be used as they are
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_dir / "model_index.json", partial)
+    shutil.copytree(tiny_dir / "transformer", partial / "transformer")
+    repo = "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"  # its transformer-only repo stands in: never cached otherwise
+    put_in_hub_cache(BASE_REPO, partial)
+    try:
+        assert not is_available(BASE_REPO)
+        with pytest.raises(CheckpointError, match="hf download PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"):
+            PixArtSigmaModel(model_name=BASE_REPO)
+        assert not is_available(repo)
+    finally:
+        put_in_hub_cache(BASE_REPO, tiny_dir)
+    assert is_available(BASE_REPO)
+
+
+def test_a_fifo_config_is_refused_at_once(copy_of):
+    import os
+    import subprocess
+    import sys
+
+    directory = copy_of()
+    (directory / "vae" / "config.json").unlink()
+    os.mkfifo(directory / "vae" / "config.json")
+    code = f"from pixart_sigma import PixArtSigmaModel\nPixArtSigmaModel(model_name={str(directory)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "is not a regular file" in result.stderr and "vae/config.json" in result.stderr
+
+
+def test_a_config_linked_to_dev_zero_is_refused_without_reading_it(copy_of):
+    directory = copy_of()
+    (directory / "transformer" / "config.json").unlink()
+    (directory / "transformer" / "config.json").symlink_to("/dev/zero")
+    with pytest.raises(SettingsError, match="not a regular file"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_an_oversized_config_is_refused(copy_of):
+    directory = copy_of()
+    (directory / "scheduler" / "scheduler_config.json").write_text("{" + " " * (2 << 20) + "}")
+    with pytest.raises(SettingsError, match="at most"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+@pytest.mark.parametrize("part, file, key, value", [
+    ("transformer", "config.json", "sample_size", "big"),
+    ("transformer", "config.json", "num_layers", -3),
+    ("vae", "config.json", "block_out_channels", "wide"),
+    ("vae", "config.json", "scaling_factor", None),  # removed below: a loader default is fine
+    ("text_encoder", "config.json", "d_model", [32]),
+    ("scheduler", "scheduler_config.json", "num_train_timesteps", "many"),
+])
+def test_configs_with_wrong_types_are_checkpoint_errors_naming_the_file(copy_of, part, file, key, value):
+    import json
+
+    directory = copy_of()
+    path = directory / part / file
+    config = json.loads(path.read_text())
+    if value is None:
+        config.pop(key)
+    else:
+        config[key] = value
+    path.write_text(json.dumps(config))
+    if value is None:
+        assert len(PixArtSigmaModel(model_name=str(directory), num_inference_steps=1).generate("x")) == 1
+        return
+    with pytest.raises(SettingsError) as info:
+        PixArtSigmaModel(model_name=str(directory))
+    assert f"{part}/{file}" in str(info.value) and key in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "not json", '"text"', "null"])
+def test_a_config_that_is_not_a_json_object_is_refused(copy_of, content):
+    directory = copy_of()
+    (directory / "vae" / "config.json").write_text(content)
+    with pytest.raises(SettingsError, match="vae/config.json"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_shapes_that_do_not_fit_the_weights_are_a_checkpoint_error(copy_of):
+    import json
+
+    directory = copy_of()
+    path = directory / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    config["num_attention_heads"] = 3  # weights were saved with 2 heads
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="cannot load the transformer"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_a_missing_weight_shard_is_refused(copy_of):
+    import json
+
+    directory = copy_of()
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (directory / "text_encoder" / "model.safetensors").rename(directory / "text_encoder" / "model-00001-of-00002.safetensors")
+    (directory / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SettingsError, match="shard"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_the_record_names_what_was_loaded(tiny_dir, hub_cache, monkeypatch):
+    from pixart_sigma import read_settings
+
+    monkeypatch.chdir(tiny_dir.parent)
+    image = PixArtSigmaModel(model_name=tiny_dir.name, seed=1, num_inference_steps=1).generate("x")[0]
+    record = read_settings(image)
+    assert record["model_name"] == str(tiny_dir.resolve())  # usable from any folder
+    hub = read_settings(PixArtSigmaModel(model_name=REPO_512, seed=1, num_inference_steps=1).generate("x")[0])
+    assert hub["model_name"] == REPO_512 and hub["model_revision"] == "0" * 40  # the snapshot's commit
+    assert read_settings(PixArtSigmaModel(model_name="demo", num_inference_steps=1).generate("x")[0])["model_name"] == "demo"
+
+
+def test_models_lists_every_known_checkpoint_with_its_state(hub_cache):
+    from pixart_sigma.checkpoints import checkpoint_statuses
+
+    statuses = {status.model_name: status for status in checkpoint_statuses()}
+    assert set(statuses) == {BASE_REPO, REPO_512, "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "demo"}
+    assert statuses[BASE_REPO].complete and statuses[REPO_512].complete and statuses["demo"].complete
+    assert not statuses["PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"].complete
+    assert statuses["demo"].size_bytes > 1_000_000 and statuses["demo"].folders
+    assert "hf download" in statuses["PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"].problem

@@ -1,24 +1,40 @@
 """Where the weights are: known checkpoint ids, local directories, the bundled demo.
 
-Rules: only safetensors are ever loaded (never a pickle), no remote code, and hub ids are
-looked up in the Hugging Face cache (HF_HOME) first. A download is tried only when the files
-are missing and the hub is not switched off; when it cannot happen, the error says what to
+Rules: only safetensors are ever loaded (never a pickle), no remote code, and each part is loaded
+with the class PixArt-Sigma uses (a folder's configs cannot choose another class). A checkpoint is
+complete or refused: every file a part needs must be there, be a regular file of bounded size,
+and hold a config of the right shape. Hub ids are looked up in the Hugging Face cache (HF_HOME)
+first; missing files are downloaded only when the hub is reachable, else the error says what to
 download, how big it is and where it goes.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .settings import DEFAULT_MODEL, SettingsError
+from .errors import CheckpointError, SettingsError
+from .settings import DEFAULT_MODEL
 
 BASE_REPO = DEFAULT_MODEL
 DEMO_NAME = "demo"
 DEMO_DIR = Path(__file__).parent / "checkpoints_data" / "demo"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few KB; a bound keeps /dev/zero and friends out
+MAX_TOKENIZER_BYTES = 64 << 20  # T5's tokenizer.json is 2.4 MB
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # either one makes a T5 tokenizer
+
+# The parts of a PixArt-Sigma pipeline and the config file each one needs.
+PART_CONFIGS = {"transformer": "config.json", "text_encoder": "config.json", "vae": "config.json",
+                "scheduler": "scheduler_config.json"}
+WEIGHT_PARTS = ("transformer", "text_encoder", "vae")
+SHARED_PARTS = ("text_encoder", "tokenizer", "vae", "scheduler")  # what the 512 and 2K releases borrow
 
 # Files of a full pipeline repo that we need: configs, tokenizer, safetensors weights.
 PIPELINE_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json",
@@ -46,14 +62,11 @@ KNOWN_CHECKPOINTS = {
 }
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, read or trusted. The message says what to do."""
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """A validated checkpoint choice, before any weight is read.
 
+    `model_name` is what the record stores: a known id, 'demo', or an absolute path.
     `pipeline_source` is a hub id or directory of a full pipeline (T5, VAE, tokenizer,
     scheduler, maybe a transformer); `transformer_source`, when set, is a hub id or
     directory whose transformer replaces the pipeline's (the 512 and 2K releases).
@@ -69,25 +82,162 @@ class Checkpoint:
         return (self.pipeline_source, self.transformer_source)
 
 
-def _read_json(path: Path) -> dict:
+@dataclass(frozen=True)
+class Located:
+    """The local folders of a checkpoint's parts, and the hub revisions they came from (None for local folders)."""
+
+    checkpoint: Checkpoint
+    folders: dict[str, Path]  # part name -> folder (transformer, text_encoder, tokenizer, vae, scheduler)
+    revision: Optional[str]  # the transformer's hub commit
+    base_revision: Optional[str]  # the borrowed parts' hub commit, when they come from another repo
+
+
+# -- reading files we do not trust ------------------------------------------------------------
+def regular_file(path: Path, limit: Optional[int] = None) -> Path:
+    """`path` when it is a regular file (after links) no larger than `limit`; never opens FIFOs or devices."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        info = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"{path} is missing or unreadable ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, device or folder): refusing to read it")
+    if limit is not None and info.st_size > limit:
+        raise CheckpointError(f"{path} is {info.st_size:,} bytes: at most {limit:,} are expected for this file")
+    return path
 
 
-def _check_safetensors(folder: Path) -> None:
-    """A weights folder must hold safetensors; pickle-only weights are refused, never unpickled."""
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
+def read_config(path: Path) -> dict[str, Any]:
+    """A JSON object from a bounded regular file, or CheckpointError naming the file."""
+    regular_file(path, MAX_CONFIG_BYTES)
+    try:
+        with open(path, "rb") as stream:
+            data = json.loads(stream.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _check_types(path: Path, config: dict, ints: tuple[str, ...] = (), numbers: tuple[str, ...] = (),
+                 int_lists: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> None:
+    """Config values of the types the loaders expect, so a malformed file is an error, not a traceback."""
+    problems = []
+    for key in ints:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20):
+            problems.append(f"{key}={value!r} (a positive integer)")
+    for key in numbers:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value)):
+            problems.append(f"{key}={value!r} (a finite number)")
+    for key in int_lists:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and 0 < len(value) <= 16 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in value)):
+            problems.append(f"{key}={value!r} (a list of 1 to 16 positive integers)")
+    for key in strings:
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{key}={value!r} (a string)")
+    if problems:
+        raise CheckpointError(f"{path} has values of the wrong type: {'; '.join(problems)}")
+
+
+_CONFIG_TYPES = {
+    "transformer": dict(ints=("sample_size", "patch_size", "in_channels", "out_channels", "num_layers",
+                              "attention_head_dim", "num_attention_heads", "caption_channels", "cross_attention_dim"),
+                        strings=("norm_type", "_class_name")),
+    "vae": dict(ints=("in_channels", "out_channels", "latent_channels", "norm_num_groups", "layers_per_block",
+                      "sample_size"),
+                numbers=("scaling_factor",), int_lists=("block_out_channels",)),
+    "text_encoder": dict(ints=("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size"),
+                         strings=("feed_forward_proj",)),
+    "scheduler": dict(ints=("num_train_timesteps",), numbers=("beta_start", "beta_end"),
+                      strings=("beta_schedule", "prediction_type", "timestep_spacing")),
+}
+
+
+def part_config(folder: Path, part: str) -> dict[str, Any]:
+    """The checked config of one part of a pipeline."""
+    path = folder / PART_CONFIGS[part]
+    config = read_config(path)
+    _check_types(path, config, **_CONFIG_TYPES[part])
+    return config
+
+
+def _check_weights(folder: Path) -> None:
+    """A weights folder must hold complete safetensors; pickle-only weights are refused, never unpickled."""
+    try:
+        names = {entry.name for entry in os.scandir(folder)}
+    except OSError as exc:
+        raise CheckpointError(f"{folder} is missing or unreadable ({exc.strerror or exc})") from None
+    indexes = sorted(name for name in names if name.endswith(".safetensors.index.json"))
+    if indexes:  # sharded weights: every shard the index names must be there
+        index = read_config(folder / indexes[0])
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder / indexes[0]} has no valid weight_map")
+        shards = sorted(set(weight_map.values()))
+        bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+        if bad:
+            raise CheckpointError(f"{folder / indexes[0]} names shards outside its folder or not safetensors: {bad[:3]}")
+        missing = [s for s in shards if s not in names]
+        if missing:
+            raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight shard(s) missing, e.g. {missing[0]}")
+        for shard in shards:
+            regular_file(folder / shard)
         return
-    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    weights = sorted(name for name in names if name.endswith(".safetensors"))
+    if weights:
+        for name in weights:
+            regular_file(folder / name)
+        return
+    pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(
-            f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}); pixart-sigma loads safetensors only, "
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); pixart-sigma loads safetensors only, "
             "because unpickling can run arbitrary code. Convert them to safetensors with a tool you trust."
         )
     raise CheckpointError(f"{folder} holds no weights (*.safetensors)")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    present = [name for name in TOKENIZER_FILES if (folder / name).exists()]
+    if not present:
+        raise CheckpointError(
+            f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): without it every word would read as "
+            "unknown and the prompt would be ignored; copy the tokenizer folder from the pipeline it was trained with")
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        regular_file(path, MAX_TOKENIZER_BYTES)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            read_config(folder / name)
+
+
+def check_part(folder: Path, part: str) -> None:
+    """Everything one part needs is present and well-formed (weights are not read)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing: a PixArt-Sigma pipeline needs its {part} folder")
+    if part == "tokenizer":
+        _check_tokenizer(folder)
+        return
+    config = part_config(folder, part)
+    if part == "transformer" and "Transformer2DModel" not in str(config.get("_class_name", "")):
+        raise CheckpointError(f"{folder / 'config.json'} is not a PixArt transformer config "
+                              f"(_class_name={config.get('_class_name')!r})")
+    if part in WEIGHT_PARTS:
+        _check_weights(folder)
+
+
+def _check_pipeline(path: Path, parts: tuple[str, ...]) -> None:
+    index = read_config(path / "model_index.json")
+    missing = [part for part in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler") if part not in index]
+    if missing:
+        raise CheckpointError(f"{path}/model_index.json lacks {', '.join(missing)}: not a PixArt-Sigma pipeline")
+    for part in parts:
+        check_part(path / part, part)
 
 
 def _vae_scale_factor(vae_config: dict) -> int:
@@ -97,33 +247,34 @@ def _vae_scale_factor(vae_config: dict) -> int:
 def _transformer_dir(path: Path) -> Optional[Path]:
     """The folder of a transformer-only checkpoint: `path/transformer` or `path` itself."""
     for candidate in (path / "transformer", path):
-        config = candidate / "config.json"
-        if config.is_file() and "Transformer2DModel" in str(_read_json(config).get("_class_name", "")):
-            return candidate
+        if (candidate / "config.json").exists():
+            config = read_config(candidate / "config.json")
+            if "Transformer2DModel" in str(config.get("_class_name", "")):
+                return candidate
     return None
 
 
-def _local_checkpoint(model_name: str, path: Path) -> Checkpoint:
-    if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
-        missing = [part for part in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler") if part not in index]
-        if missing:
-            raise CheckpointError(f"{path}/model_index.json lacks {', '.join(missing)}: not a PixArt-Sigma pipeline")
-        for part in ("transformer", "text_encoder", "vae"):
-            _check_safetensors(path / part)
-        sample = _read_json(path / "transformer" / "config.json").get("sample_size")
-        factor = _vae_scale_factor(_read_json(path / "vae" / "config.json"))
-        return Checkpoint(model_name, str(path), None, sample * factor if sample else None)
+def _native_size(sample_size: Any, scale: int) -> Optional[int]:
+    return sample_size * scale if isinstance(sample_size, int) else None
+
+
+def _local_checkpoint(path: Path) -> Checkpoint:
+    name = DEMO_NAME if path == DEMO_DIR.resolve() else str(path)
+    if (path / "model_index.json").exists():
+        _check_pipeline(path, ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"))
+        sample = part_config(path / "transformer", "transformer").get("sample_size")
+        factor = _vae_scale_factor(part_config(path / "vae", "vae"))
+        return Checkpoint(name, str(path), None, _native_size(sample, factor))
     transformer = _transformer_dir(path)
     if transformer is None:
         raise CheckpointError(
-            f"model_name={model_name!r}: the directory has neither model_index.json (a full diffusers pipeline) "
+            f"model_name={str(path)!r}: the directory has neither model_index.json (a full diffusers pipeline) "
             "nor a transformer config.json (a transformer-only checkpoint such as the 512 or 2K release)"
         )
-    _check_safetensors(transformer)
-    sample = _read_json(transformer / "config.json").get("sample_size")
+    check_part(transformer, "transformer")
+    sample = part_config(transformer, "transformer").get("sample_size")
     # Transformer-only checkpoints borrow T5, VAE (scale 8) and tokenizer from the 1024 pipeline.
-    return Checkpoint(model_name, BASE_REPO, str(path), sample * 8 if sample else None)
+    return Checkpoint(name, BASE_REPO, str(path), _native_size(sample, 8))
 
 
 def resolve_checkpoint(model_name: str) -> Checkpoint:
@@ -131,28 +282,37 @@ def resolve_checkpoint(model_name: str) -> Checkpoint:
     if model_name == DEMO_NAME:
         if not (DEMO_DIR / "model_index.json").is_file():
             raise CheckpointError(f"the bundled demo model is missing from {DEMO_DIR}: reinstall pixart-sigma")
-        return _local_checkpoint(DEMO_NAME, DEMO_DIR)
+        return _local_checkpoint(DEMO_DIR.resolve())
     known = KNOWN_CHECKPOINTS.get(model_name)
     if known:
         if known.transformer_only:
             return Checkpoint(model_name, BASE_REPO, known.repo_id, known.native_size)
         return Checkpoint(model_name, known.repo_id, None, known.native_size)
-    path = Path(model_name).expanduser()
-    if path.is_dir():
-        return _local_checkpoint(model_name, path.resolve())
-    raise SettingsError([
+    unknown = SettingsError([
         f"model_name={model_name!r} is neither a known checkpoint nor a directory: use one of "
         f"{', '.join(list(KNOWN_CHECKPOINTS) + [DEMO_NAME])}, or the path of a diffusers-format directory"
     ])
+    try:
+        path = Path(model_name).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system, an unknown ~user
+        raise SettingsError([f"model_name={model_name[:80]!r}{'...' if len(model_name) > 80 else ''} "
+                             f"cannot be a directory here ({getattr(exc, 'strerror', None) or exc}); use one of "
+                             f"{', '.join(list(KNOWN_CHECKPOINTS) + [DEMO_NAME])}, or the path of a "
+                             "diffusers-format directory"]) from None
+    if not is_dir:
+        raise unknown
+    return _local_checkpoint(path.resolve())
 
 
+# -- hub ids ------------------------------------------------------------------------------------
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _download_hint(repos: list[tuple[str, float, list[str]]]) -> str:
+def download_hint(repos: list[tuple[str, float, list[str]]]) -> str:
     from huggingface_hub import constants
 
     lines = [f"  hf download {repo} --include {' '.join(repr(p) for p in patterns)}   (about {gb:g} GB)"
@@ -164,58 +324,91 @@ def _download_hint(repos: list[tuple[str, float, list[str]]]) -> str:
     )
 
 
-def _locate_repo(repo_id: str, patterns: list[str], local_only: bool = False) -> Path:
-    """A hub repo's snapshot folder from the cache, downloading it only when allowed."""
+def _cached_snapshot(repo_id: str, patterns: list[str]) -> Optional[Path]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        if local_only:
-            raise
-    if _hub_offline():
-        raise LocalEntryNotFoundError(f"{repo_id} is not in the cache and HF_HUB_OFFLINE is set")
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception:  # not cached (LocalEntryNotFoundError and kin)
+        return None
 
 
-def locate(checkpoint: Checkpoint, local_only: bool = False) -> tuple[Path, Optional[Path]]:
-    """Local folders of (pipeline, transformer-or-None) for a checkpoint; `local_only` never downloads."""
-    needed = []
+def _locate_repo(repo_id: str, patterns: list[str], parts: tuple[str, ...], local_only: bool) -> Path:
+    """A hub repo's complete snapshot folder: from the cache, downloading what is missing only when allowed."""
+    from huggingface_hub import snapshot_download
+
+    def check(folder: Path) -> None:
+        if "transformer" in parts and parts == ("transformer",):
+            check_part(folder / "transformer", "transformer")
+        else:
+            _check_pipeline(folder, parts)
+
+    snapshot = _cached_snapshot(repo_id, patterns)
+    problem: Optional[Exception] = None
+    if snapshot is not None:
+        try:
+            check(snapshot)
+            return snapshot
+        except CheckpointError as exc:  # partly downloaded: fetch the rest if we may
+            problem = exc
+    if local_only or _hub_offline():
+        raise CheckpointError(str(problem) if problem else f"{repo_id} is not in the cache")
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    check(snapshot)
+    return snapshot
+
+
+def _revision(folder: Path) -> Optional[str]:
+    """The commit of a hub snapshot folder (…/snapshots/<commit>), None for other folders."""
+    name = folder.name
+    return name if folder.parent.name == "snapshots" and len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
+
+
+def locate(checkpoint: Checkpoint, local_only: bool = False) -> Located:
+    """Local folders of every part of a checkpoint; `local_only` never downloads."""
+    needed = []  # (source, gb, patterns, parts)
     if not Path(checkpoint.pipeline_source).is_dir():
-        gb = BASE_WITHOUT_TRANSFORMER_GB if checkpoint.transformer_source else KNOWN_CHECKPOINTS[BASE_REPO].download_gb
-        needed.append((checkpoint.pipeline_source, gb))
+        if checkpoint.transformer_source:
+            patterns = [p for p in PIPELINE_PATTERNS if not p.startswith("transformer/")]
+            needed.append((checkpoint.pipeline_source, BASE_WITHOUT_TRANSFORMER_GB, patterns, SHARED_PARTS))
+        else:
+            needed.append((checkpoint.pipeline_source, KNOWN_CHECKPOINTS[BASE_REPO].download_gb, PIPELINE_PATTERNS,
+                           ("transformer",) + SHARED_PARTS))
     if checkpoint.transformer_source and not Path(checkpoint.transformer_source).is_dir():
-        needed.append((checkpoint.transformer_source, KNOWN_CHECKPOINTS[checkpoint.transformer_source].download_gb))
+        needed.append((checkpoint.transformer_source, KNOWN_CHECKPOINTS[checkpoint.transformer_source].download_gb,
+                       TRANSFORMER_PATTERNS, ("transformer",)))
     found: dict[str, Path] = {}
     missing = []
-    for repo_id, gb in needed:
-        patterns = TRANSFORMER_PATTERNS if repo_id == checkpoint.transformer_source else (
-            [p for p in PIPELINE_PATTERNS if not p.startswith("transformer/")] if checkpoint.transformer_source
-            else PIPELINE_PATTERNS)
+    for repo_id, gb, patterns, parts in needed:
         try:
-            found[repo_id] = _locate_repo(repo_id, patterns, local_only)
-        except Exception as exc:  # hub unreachable, offline, auth: all end in the same advice
+            found[repo_id] = _locate_repo(repo_id, patterns, parts, local_only)
+        except Exception as exc:  # hub unreachable, offline, auth, incomplete: all end in the same advice
             missing.append((repo_id, gb, patterns, exc))
     if missing:
-        reason = "; ".join(f"{repo}: {type(exc).__name__}: {exc}".splitlines()[0] for repo, _, _, exc in missing)
+        reason = "; ".join(f"{repo}: {exc}".splitlines()[0] for repo, _, _, exc in missing)
         raise CheckpointError(
-            f"model_name={checkpoint.model_name!r} needs weights that are not on this machine and could not be "
-            f"downloaded ({reason}).\n" + _download_hint([(repo, gb, patterns) for repo, gb, patterns, _ in missing])
+            f"model_name={checkpoint.model_name!r} needs weights that are not (all) on this machine and could not be "
+            f"downloaded ({reason}).\n" + download_hint([(repo, gb, patterns) for repo, gb, patterns, _ in missing])
         )
     pipeline_dir = found.get(checkpoint.pipeline_source, Path(checkpoint.pipeline_source))
-    transformer_dir = None
+    folders = {part: pipeline_dir / part for part in SHARED_PARTS}
+    revision = base_revision = _revision(pipeline_dir)
     if checkpoint.transformer_source:
         root = found.get(checkpoint.transformer_source, Path(checkpoint.transformer_source))
         transformer_dir = _transformer_dir(root)
         if transformer_dir is None:
             raise CheckpointError(f"{root} holds no transformer/config.json")
-        _check_safetensors(transformer_dir)
-    return pipeline_dir, transformer_dir
+        check_part(transformer_dir, "transformer")
+        folders["transformer"] = transformer_dir
+        revision = _revision(root)
+    else:
+        folders["transformer"] = pipeline_dir / "transformer"
+        base_revision = None
+    return Located(checkpoint, folders, revision, base_revision)
 
 
 def is_available(model_name: str) -> bool:
-    """True when a checkpoint's weights are on this machine (nothing is downloaded to find out)."""
+    """True when every file a checkpoint needs is on this machine (nothing is downloaded to find out)."""
     try:
         locate(resolve_checkpoint(model_name), local_only=True)
         return True
@@ -223,23 +416,96 @@ def is_available(model_name: str) -> bool:
         return False
 
 
-def load_pipeline(checkpoint: Checkpoint, dtype):
-    """Read a checkpoint into a diffusers PixArtSigmaPipeline on the CPU, in `dtype`."""
-    import torch
-    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """What `pixart-sigma models` shows for one checkpoint."""
 
-    pipeline_dir, transformer_dir = locate(checkpoint)
-    extra = {}
-    if transformer_dir is not None:
-        extra["transformer"] = PixArtTransformer2DModel.from_pretrained(
-            transformer_dir, dtype=dtype, use_safetensors=True)
+    model_name: str
+    native_size: int
+    download_gb: float
+    complete: bool  # every file it needs is on this machine
+    folders: tuple[Path, ...]  # where its parts are (empty when not complete)
+    size_bytes: int  # bytes on disk of those folders
+    problem: Optional[str]  # why it is not complete, with the download command
+
+
+def checkpoint_statuses() -> list[CheckpointStatus]:
+    """Each known checkpoint and the bundled demo: complete or not, its size on disk and where it is."""
+    names = [DEMO_NAME] + list(KNOWN_CHECKPOINTS)
+    statuses = []
+    for name in names:
+        checkpoint = resolve_checkpoint(name)
+        known = KNOWN_CHECKPOINTS.get(name)
+        try:
+            located = locate(checkpoint, local_only=True)
+        except CheckpointError as exc:
+            statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, known.download_gb if known else 0,
+                                             False, (), 0, str(exc)))
+            continue
+        folders = tuple(sorted(set(located.folders.values())))
+        statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, known.download_gb if known else 0, True,
+                                         folders, sum(folder_bytes(folder) for folder in folders), None))
+    return statuses
+
+
+# -- loading the parts --------------------------------------------------------------------------
+@contextmanager
+def _loading(folder: Path, what: str):
+    """Turn any loader failure (wrong shapes, types the checks missed) into a CheckpointError naming the folder."""
     try:
-        pipeline = PixArtSigmaPipeline.from_pretrained(
-            pipeline_dir, dtype=dtype, use_safetensors=True, **extra)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise CheckpointError(f"cannot load model_name={checkpoint.model_name!r} from {pipeline_dir}: {exc}") from None
-    if dtype == torch.float16:
-        # The SDXL VAE overflows in float16 (NaN, black images): keep it in float32.
-        pipeline.vae.to(torch.float32)
-    return pipeline
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the {what} from {folder}: {type(exc).__name__}: {exc}"[:2000]) from None
 
+
+def load_part(folder: Path, part: str, dtype):
+    """One pipeline part, with PixArt-Sigma's own class for it (the folder's configs cannot pick another)."""
+    check_part(folder, part)
+    with _loading(folder, part):
+        if part == "transformer":
+            from diffusers import PixArtTransformer2DModel
+
+            return PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        if part == "vae":
+            import torch
+            from diffusers import AutoencoderKL
+
+            # The SDXL VAE overflows in float16 (NaN, black images): keep it in float32 then.
+            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+            return AutoencoderKL.from_pretrained(folder, torch_dtype=vae_dtype, use_safetensors=True)
+        if part == "text_encoder":
+            from transformers import T5EncoderModel
+
+            return T5EncoderModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        if part == "tokenizer":
+            from transformers import T5Tokenizer
+
+            return T5Tokenizer.from_pretrained(folder)
+        if part == "scheduler":
+            from diffusers import DPMSolverMultistepScheduler
+
+            return DPMSolverMultistepScheduler.from_config(part_config(folder, "scheduler"))
+    raise ValueError(f"unknown part {part!r}")
+
+
+def load_pipeline(checkpoint: Checkpoint, dtype):
+    """Read a whole checkpoint into a diffusers PixArtSigmaPipeline on the CPU, in `dtype` (no sharing)."""
+    from diffusers import PixArtSigmaPipeline
+
+    located = locate(checkpoint)
+    parts = {part: load_part(folder, part, dtype) for part, folder in located.folders.items()}
+    return PixArtSigmaPipeline(**parts)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under a folder (links followed once), for `pixart-sigma models`."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            pass
+    return total
