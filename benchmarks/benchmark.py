@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pixart_sigma.engine import Engine, Request  # noqa: E402
+from pixart_sigma import PixArtSigmaModel  # noqa: E402
 from pixart_sigma.testing import PIXART_SCHEDULER_CONFIG, tiny_tokenizer  # noqa: E402
 
 PROMPT = "a photo of a red fox sitting in the snow at sunset, highly detailed"
@@ -83,13 +83,14 @@ def timed(device, fn, repeats):
     return statistics.median(times), peak
 
 
-def bench_size(engine: Engine, pipe, size: int, steps: int, repeats: int, device) -> dict:
-    request = Request(prompt=PROMPT, negative_prompt=None, num_inference_steps=steps, guidance_scale=4.5,
-                      width=size, height=size, seeds=[0], use_resolution_binning=False)
+def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: int, device) -> dict:
+    engine = model.engine
+    call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                use_resolution_binning=False)
 
     def ours_cold():
-        engine._embeddings.clear()
-        engine.generate(request)
+        engine.text.clear()
+        model.generate(PROMPT, **call)
 
     def theirs():
         pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
@@ -98,19 +99,19 @@ def bench_size(engine: Engine, pipe, size: int, steps: int, repeats: int, device
     row = {"size": size, "steps": steps}
     row["diffusers_s"], row["diffusers_peak_gib"] = timed(device, theirs, repeats)
     row["ours_cold_s"], row["ours_peak_gib"] = timed(device, ours_cold, repeats)
-    row["ours_warm_s"], _ = timed(device, lambda: engine.generate(request), repeats)
+    row["ours_warm_s"], _ = timed(device, lambda: model.generate(PROMPT, **call), repeats)
 
     with torch.inference_mode():
-        row["t5_ms"] = timed(device, lambda: engine._encode_text(PROMPT, 300), repeats)[0] * 1e3
-        text = engine.encode(PROMPT, None, 300, True)
-        embeds = torch.cat([text.negative, text.prompt])
-        mask = torch.cat([text.negative_mask, text.prompt_mask])
+        row["t5_ms"] = timed(device, lambda: engine.encode(PROMPT, 300, use_cache=False), repeats)[0] * 1e3
+        text, negative = engine.encode(PROMPT, 300), engine.encode("", 300)
+        embeds = torch.cat([negative.embeds, text.embeds])
+        mask = torch.cat([negative.mask, text.mask])
         latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=engine.dtype)
         timestep = torch.tensor([500, 500], device=device)
         row["dit_step_ms"] = timed(device, lambda: pipe.transformer(
             latents, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False), repeats)[0] * 1e3
-        row["vae_ms"] = timed(device, lambda: engine._decode(latents[:1]), repeats)[0] * 1e3
+        row["vae_ms"] = timed(device, lambda: engine.decode(latents[:1]), repeats)[0] * 1e3
     row["speedup"] = row["diffusers_s"] / row["ours_cold_s"]
     return row
 
@@ -129,12 +130,12 @@ def main() -> None:
 
     start = time.perf_counter()
     pipe = build_pipeline(preset["dit_layers"], preset["t5_layers"], dtype, device)
-    engine = Engine(pipe, device, dtype)  # shares the very same modules as the baseline
+    model = PixArtSigmaModel.from_pipeline(pipe)  # the very same modules as the baseline
     print(f"# {name}, preset {args.preset}, {dtype}, built in {time.perf_counter() - start:.1f} s", flush=True)
 
     rows = []
     for size in args.sizes or preset["sizes"]:
-        rows.append(bench_size(engine, pipe, size, preset["steps"], preset["repeats"], device))
+        rows.append(bench_size(model, pipe, size, preset["steps"], preset["repeats"], device))
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n| size | steps | diffusers s | ours s (cold cache) | ours s (warm cache) | speed-up | T5 ms | "

@@ -10,6 +10,8 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from pixart_sigma import Cancelled, GenerationError, PixArtSigmaModel, SettingsError, read_settings
+from pixart_sigma.engine import make_scheduler
+from pixart_sigma.settings import SCHEDULERS
 from pixart_sigma.testing import save_tiny_pipeline
 
 PROMPT = "a red circle on a blue background"
@@ -19,6 +21,7 @@ PROMPT = "a red circle on a blue background"
 def reference(tiny):
     pipe = PixArtSigmaPipeline.from_pretrained(tiny)
     pipe.set_progress_bar_config(disable=True)
+    pipe.shipped_scheduler_config = pipe.scheduler.config  # tests swap the scheduler; start each from this
     return pipe
 
 
@@ -32,14 +35,12 @@ def ours(model, prompt=PROMPT):
     return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in model.generate(prompt)])
 
 
-@pytest.mark.parametrize("scheduler", ["dpm-solver++", "euler-ancestral"])
-def test_images_equal_diffusers_pipeline(tiny, reference, scheduler):
-    from pixart_sigma.engine import _scheduler_classes
-
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_sampler_equals_diffusers_pipeline_with_that_scheduler(tiny, reference, scheduler):
     # On the CPU, as the reference: on a GPU machine "auto" would pick cuda and bfloat16.
     model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=11, num_images_per_prompt=2, num_inference_steps=8,
                              negative_prompt="green", width=64, height=96, scheduler=scheduler)
-    reference.scheduler = _scheduler_classes()[scheduler].from_config(reference.scheduler.config)
+    reference.scheduler = make_scheduler(scheduler, reference.shipped_scheduler_config)
     expected = diffusers_images(reference, [11, 12], prompt=PROMPT, negative_prompt="green", num_inference_steps=8,
                                 guidance_scale=4.5, width=64, height=96, use_resolution_binning=False)
     # diffusers quantises with round(x * 255): identical uint8 images.
@@ -49,7 +50,7 @@ def test_images_equal_diffusers_pipeline(tiny, reference, scheduler):
 def test_guidance_of_one_skips_the_unconditional_pass_like_diffusers(tiny, reference):
     from diffusers import DPMSolverMultistepScheduler
 
-    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config)
+    reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.shipped_scheduler_config)
     model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=3, guidance_scale=1.0, num_inference_steps=5)
     expected = diffusers_images(reference, [3], prompt=PROMPT, guidance_scale=1.0, num_inference_steps=5,
                                 use_resolution_binning=False)
@@ -126,7 +127,7 @@ def test_text_encoder_runs_once_per_prompt(tiny):
     PixArtSigmaModel(model_name=tiny, seed=9, num_inference_steps=2, negative_prompt="a dog").generate("a cat in the snow")
     assert model.engine.text_encoder_calls == calls
     model.generate("a dog in the snow")
-    assert model.engine.text_encoder_calls == calls + 2  # new prompt: prompt + negative prompt
+    assert model.engine.text_encoder_calls == calls + 1  # new prompt; the negative prompt is cached by its text
 
 
 def test_warm_model_is_reused(tiny):
@@ -204,3 +205,41 @@ def test_long_prompt_is_generated_and_truncation_reported_without_the_text(tiny,
         image = model.generate(prompt)[0]
     assert read_settings(image)["truncated_tokens"] > 0
     assert "max_sequence_length=16" in caplog.text and "secretword" not in caplog.text
+
+
+def test_settings_can_be_given_per_call_by_the_same_rules(tiny, image_array):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=1, num_inference_steps=2)
+    image = model.generate(PROMPT, seed=7, width=96, height=80, guidance_scale=3.0, scheduler="euler")[0]
+    record = read_settings(image)
+    assert image.size == (96, 80) and record["seed"] == 7 and record["guidance_scale"] == 3.0
+    assert record["scheduler"] == "euler" and record["num_inference_steps"] == 2
+    same = PixArtSigmaModel(model_name=tiny, device="cpu", seed=7, num_inference_steps=2, width=96, height=80,
+                            guidance_scale=3.0, scheduler="euler").generate(PROMPT)[0]
+    assert np.array_equal(image_array(image), image_array(same))
+    assert model.generate(PROMPT)[0].size == (64, 64)  # the model's own settings are unchanged
+    assert len(model.generate(PROMPT, num_images_per_prompt=3)) == 3
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"width": 1001}, "width=1001"), ({"guidance_scale": float("nan")}, "guidance_scale=nan"),
+    ({"seed": -5}, "seed=-5"), ({"steps": 3}, "unknown setting 'steps'"),
+    ({"model_name": "demo"}, "model_name cannot change per call"), ({"device": "cpu"}, "device cannot change"),
+    ({"dtype": "float32"}, "dtype cannot change"),
+])
+def test_bad_per_call_settings_are_refused_before_any_model_work(tiny, overrides, fragment):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=1, num_inference_steps=2)
+    calls = model.engine.text_encoder_calls
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        model.generate("a prompt not encoded yet", **overrides)
+    assert model.engine.text_encoder_calls == calls
+
+
+def test_from_pipeline_wraps_a_pipeline_the_user_already_has(tiny, image_array):
+    pipe = PixArtSigmaPipeline.from_pretrained(tiny)
+    wrapped = PixArtSigmaModel.from_pipeline(pipe, seed=4, num_inference_steps=3)
+    ours_image = PixArtSigmaModel(model_name=tiny, device="cpu", seed=4, num_inference_steps=3).generate(PROMPT)[0]
+    image = wrapped.generate(PROMPT)[0]
+    assert np.array_equal(image_array(image), image_array(ours_image))
+    assert wrapped.engine.pipeline is pipe and read_settings(image)["seed"] == 4
+    with pytest.raises(SettingsError, match="come from the pipeline"):
+        PixArtSigmaModel.from_pipeline(pipe, device="cpu")

@@ -7,13 +7,15 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
-from .checkpoints import CheckpointError  # noqa: E402
-from .engine import Cancelled, GenerationError, unload_all  # noqa: E402
-from .images import read_settings, reproducible_settings, save_image  # noqa: E402
+from .engine import unload_all  # noqa: E402
+from .errors import (Cancelled, CheckpointError, GenerationError, MetadataError, PixArtSigmaError,  # noqa: E402
+                     SettingsError)
+from .images import check_output_dir, read_settings, reproducible_settings, save_image  # noqa: E402
 from .model import PixArtSigmaModel  # noqa: E402
-from .settings import Settings, SettingsError  # noqa: E402
+from .settings import Settings  # noqa: E402
 
 __all__ = [
-    "PixArtSigmaModel", "Settings", "SettingsError", "CheckpointError", "GenerationError", "Cancelled",
-    "save_image", "read_settings", "reproducible_settings", "unload_all", "__version__",
+    "PixArtSigmaModel", "Settings", "PixArtSigmaError", "SettingsError", "CheckpointError", "GenerationError",
+    "MetadataError", "Cancelled", "save_image", "read_settings", "reproducible_settings", "check_output_dir",
+    "unload_all", "__version__",
 ]

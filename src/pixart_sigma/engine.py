@@ -1,62 +1,64 @@
-"""The warm pipeline: one place that encodes, denoises and decodes.
+"""The warm pipeline: one place that encodes, denoises and decodes, and the cache that keeps it warm.
 
 An `Engine` wraps a diffusers `PixArtSigmaPipeline` that already sits on its device and runs
 PixArt-Sigma's sampling loop itself, so that it can cache prompt embeddings, seed every image
 on its own, report progress, stop between steps and guard the VAE against NaN. The test suite
 proves the images equal diffusers' own `PixArtSigmaPipeline.__call__` for the same weights.
+
+The warm cache loads each checkpoint once per (device, dtype), shares the text encoder, tokenizer
+and VAE between checkpoints that use the same files, loads different keys in parallel, evicts the
+least recently used engines past a memory budget, and runs one generation at a time per device.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
+
+from .errors import Cancelled, GenerationError, SettingsError
+from .settings import SAMPLERS, Settings
+from .sizes import fit_to_size, plan_size
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
-EMBEDDING_CACHE_SIZE = 16
-
-
-class Cancelled(Exception):
-    """Raised out of `generate` when the caller's cancel flag was set; no images are returned."""
-
-
-class GenerationError(RuntimeError):
-    """The model ran but produced something unusable (e.g. NaN); the message says what to try."""
+EMBEDDING_CACHE_SIZE = 32  # texts per text encoder; a fixed negative prompt stays in it
+WAIT_POLL_SECONDS = 0.05  # how often a call waiting for its device looks at its cancel flag
+MEMORY_BUDGET_ENV = "PIXART_SIGMA_CACHE_GB"  # warm weights kept per device before the least recent go
 
 
 class CancelFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
-def _scheduler_classes() -> dict[str, type]:
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, SASolverScheduler, UniPCMultistepScheduler)
-
-    return {
-        "dpm-solver++": DPMSolverMultistepScheduler,
-        "sa-solver": SASolverScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler-ancestral": EulerAncestralDiscreteScheduler,
-        "ddim": DDIMScheduler,
-        "unipc": UniPCMultistepScheduler,
-    }
+def check_callbacks(on_progress: Any, cancel: Any) -> None:
+    """Refuse callbacks that would only fail at step 1, after the prompt was encoded."""
+    if on_progress is not None and not callable(on_progress):
+        raise SettingsError([f"on_progress={on_progress!r} is not valid: pass a function taking (step, total), or None"])
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise SettingsError([f"cancel={cancel!r} is not valid: pass an object with is_set() "
+                             "(a threading.Event), or None"])
 
 
-def _aspect_ratio_bins(native_size: int) -> Optional[dict]:
-    """PixArt's trained aspect-ratio sizes for a checkpoint's native size in pixels; None when it has no table."""
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
-                                                                        ASPECT_RATIO_1024_BIN)
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+def sampler_class(name: str) -> type:
+    """The diffusers scheduler class of a `scheduler` setting."""
+    import diffusers
 
-    return {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
-            2048: ASPECT_RATIO_2048_BIN}.get(native_size)
+    return getattr(diffusers, SAMPLERS[name].diffusers_class)
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler for one call (schedulers keep per-run state), from the checkpoint's config."""
+    return sampler_class(name).from_config(base_config, **SAMPLERS[name].overrides)
 
 
 def _step_kwargs(scheduler, generators) -> dict:
@@ -68,147 +70,180 @@ def _step_kwargs(scheduler, generators) -> dict:
     return kwargs
 
 
+# -- one generation at a time per device --------------------------------------------------------
+_device_locks: dict[str, threading.Lock] = {}
+_device_locks_guard = threading.Lock()
+_held = threading.local()  # devices this thread is generating on (to refuse re-entry instead of deadlocking)
+
+
+def _device_lock(device: torch.device) -> threading.Lock:
+    with _device_locks_guard:
+        return _device_locks.setdefault(str(device), threading.Lock())
+
+
+class _DeviceTurn:
+    """Holds the device for one generation; waits honouring `cancel`; refuses a nested call from a callback."""
+
+    def __init__(self, device: torch.device, cancel: Optional[CancelFlag]):
+        self.name, self.cancel, self.lock = str(device), cancel, _device_lock(device)
+
+    def __enter__(self):
+        held = getattr(_held, "devices", set())
+        if self.name in held:
+            raise GenerationError(
+                f"generate() was called from inside a callback of a generation still running on {self.name}: "
+                "one generation at a time per device; call it after that generation returns")
+        if self.cancel is None:
+            self.lock.acquire()
+        else:
+            while not self.lock.acquire(timeout=WAIT_POLL_SECONDS):
+                if self.cancel.is_set():
+                    raise Cancelled(f"cancelled while waiting for {self.name}")
+        _held.devices = held | {self.name}
+        return self
+
+    def __exit__(self, *exc):
+        _held.devices = getattr(_held, "devices", set()) - {self.name}
+        self.lock.release()
+        return False
+
+
+# -- text ---------------------------------------------------------------------------------------
 @dataclass
-class Embeddings:
-    prompt: torch.Tensor
-    prompt_mask: torch.Tensor
-    negative: Optional[torch.Tensor]
-    negative_mask: Optional[torch.Tensor]
-    truncated_tokens: int
+class Encoded:
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    truncated_tokens: int  # tokens past max_length that the encoder did not read
 
 
-@dataclass
-class Request:
-    """What one call of `Engine.generate` needs; all values already validated."""
+class TextEncoder:
+    """T5 tokenizer and encoder with an LRU cache of embeddings by text; shared by checkpoints that share them."""
 
-    prompt: str
-    negative_prompt: Optional[str]
-    num_inference_steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    seeds: list[int]
-    scheduler: str = "dpm-solver++"
-    use_resolution_binning: bool = True
-    max_sequence_length: int = 300
+    def __init__(self, tokenizer, encoder, device: torch.device):
+        self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
+        self._cache: OrderedDict[tuple[str, int], Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self.calls = 0  # encoder runs, so that tests and users can see the cache work
+
+    def encode(self, text: str, max_length: int, use_cache: bool = True) -> Encoded:
+        key = (text, max_length)
+        with self._lock:
+            cached = self._cache.get(key) if use_cache else None
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+            with torch.inference_mode():
+                tokens = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
+                                        add_special_tokens=True, return_tensors="pt")
+                full_length = len(self.tokenizer(text, add_special_tokens=True).input_ids)
+                mask = tokens.attention_mask.to(self.device)
+                self.calls += 1
+                embeds = self.encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+            result = Encoded(embeds.to(dtype=self.encoder.dtype), mask, max(0, full_length - max_length))
+            self._cache[key] = result
+            while len(self._cache) > EMBEDDING_CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return result
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
 
 @dataclass
 class Output:
     images: list  # PIL images, one per seed
     truncated_tokens: int  # prompt tokens the encoder did not see
-    generated_size: tuple[int, int]  # (width, height) actually sampled, before resizing back
+    generated_size: tuple[int, int]  # (width, height) actually sampled, before fitting to the request
 
 
 class Engine:
-    """A loaded pipeline on one device in one dtype. Thread-safe: one generation at a time."""
+    """A loaded pipeline on one device in one dtype. Thread-safe: one generation at a time per device."""
 
-    def __init__(self, pipeline, device: torch.device, dtype: torch.dtype):
-        self.pipeline = pipeline.to(device)
+    def __init__(self, pipeline, device: torch.device, dtype: torch.dtype, text: Optional[TextEncoder] = None,
+                 move: bool = True, located=None):
+        self.pipeline = pipeline.to(device) if move else pipeline
+        self.located = located  # checkpoints.Located: the folders and hub revisions it was read from
         self.device = device
         self.dtype = dtype
         self.pipeline.set_progress_bar_config(disable=True)
-        self._lock = threading.Lock()
-        self._embeddings: OrderedDict[tuple, Embeddings] = OrderedDict()
-        self.text_encoder_calls = 0  # counted so that tests and users can see the cache work
+        self.text = text or TextEncoder(pipeline.tokenizer, pipeline.text_encoder, device)
 
-    # -- text ---------------------------------------------------------------------------------
-    def _encode_text(self, text: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        tokenizer, encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
-        tokens = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                           add_special_tokens=True, return_tensors="pt")
-        full_length = len(tokenizer(text, add_special_tokens=True).input_ids)
-        mask = tokens.attention_mask.to(self.device)
-        self.text_encoder_calls += 1
-        embeds = encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-        return embeds.to(dtype=encoder.dtype), mask, max(0, full_length - max_length)
+    @property
+    def text_encoder_calls(self) -> int:
+        return self.text.calls
 
-    def encode(self, prompt: str, negative_prompt: Optional[str], max_length: int, guided: bool) -> Embeddings:
-        """T5 embeddings of the prompt (and the negative prompt when guided), cached by text."""
-        key = (prompt, negative_prompt or "", max_length, guided)
-        cached = self._embeddings.get(key)
-        if cached is not None:
-            self._embeddings.move_to_end(key)
-            return cached
-        with torch.inference_mode():
-            embeds, mask, truncated = self._encode_text(prompt, max_length)
-            negative = negative_mask = None
-            if guided:
-                negative, negative_mask, _ = self._encode_text(negative_prompt or "", max_length)
-        if truncated:
+    @property
+    def native_size(self) -> int:
+        return self.pipeline.transformer.config.sample_size * self.pipeline.vae_scale_factor
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.pipeline.transformer, self.pipeline.text_encoder, self.pipeline.vae]
+
+    def encode(self, text: str, max_length: int, use_cache: bool = True) -> Encoded:
+        """T5 embeddings of one text (cached by text)."""
+        encoded = self.text.encode(text, max_length, use_cache)
+        if encoded.truncated_tokens:
             # Counts only: prompts may be private, so they are never logged.
             log.warning("prompt is %d tokens over max_sequence_length=%d; the rest was not read",
-                        truncated, max_length)
-        result = Embeddings(embeds, mask, negative, negative_mask, truncated)
-        self._embeddings[key] = result
-        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
-        return result
+                        encoded.truncated_tokens, max_length)
+        return encoded
 
-    # -- images -------------------------------------------------------------------------------
-    def sample_size(self, width: int, height: int, binning: bool) -> tuple[int, int]:
-        """(width, height) to sample at: the nearest trained aspect-ratio bin when binning applies."""
-        native = self.pipeline.transformer.config.sample_size * self.pipeline.vae_scale_factor
-        bins = _aspect_ratio_bins(native) if binning else None
-        if bins is None:
-            # The transformer cuts the latent into patches: sides must be multiples of vae_scale x patch
-            # (16 for PixArt), so sizes that are only multiples of 8 are sampled a little larger and cropped back.
-            step = self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
-            return -(-width // step) * step, -(-height // step) * step
-        bin_height, bin_width = self.pipeline.image_processor.classify_height_width_bin(height, width, ratios=bins)
-        return bin_width, bin_height
+    def plan(self, width: int, height: int, binning: bool):
+        """How a requested size is sampled and fitted (see sizes.plan_size)."""
+        multiple = self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
+        return plan_size(width, height, native_size=self.native_size, multiple=multiple, binning=binning)
 
-    def make_scheduler(self, name: str):
-        # A fresh scheduler per call: schedulers keep per-run state.
-        # DDIMScheduler defaults to clip_sample=True, clipping predicted latents to [-1, 1]: right for
-        # pixel-space models, wrong for VAE latents (scaled latents reach beyond +-1, colours wash out).
-        overrides = {"sa-solver": {"algorithm_type": "data_prediction"}, "ddim": {"clip_sample": False}}.get(name, {})
-        return _scheduler_classes()[name].from_config(self.pipeline.scheduler.config, **overrides)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to pixels in [-1, 1]; a half-precision overflow is decoded again in float32."""
         vae = self.pipeline.vae
         scaled = latents / vae.config.scaling_factor
-        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
-            log.warning("VAE decode in %s gave non-finite values; decoding again in float32", vae.dtype)
-            vae.to(torch.float32)
-            try:
-                image = vae.decode(scaled.float(), return_dict=False)[0]
-            finally:
-                vae.to(self.dtype)
+        with torch.inference_mode():
+            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+            if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+                log.warning("VAE decode in %s gave non-finite values; decoding again in float32", vae.dtype)
+                dtype = vae.dtype
+                vae.to(torch.float32)
+                try:
+                    image = vae.decode(scaled.float(), return_dict=False)[0]
+                finally:
+                    vae.to(dtype)
         if not torch.isfinite(image).all():
             raise GenerationError("the VAE produced non-finite pixels (NaN/inf); try dtype='float32'")
         return image
 
-    def generate(self, request: Request, on_progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelFlag] = None) -> Output:
-        with self._lock, torch.inference_mode():
-            return self._generate(request, on_progress, cancel)
+    def generate(self, prompt: str, settings: Settings, seeds: list[int],
+                 on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> Output:
+        """Images for one prompt, one per seed; `settings` already validated, with width and height set."""
+        check_callbacks(on_progress, cancel)
+        with _DeviceTurn(self.device, cancel), torch.inference_mode():
+            return self._generate(prompt, settings, seeds, on_progress, cancel)
 
-    def _generate(self, request: Request, on_progress, cancel) -> Output:
+    def _generate(self, prompt: str, s: Settings, seeds: list[int], on_progress, cancel) -> Output:
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = self.pipeline
         transformer = pipe.transformer
-        guided = request.guidance_scale > 1.0  # PixArt's rule: guidance <= 1 means no CFG pass
-        text = self.encode(request.prompt, request.negative_prompt, request.max_sequence_length, guided)
-        count = len(request.seeds)
+        guided = s.guidance_scale > 1.0  # PixArt's rule: guidance <= 1 means no CFG pass
+        text = self.encode(prompt, s.max_sequence_length)
+        count = len(seeds)
 
-        embeds = text.prompt.repeat(count, 1, 1)
-        mask = text.prompt_mask.repeat(count, 1)
+        embeds = text.embeds.repeat(count, 1, 1)
+        mask = text.mask.repeat(count, 1)
         if guided:
-            embeds = torch.cat([text.negative.repeat(count, 1, 1), embeds])
-            mask = torch.cat([text.negative_mask.repeat(count, 1), mask])
+            negative = self.text.encode(s.negative_prompt or "", s.max_sequence_length)
+            embeds = torch.cat([negative.embeds.repeat(count, 1, 1), embeds])
+            mask = torch.cat([negative.mask.repeat(count, 1), mask])
 
-        width, height = self.sample_size(request.width, request.height, request.use_resolution_binning)
-        scheduler = self.make_scheduler(request.scheduler)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        plan = self.plan(s.width, s.height, s.use_resolution_binning)
+        scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
+        scheduler.set_timesteps(s.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
 
         # One CPU generator per image: image k depends only on seeds[k], on any device and batch size.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         factor = pipe.vae_scale_factor
-        shape = (count, transformer.config.in_channels, height // factor, width // factor)
+        shape = (count, transformer.config.in_channels, plan.sample_height // factor, plan.sample_width // factor)
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=embeds.dtype)
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators)
@@ -231,7 +266,7 @@ class Engine:
             )[0]
             if guided:
                 uncond, cond = noise.chunk(2)
-                noise = uncond + request.guidance_scale * (cond - uncond)
+                noise = uncond + s.guidance_scale * (cond - uncond)
             if learned_sigma:
                 noise = noise.chunk(2, dim=1)[0]
             latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
@@ -243,40 +278,178 @@ class Engine:
                 f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled after step {total} of {total}")
-        pixels = self._decode(latents)
-        if (width, height) != (request.width, request.height):
-            pixels = pipe.image_processor.resize_and_crop_tensor(pixels, request.width, request.height)
+        pixels = fit_to_size(self.decode(latents), plan)
         images = pipe.image_processor.postprocess(pixels, output_type="pil")
-        return Output(images, text.truncated_tokens, (width, height))
+        return Output(images, text.truncated_tokens, (plan.sample_width, plan.sample_height))
 
 
 # -- the warm-model cache ---------------------------------------------------------------------
-_engines: dict[tuple, Engine] = {}
-_engines_lock = threading.Lock()
-load_count = 0  # how many times weights were read in this process (tests check reuse)
+class _Pending:
+    """A load in progress that other callers of the same key wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+
+_lock = threading.Lock()  # guards the dicts below; never held while loading
+_engines: OrderedDict[tuple, Engine] = OrderedDict()  # least recently used first
+_parts: dict[tuple, weakref.ref] = {}  # shared parts stay alive only while an engine holds them
+_pending: dict[tuple, _Pending] = {}
+load_count = 0  # how many times an engine was built in this process (tests check reuse)
+part_load_count = 0  # how many times a part's weights were read
+
+
+def _once(key: tuple, lookup: Callable[[], Any], build: Callable[[], Any], store: Callable[[Any], None]):
+    """Load `key` once even when many threads ask at the same time; other keys load in parallel."""
+    while True:
+        with _lock:
+            found = lookup()
+            if found is not None:
+                return found
+            pending = _pending.get(key)
+            mine = pending is None
+            if mine:
+                pending = _pending[key] = _Pending()
+        if not mine:
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            continue  # look it up again (it may already have been evicted: then load it ourselves)
+        try:
+            value = build()
+            with _lock:
+                store(value)
+            return value
+        except BaseException as exc:
+            pending.error = exc
+            raise
+        finally:
+            with _lock:
+                _pending.pop(key, None)
+            pending.done.set()
+
+
+def _part(part: str, folder, device: torch.device, dtype: torch.dtype):
+    """One shared pipeline part on its device, loaded once for everyone who names the same folder."""
+    from .checkpoints import load_part
+
+    device_free = part in ("tokenizer", "scheduler")
+    key = ("part", part, str(folder)) + (() if device_free else (str(device), str(dtype)))
+
+    def lookup():
+        ref = _parts.get(key)
+        return ref() if ref is not None else None
+
+    def build():
+        global part_load_count
+        value = load_part(folder, part, dtype)
+        part_load_count += 1
+        return value if device_free else value.to(device)
+
+    def store(value):
+        _parts[key] = weakref.ref(value)
+
+    return _once(key, lookup, build, store)
+
+
+def _module_bytes(modules) -> dict[int, int]:
+    sizes = {}
+    for module in modules:
+        sizes[id(module)] = sum(t.numel() * t.element_size()
+                                for t in list(module.parameters()) + list(module.buffers()))
+    return sizes
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes of warm weights kept per device: PIXART_SIGMA_CACHE_GB, else 90% of a GPU or half the RAM."""
+    setting = os.environ.get(MEMORY_BUDGET_ENV)
+    if setting:
+        try:
+            return int(float(setting) * 2**30)
+        except ValueError:
+            log.warning("%s=%r is not a number of GB; using the default budget", MEMORY_BUDGET_ENV, setting)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def _evict_over_budget(device: torch.device, keep: tuple) -> None:
+    """Drop least recently used engines on `device` until its warm weights fit the budget (called under _lock)."""
+    budget = memory_budget(device)
+    while True:
+        on_device = [(key, engine) for key, engine in _engines.items() if engine.device == device]
+        sizes: dict[int, int] = {}
+        for _, engine in on_device:
+            sizes.update(_module_bytes(engine.modules()))
+        if sum(sizes.values()) <= budget or len(on_device) <= 1:
+            return
+        victim = next(key for key, _ in on_device if key != keep)
+        log.info("evicting a warm model to stay within %s GiB on %s", round(budget / 2**30, 1), device)
+        del _engines[victim]
 
 
 def get_engine(checkpoint, device: torch.device, dtype: torch.dtype) -> Engine:
     """The process-wide warm engine for (checkpoint, device, dtype), loading it on first use."""
-    from .checkpoints import load_pipeline
+    from diffusers import PixArtSigmaPipeline
 
-    global load_count
-    key = (checkpoint.key, str(device), str(dtype))
-    with _engines_lock:
+    from .checkpoints import locate
+
+    key = ("engine", checkpoint.key, str(device), str(dtype))
+
+    def lookup():
         engine = _engines.get(key)
-        if engine is None:
-            load_count += 1
-            engine = Engine(load_pipeline(checkpoint, dtype), device, dtype)
-            _engines[key] = engine
+        if engine is not None:
+            _engines.move_to_end(key)
         return engine
+
+    def build():
+        global load_count
+        located = locate(checkpoint)
+        parts = {part: _part(part, folder, device, dtype) for part, folder in located.folders.items()}
+        text_key = ("text", str(located.folders["text_encoder"]), str(located.folders["tokenizer"]), str(device),
+                    str(dtype))
+        text = _shared_text_encoder(text_key, parts["tokenizer"], parts["text_encoder"], device)
+        engine = Engine(PixArtSigmaPipeline(**parts), device, dtype, text=text, move=False, located=located)
+        load_count += 1
+        return engine
+
+    def store(engine):
+        _engines[key] = engine
+        _evict_over_budget(device, key)
+
+    return _once(key, lookup, build, store)
+
+
+_text_encoders: dict[tuple, weakref.ref] = {}
+
+
+def _shared_text_encoder(key: tuple, tokenizer, encoder, device) -> TextEncoder:
+    """One embedding cache per shared T5, so the 512, 1024 and 2K checkpoints reuse each other's prompts."""
+    with _lock:
+        ref = _text_encoders.get(key)
+        text = ref() if ref is not None else None
+        if text is None or text.encoder is not encoder:
+            text = TextEncoder(tokenizer, encoder, device)
+            _text_encoders[key] = weakref.ref(text)
+        return text
+
+
+def cached_engines() -> list[Engine]:
+    """The warm engines, least recently used first."""
+    with _lock:
+        return list(_engines.values())
 
 
 def unload_all() -> None:
-    """Forget every warm model and free its memory (GPU included)."""
-    with _engines_lock:
+    """Forget every warm model and free its memory (GPU included); models reload on their next use."""
+    with _lock:
         _engines.clear()
-    import gc
-
+        _parts.clear()
+        _text_encoders.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -8,14 +8,26 @@ from typing import Any, Optional
 from PIL import Image
 
 from . import __version__
-from .checkpoints import CheckpointError, resolve_checkpoint
+from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .engine import CancelFlag, ProgressCallback, Request, get_engine
+from .engine import CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine
+from .errors import CheckpointError, SettingsError
 from .images import attach
-from .settings import MAX_SEED, Settings, SettingsError, check_pixel_budget, check_text, json_schema, parse_settings
+from .settings import (LOAD_SETTINGS, MAX_SEED, Settings, check_pixel_budget, check_text, json_schema,
+                       parse_settings)
 
 FALLBACK_SIZE = 1024
 RANDOM_SEED_RANGE = 2**32
+
+
+def _fill_size(values: dict[str, Any], native: Optional[int]) -> None:
+    """width/height default to the checkpoint's native size; the pixel budget and seed range then apply."""
+    values["width"] = values["width"] or native or FALLBACK_SIZE
+    values["height"] = values["height"] or native or FALLBACK_SIZE
+    check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"])
+    if values["seed"] + values["num_images_per_prompt"] - 1 > MAX_SEED:
+        raise SettingsError([f"seed={values['seed']} is too large for {values['num_images_per_prompt']} images: "
+                             f"image k uses seed + k, which must stay at most {MAX_SEED}"])
 
 
 def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
@@ -38,15 +50,18 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
         problems += exc.problems
     if problems:
         raise SettingsError(problems)
-    native = checkpoint.native_size or FALLBACK_SIZE
-    values["width"] = settings.width or native
-    values["height"] = settings.height or native
-    check_pixel_budget(values["width"], values["height"], settings.num_images_per_prompt)
-    if settings.seed + settings.num_images_per_prompt - 1 > MAX_SEED:
-        raise SettingsError([f"seed={settings.seed} is too large for {settings.num_images_per_prompt} images: "
-                             f"image k uses seed + k, which must stay at most {MAX_SEED}"])
+    _fill_size(values, checkpoint.native_size)
     values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype)
     return values
+
+
+def _check_prompt(prompt: Any) -> str:
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SettingsError([f"prompt is not valid UTF-8 (byte {exc.start}): send UTF-8 text"]) from None
+    return check_text("prompt", prompt, required=True)
 
 
 class PixArtSigmaModel:
@@ -60,8 +75,41 @@ class PixArtSigmaModel:
 
     def __init__(self, **kwargs: Any):
         self.settings = self.validate_and_transform(kwargs)
-        self.engine = get_engine(self.settings["checkpoint"], self.settings["torch_device"],
-                                 self.settings["torch_dtype"])
+        self._pipeline_engine: Optional[Engine] = None
+        self.engine  # load (or find warm) now, not at the first generate
+
+    @classmethod
+    def from_pipeline(cls, pipeline, **kwargs: Any) -> "PixArtSigmaModel":
+        """Wrap a diffusers `PixArtSigmaPipeline` you already have (your quantization, your compile, your device).
+
+        The pipeline is used as it is: not moved, not cast, not cached. `kwargs` are the per-call settings
+        (model_name, device and dtype come from the pipeline).
+        """
+        given = sorted(set(kwargs) & set(LOAD_SETTINGS))
+        if given:
+            raise SettingsError([f"{', '.join(given)} cannot be given with from_pipeline: they come from the pipeline"])
+        settings = parse_settings(kwargs)
+        values = settings.model_dump()
+        transformer = pipeline.transformer
+        engine = Engine(pipeline, transformer.device, transformer.dtype, move=False)
+        name = str(getattr(pipeline, "name_or_path", "") or getattr(transformer.config, "_name_or_path", "")
+                   or "from_pipeline")
+        _fill_size(values, engine.native_size)
+        values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype),
+                      checkpoint=Checkpoint(name, name, None, engine.native_size),
+                      torch_device=engine.device, torch_dtype=engine.dtype)
+        model = cls.__new__(cls)
+        model.settings = values
+        model._pipeline_engine = engine
+        return model
+
+    @property
+    def engine(self) -> Engine:
+        """The warm engine; looked up on each use, so `unload_all()` frees memory even while this object lives."""
+        if self._pipeline_engine is not None:
+            return self._pipeline_engine
+        s = self.settings
+        return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"])
 
     @classmethod
     def get_schema(cls) -> dict[str, Any]:
@@ -73,38 +121,43 @@ class PixArtSigmaModel:
         """The validated values plus `checkpoint`, `torch_device` and `torch_dtype`; SettingsError on bad input."""
         return validate(raw_data)
 
+    def call_settings(self, overrides: dict[str, Any]) -> Settings:
+        """This model's settings with per-call overrides, checked by the same rules as at construction."""
+        loaded = sorted(set(overrides) & set(LOAD_SETTINGS))
+        if loaded:
+            raise SettingsError([f"{name} cannot change per call (it chooses the weights): make another "
+                                 f"PixArtSigmaModel with {name}=..." for name in loaded])
+        values = {name: self.settings[name] for name in Settings.field_names()}
+        values.update(overrides)
+        values = parse_settings(values).model_dump()
+        _fill_size(values, self.settings["checkpoint"].native_size)
+        return Settings.model_construct(**values)
+
     def generate(self, input: str, *, on_progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelFlag] = None) -> list[Image.Image]:
+                 cancel: Optional[CancelFlag] = None, **overrides: Any) -> list[Image.Image]:
         """One image per `num_images_per_prompt`, each carrying its settings in `image.info`.
 
-        `on_progress(step, total)` is called after each denoising step; when `cancel.is_set()`
-        turns true, generation stops before the next step and raises `Cancelled`.
+        Any setting but model_name, device and dtype can be given per call (`seed=7, width=512`), checked
+        by the same rules. `on_progress(step, total)` is called after each denoising step; when
+        `cancel.is_set()` turns true, generation stops before the next step (or while waiting for the
+        device) and raises `Cancelled`.
         """
-        if isinstance(input, bytes):
-            try:
-                input = input.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SettingsError([f"prompt is not valid UTF-8 (byte {exc.start}): send UTF-8 text"]) from None
-        prompt = check_text("prompt", input, required=True)
-        s = self.settings
-        first_seed = s["seed"] if s["seed"] >= 0 else secrets.randbelow(RANDOM_SEED_RANGE)
-        seeds = [first_seed + k for k in range(s["num_images_per_prompt"])]
-        output = self.engine.generate(
-            Request(prompt=prompt, negative_prompt=s["negative_prompt"], num_inference_steps=s["num_inference_steps"],
-                    guidance_scale=s["guidance_scale"], width=s["width"], height=s["height"], seeds=seeds,
-                    scheduler=s["scheduler"], use_resolution_binning=s["use_resolution_binning"],
-                    max_sequence_length=s["max_sequence_length"]),
-            on_progress=on_progress, cancel=cancel,
-        )
+        prompt = _check_prompt(input)
+        check_callbacks(on_progress, cancel)
+        settings = self.call_settings(overrides)
+        engine = self.engine
+        first_seed = settings.seed if settings.seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE)
+        seeds = [first_seed + k for k in range(settings.num_images_per_prompt)]
+        output = engine.generate(prompt, settings, seeds, on_progress=on_progress, cancel=cancel)
+        located = engine.located
+        chosen = settings.model_dump(exclude={"device", "num_images_per_prompt", *LOAD_SETTINGS})
         for index, (image, seed) in enumerate(zip(output.images, seeds)):
             attach(image, {
-                "prompt": prompt, "negative_prompt": s["negative_prompt"],
-                "num_inference_steps": s["num_inference_steps"], "guidance_scale": s["guidance_scale"],
-                "seed": seed, "width": s["width"], "height": s["height"], "model_name": s["model_name"],
-                "scheduler": s["scheduler"], "dtype": dtype_name(self.engine.dtype),
-                "use_resolution_binning": s["use_resolution_binning"],
-                "max_sequence_length": s["max_sequence_length"],
-                "batch_index": index, "batch_seed": first_seed, "batch_size": len(seeds), "device": str(self.engine.device),
+                "prompt": prompt, **chosen, "seed": seed, "model_name": self.settings["checkpoint"].model_name,
+                "model_revision": located.revision if located else None,
+                "base_revision": located.base_revision if located else None,
+                "dtype": dtype_name(engine.dtype), "device": str(engine.device),
+                "batch_index": index, "batch_seed": first_seed, "batch_size": len(seeds),
                 "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
                 "version": __version__,
             })
