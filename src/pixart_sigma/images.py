@@ -1,32 +1,60 @@
-"""Images that remember how they were made: PNG metadata in and out, safe file names.
+"""Images that remember how they were made: metadata in and out, safe file names.
 
-Each image carries two text chunks:
+Each image carries two texts:
 - `parameters`: the A1111 text other tools already read (prompt, negative prompt, key: value line);
 - `pixart_sigma`: JSON with the exact settings, enough to make the same pixels again.
-Pillow writes iTXt (UTF-8) for text outside Latin-1, so any prompt survives the round trip.
+A PNG holds them in text chunks (Pillow picks iTXt, UTF-8, for text outside Latin-1). A JPEG or WebP
+holds them in EXIF: the A1111 text in UserComment, as A1111 writes it, and the JSON, ASCII-escaped,
+in ImageDescription. Reading walks the file's chunks or segments by hand, each bounded, and never
+decodes pixels; what is read is validated with the same rules as any other settings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import re
-import tempfile
+import secrets
+import struct
 import time
 import unicodedata
+import zlib
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Optional, Union
 
 from PIL import Image, PngImagePlugin
 
+from .errors import MetadataError, SettingsError
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, SAMPLERS, Settings, check_text,
+                       parse_settings)
+
 JSON_KEY = "pixart_sigma"
 A1111_KEY = "parameters"
-SAMPLER_NAMES = {"dpm-solver++": "DPM++ 2M", "sa-solver": "SA-Solver", "euler": "Euler",
-                 "euler-ancestral": "Euler a", "ddim": "DDIM", "unipc": "UniPC"}
+SAMPLER_NAMES = {name: sampler.a1111_name for name, sampler in SAMPLERS.items()}
 # Settings that decide the pixels; the rest of the JSON chunk is information.
-REPRODUCIBLE_KEYS = ("model_name", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width",
-                     "height", "dtype", "scheduler", "use_resolution_binning", "max_sequence_length")
+REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields if name not in ("device", "num_images_per_prompt"))
+# What a record may hold besides the settings and the prompt; any other key read from a file is dropped.
+INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
+             "base_revision", "version")
+RECORD_KEYS = frozenset(Settings.model_fields) | {"prompt"} | frozenset(INFO_KEYS)
 
+# Bounds on what is read from a file: a record is a few KB (a prompt is at most 10,000 characters).
+MAX_TEXT_BYTES = 1 << 20  # one text chunk or EXIF block, and what a compressed chunk may inflate to
+MAX_CHUNKS = 100_000  # chunks or segments walked; a 1 GB PNG from libpng has about 130,000
+MAX_TRUNCATED_TOKENS = 2 * MAX_PROMPT_CHARS  # T5 makes at most about one token per character
+MAX_SAMPLED_SIDE = 4 * MAX_SIDE  # resolution binning may sample a larger size than asked (4096 on the 2K model)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, IMAGE_DESCRIPTION, USER_COMMENT = 0x8769, 0x010E, 0x9286
+MAX_JPEG_EXIF_BYTES = 65_533  # one APP1 segment: 65,535 less its length field
+
+
+# -- writing ---------------------------------------------------------------------------------------
 
 def _quote(value: Any) -> str:
     text = str(value)
@@ -53,7 +81,7 @@ def a1111_text(record: dict[str, Any]) -> str:
 
 
 def attach(image: Image.Image, record: dict[str, Any]) -> Image.Image:
-    """Put a record into `image.info` (both chunks), so saving and reading need no side channel."""
+    """Put a record into `image.info` (both texts), so saving and reading need no side channel."""
     image.info[JSON_KEY] = json.dumps(record, ensure_ascii=False, sort_keys=True)
     image.info[A1111_KEY] = a1111_text(record)
     return image
@@ -67,25 +95,315 @@ def png_info(image: Image.Image) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_image(image: Image.Image, path: Union[str, os.PathLike]) -> Path:
-    """Write a PNG with its metadata atomically: a crash never leaves a half-written file under `path`."""
+def exif_bytes(image: Image.Image) -> bytes:
+    """The EXIF block carrying `image.info`'s two texts, for a JPEG or WebP."""
+    exif = Image.Exif()
+    if JSON_KEY in image.info:
+        # An EXIF string is ASCII: re-dumping escapes the rest the JSON way, which reads back to the same values.
+        exif[IMAGE_DESCRIPTION] = f"{JSON_KEY}:" + json.dumps(json.loads(image.info[JSON_KEY]), sort_keys=True)
+    if A1111_KEY in image.info:  # as A1111 writes it (piexif's "unicode" encoding: UTF-16 big-endian)
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + image.info[A1111_KEY].encode("utf-16-be")
+    return exif.tobytes()
+
+
+def _save_options(image: Image.Image, path: Path) -> dict[str, Any]:
+    """Pillow's save arguments for the format `path`'s suffix names; SettingsError before anything is written."""
+    format = SAVE_FORMATS.get(path.suffix.lower())
+    if format is None:
+        what = f"its suffix '{path.suffix}' names no format we write" if path.suffix else "it has no suffix"
+        raise SettingsError([f"cannot save {path}: {what}; use one of {', '.join(SAVE_FORMATS)}"])
+    if format == "PNG":
+        return {"format": format, "pnginfo": png_info(image)}
+    exif = exif_bytes(image)
+    if format == "JPEG" and len(exif) > MAX_JPEG_EXIF_BYTES:
+        raise SettingsError([f"cannot save {path}: its settings need {len(exif):,} bytes of EXIF, more than a JPEG's "
+                             "64 KB; save it as .png or .webp"])
+    return {"format": format, "exif": exif, "quality": 95}
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """A new empty file next to `path`, open for writing; mode 0o666 so the umask applies (mkstemp: 0o600)."""
+    for _ in range(100):
+        temporary = path.with_name(f".partial-{secrets.token_hex(8)}{path.suffix}")
+        try:
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+            return temporary, os.open(temporary, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary file name next to {path}")
+
+
+def _naming(path: Path, error: OSError) -> OSError:
+    """The same kind of error, naming the file the caller asked for rather than our temporary file."""
+    if error.errno is None:
+        return OSError(f"cannot write {path}: {error}")
+    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}")  # OSError picks the subclass
+
+
+def save_image(image: Image.Image, path: Union[str, os.PathLike], *, overwrite: bool = True) -> Path:
+    """Write `image` with its settings, in the format the suffix names: .png, .jpg/.jpeg or .webp.
+
+    Atomic: the file is written under a temporary name, then renamed, so a crash never leaves a
+    half-written file under `path`. With `overwrite=False` an existing file is never replaced:
+    FileExistsError instead. A suffix we cannot write is a SettingsError, raised before anything is written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=path.parent)
+    options = _save_options(image, path)
+    temporary: Optional[Path] = None
+    published = True
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary, handle = _create_temporary(path)
         with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=png_info(image))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+            image.save(stream, **options)
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # unlike a rename, a link fails when `path` exists
+            except FileExistsError:
+                published = False
+    except OSError as error:
+        raise _naming(path, error) from error
+    finally:
+        if temporary is not None:  # gone after a rename; a second name after a link
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+    if not published:
+        raise FileExistsError(errno.EEXIST, f"{path} exists already: not replaced (overwrite=False)")
     return path
 
 
+def check_output_dir(path: Union[str, os.PathLike]) -> Path:
+    """The output folder, created if missing (parents too) and proven writable: call it before any model loads."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SettingsError([f"output folder {folder} is a file, not a folder"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((parent for parent in folder.parents if parent.exists()), None)
+        reason = f"{blocker} is a file" if blocker and not blocker.is_dir() else error.strerror or str(error)
+        raise SettingsError([f"output folder {folder} cannot be created: {reason}"]) from None
+    try:
+        temporary, handle = _create_temporary(folder / "write-test")
+        os.close(handle)
+        os.unlink(temporary)
+    except OSError as error:
+        raise SettingsError([f"output folder {folder} is not writable: {error.strerror or error}"]) from None
+    return folder
+
+
+# -- reading: the two texts, found without decoding pixels ---------------------------------------
+
+def _inflate(data: bytes, name: str, where: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT_BYTES + 1)  # bounded: a few KB may inflate to gigabytes
+    except zlib.error:
+        raise MetadataError(f"{name}: its {where} is damaged (its compressed text does not inflate)") from None
+    if len(text) > MAX_TEXT_BYTES:
+        raise MetadataError(f"{name}: its {where} is over the limit of {MAX_TEXT_BYTES:,} bytes once inflated")
+    if not inflater.eof:
+        raise MetadataError(f"{name}: its {where} is damaged (its compressed text is cut short)")
+    return text
+
+
+def _png_chunk_text(kind: bytes, data: bytes, name: str, where: str) -> str:
+    """The text of a tEXt (Latin-1), zTXt (compressed Latin-1) or iTXt (UTF-8, maybe compressed) chunk."""
+    rest = data.partition(b"\0")[2]  # after the keyword
+    if kind == b"tEXt":
+        raw, encoding = rest, "latin-1"
+    elif kind == b"zTXt":  # compression method byte, then zlib data
+        raw, encoding = _inflate(rest[1:], name, where), "latin-1"
+    else:  # compression flag, method, language tag NUL, translated keyword NUL, text
+        parts = rest[2:].split(b"\0", 2)
+        if len(rest) < 2 or len(parts) < 3:
+            raise MetadataError(f"{name}: its {where} is damaged (an iTXt chunk without its fields)")
+        raw, encoding = (_inflate(parts[2], name, where) if rest[0] else parts[2]), "utf-8"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise MetadataError(f"{name}: its {where} is damaged (not {encoding} at byte {error.start})") from None
+
+
+def _png_texts(stream: BinaryIO, name: str) -> dict[str, tuple[str, str]]:
+    """Our two text chunks of a PNG, by walking its chunks: pixel data is skipped, never read.
+
+    Text chunks may come before or after the pixels. A truncated file gives what it still holds.
+    """
+    texts: dict[str, tuple[str, str]] = {}
+    stream.seek(len(PNG_SIGNATURE))
+    for _ in range(MAX_CHUNKS):
+        head = stream.read(8)
+        if len(head) < 8:
+            break  # the end of the file, maybe cut short
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND" or length > 0x7FFFFFFF:  # the spec's largest chunk; beyond it the file is garbage
+            break
+        peek = stream.read(min(length, 80)) if kind in PNG_TEXT_CHUNKS else b""  # keyword: 1-79 bytes, NUL
+        key = peek.partition(b"\0")[0].decode("latin-1")
+        if key not in (JSON_KEY, A1111_KEY) or key in texts:
+            stream.seek(length - len(peek) + 4, os.SEEK_CUR)  # the data and its CRC
+            continue
+        where = f"'{key}' text chunk"
+        if length > MAX_TEXT_BYTES:
+            raise MetadataError(f"{name}: its {where} is {length:,} bytes, over the limit of {MAX_TEXT_BYTES:,}")
+        data = peek + stream.read(length - len(peek))
+        crc = stream.read(4)
+        if len(data) < length or len(crc) < 4:
+            raise MetadataError(f"{name}: its {where} is cut short (the file is truncated)")
+        if zlib.crc32(kind + data) != int.from_bytes(crc, "big"):
+            raise MetadataError(f"{name}: its {where} is damaged (its checksum does not match)")
+        texts[key] = (_png_chunk_text(kind, data, name, where), where)
+        if key == JSON_KEY:
+            break  # the JSON is all we need
+    return texts
+
+
+def _jpeg_exif(stream: BinaryIO) -> Optional[bytes]:
+    """A JPEG's EXIF block: an APP1 segment among the header segments, which all come before the pixels."""
+    stream.seek(2)  # past SOI
+    for _ in range(MAX_CHUNKS):
+        head = stream.read(4)  # 0xFF, marker, big-endian length counting itself
+        if len(head) < 4 or head[0] != 0xFF or head[1] in (0xD9, 0xDA):  # the end, or SOS: pixels follow
+            return None
+        length = int.from_bytes(head[2:], "big")
+        if length < 2:  # a length counts its own two bytes: anything less is garbage
+            return None
+        if head[1] == 0xE1 and length > 8:
+            data = stream.read(length - 2)
+            if data.startswith(b"Exif\0\0"):  # another APP1 may hold XMP
+                return data
+        else:
+            stream.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def _webp_exif(stream: BinaryIO, name: str) -> Optional[bytes]:
+    """A WebP's EXIF chunk, by walking its RIFF chunks (four-letter kind, little-endian size, padded to even)."""
+    stream.seek(12)  # past "RIFF", the file size and "WEBP"
+    for _ in range(MAX_CHUNKS):
+        head = stream.read(8)
+        if len(head) < 8:
+            return None
+        kind, size = head[:4], int.from_bytes(head[4:], "little")
+        if kind == b"EXIF":
+            if size > MAX_TEXT_BYTES:
+                raise MetadataError(f"{name}: its EXIF block is {size:,} bytes, over the limit of {MAX_TEXT_BYTES:,}")
+            data = stream.read(size)
+            if len(data) < size:
+                raise MetadataError(f"{name}: its EXIF block is cut short (the file is truncated)")
+            return data
+        stream.seek(size + size % 2, os.SEEK_CUR)
+    return None
+
+
+def _exif_texts(data: bytes, name: str) -> dict[str, tuple[str, str]]:
+    """Our two texts in an EXIF block: the JSON in ImageDescription, the A1111 text in UserComment."""
+    exif = Image.Exif()
+    try:
+        exif.load(data)
+        description = exif.get(IMAGE_DESCRIPTION)
+        comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except Exception as error:  # Pillow's TIFF reader raises many kinds of error on damaged data
+        raise MetadataError(f"{name}: its EXIF block is damaged ({error})") from None
+    texts: dict[str, tuple[str, str]] = {}
+    prefix = f"{JSON_KEY}:"
+    if isinstance(description, str) and description.startswith(prefix):  # cameras put captions there too
+        texts[JSON_KEY] = (description[len(prefix):], f"'{JSON_KEY}' EXIF ImageDescription")
+    where = f"'{A1111_KEY}' EXIF UserComment"
+    try:
+        if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+            texts[A1111_KEY] = (comment[8:].decode("utf-16-be"), where)
+        elif isinstance(comment, bytes) and comment.startswith(b"ASCII\0\0\0"):
+            texts[A1111_KEY] = (comment[8:].decode("ascii"), where)
+    except UnicodeDecodeError as error:
+        raise MetadataError(f"{name}: its {where} is damaged (not {error.encoding} at byte {error.start})") from None
+    return texts
+
+
+def _file_texts(stream: BinaryIO, name: str) -> dict[str, tuple[str, str]]:
+    head = stream.read(12)
+    if head.startswith(PNG_SIGNATURE):
+        return _png_texts(stream, name)
+    if head.startswith(b"\xff\xd8"):
+        exif = _jpeg_exif(stream)
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        exif = _webp_exif(stream, name)
+    else:
+        raise MetadataError(f"{name} is not a PNG, JPEG or WebP file")
+    return _exif_texts(exif, name) if exif else {}
+
+
+def _info_texts(info: dict, name: str) -> dict[str, tuple[str, str]]:
+    """Our two texts in a Pillow image's `info`: as `attach` put them, or as Pillow read them from the header."""
+    texts = {key: (info[key], f"'{key}' text") for key in (JSON_KEY, A1111_KEY) if isinstance(info.get(key), str)}
+    if not texts and isinstance(info.get("exif"), bytes):
+        texts = _exif_texts(info["exif"], name)
+    for text, where in texts.values():
+        if len(text) > MAX_TEXT_BYTES:
+            raise MetadataError(f"{name}: its {where} is {len(text):,} characters, "
+                                f"over the limit of {MAX_TEXT_BYTES:,}")
+    return texts
+
+
+# -- reading: from text to a validated record -----------------------------------------------------
+
+def _a1111_pairs(line: str) -> dict[str, str]:
+    """`Key: value, Key: "quoted, value"` as a dict, in one pass over the line: no regex, no backtracking."""
+    pairs: dict[str, str] = {}
+    i, end = 0, len(line)
+    while i < end:
+        start = i
+        while i < end and line[i] not in ":,":
+            i += 1
+        if i == end:
+            break
+        if line[i] == ",":  # a piece without "key:" is no pair
+            i += 1
+            continue
+        key = line[start:i].strip()
+        i += 1
+        while i < end and line[i] == " ":
+            i += 1
+        start = i
+        if i < end and line[i] == '"':  # a JSON string: up to the first quote that is not escaped
+            i += 1
+            while i < end and line[i] != '"':
+                i += 2 if line[i] == "\\" else 1
+            i += 1
+            try:
+                value = json.loads(line[start:i])
+            except ValueError:
+                value = line[start:i]
+            while i < end and line[i] != ",":
+                i += 1
+        else:
+            while i < end and line[i] != ",":
+                i += 1
+            value = line[start:i].strip()
+        i += 1
+        if key:
+            pairs.setdefault(key, value)
+    return pairs
+
+
+def _a1111_integer(text: str) -> Optional[int]:
+    return int(text) if re.fullmatch(r"-?[0-9]{1,20}", text) else None
+
+
+def _a1111_number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _parse_a1111(text: str) -> dict[str, Any]:
-    """Read A1111 `parameters` text (ours or another tool's) into our setting names."""
+    """Read A1111 `parameters` text (ours or another tool's) into our setting names; what it cannot read is left out."""
     lines = text.split("\n")
-    last = lines[-1] if len(lines) > 1 and re.match(r"^\s*Steps: ", lines[-1]) else ""
+    last = lines[-1] if lines[-1].lstrip().startswith("Steps: ") else ""
     body = lines[:-1] if last else lines
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in body:
@@ -96,37 +414,153 @@ def _parse_a1111(text: str) -> dict[str, Any]:
     record: dict[str, Any] = {"prompt": "\n".join(prompt_lines)}
     if negative_lines:
         record["negative_prompt"] = "\n".join(negative_lines)
-    pairs = dict(re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last))
-    values = {key.strip(): json.loads(value) if value.startswith('"') else value.strip() for key, value in pairs.items()}
+    values = _a1111_pairs(last)
     samplers = {name: key for key, name in SAMPLER_NAMES.items()}
-    converters = {
-        "Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-        "Model": ("model_name", str), "Sampler": ("scheduler", lambda v: samplers.get(v, v)), "Dtype": ("dtype", str),
+    readers = {
+        "Steps": ("num_inference_steps", _a1111_integer), "CFG scale": ("guidance_scale", _a1111_number),
+        "Seed": ("seed", _a1111_integer), "Model": ("model_name", str), "Dtype": ("dtype", str),
+        "Sampler": ("scheduler", samplers.get),  # a sampler we do not have is left out
     }
-    for key, (name, convert) in converters.items():
-        if key in values:
-            try:
-                record[name] = convert(values[key])
-            except ValueError:
-                pass
-    if re.fullmatch(r"\d+x\d+", values.get("Size", "")):
-        record["width"], record["height"] = (int(v) for v in values["Size"].split("x"))
+    for key, (name, read) in readers.items():
+        value = read(values[key]) if key in values else None
+        if value is not None:
+            record[name] = value
+    size = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", values.get("Size", ""))
+    if size:
+        record["width"], record["height"] = int(size[1]), int(size[2])
+    return record
+
+
+class _NonFinite:
+    """NaN, Infinity or an overflowing number in JSON, kept aside so the error can name its field."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _json_number(text: str) -> Any:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _parse_json(text: str, name: str, where: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_NonFinite, parse_float=_json_number)
+    except RecursionError:
+        raise _invalid(name, where, ["it is not valid JSON: nested too deeply"]) from None
+    except ValueError as error:  # also an integer of more than 4,300 digits
+        raise _invalid(name, where, [f"it is not valid JSON: {error}"]) from None
+
+
+def _invalid(name: str, where: str, problems: list[str]) -> MetadataError:
+    head = f"{name}: the settings in its {where} are not valid"
+    if len(problems) == 1:
+        return MetadataError(f"{head}: {problems[0]}")
+    return MetadataError("\n".join([f"{head}:"] + [f"  - {problem}" for problem in problems]))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float, _NonFinite)):
+        return "a number"
+    return {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _info_problems(record: dict[str, Any]) -> list[str]:
+    """The rules of the informational fields: what `generate` writes, nothing else."""
+    problems: list[str] = []
+
+    def integer(key: str, low: int, high: int, note: str = "") -> None:
+        value = record.get(key)
+        if key in record and (type(value) is not int or not low <= value <= high):  # type(): True is no integer here
+            problems.append(f"{key}={value!r} is not valid: it must be an integer from {low} to {high}{note}")
+
+    size = record.get("batch_size", 1)
+    integer("batch_size", 1, MAX_IMAGES)
+    if type(size) is int and 1 <= size <= MAX_IMAGES:
+        integer("batch_index", 0, size - 1, f" (batch_size={size})")
+    integer("batch_seed", 0, MAX_SEED)
+    integer("truncated_tokens", 0, MAX_TRUNCATED_TOKENS)
+    if not problems and all(type(record.get(key)) is int for key in ("seed", "batch_seed", "batch_index")):
+        if record["seed"] != record["batch_seed"] + record["batch_index"]:
+            problems.append(f"seed={record['seed']} does not match batch_seed={record['batch_seed']} + "
+                            f"batch_index={record['batch_index']}: image k of a batch has the seed batch_seed + k")
+    sampled = record.get("sampled_size")
+    if "sampled_size" in record and not (
+            isinstance(sampled, list) and len(sampled) == 2
+            and all(type(side) is int and 1 <= side <= MAX_SAMPLED_SIDE for side in sampled)):
+        problems.append(f"sampled_size={sampled!r} is not valid: it must be a list of two integers from 1 to "
+                        f"{MAX_SAMPLED_SIDE} (width, height)")
+    for key in ("model_revision", "base_revision"):  # absent in files from before they were recorded
+        revision = record.get(key)
+        if revision is not None and not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
+            problems.append(f"{key}={revision!r} is not valid: it must be a 40 hexadecimal digit commit hash, "
+                            "or null for a local checkpoint")
+    if "version" in record:
+        try:
+            check_text("version", record["version"], required=False)
+        except SettingsError as error:
+            problems += error.problems
+    return problems
+
+
+def _validated(raw: Any, name: str, where: str) -> dict[str, Any]:
+    """The record with every known field checked by the library's own rules; unknown keys are dropped."""
+    if not isinstance(raw, dict):
+        raise _invalid(name, where, [f"it must be a JSON object, not {_kind(raw)}"])
+    problems: list[str] = []
+    record = {key: value for key, value in raw.items() if key in RECORD_KEYS}
+    for key, value in list(record.items()):
+        if isinstance(value, _NonFinite) or (isinstance(value, list) and any(isinstance(v, _NonFinite) for v in value)):
+            problems.append(f"{key}={value!r} is not valid: NaN and Infinity are not accepted, a number must be finite")
+            del record[key]
+    given = {key: value for key, value in record.items() if key in Settings.model_fields}
+    try:
+        settings = parse_settings(given)
+        record.update({key: getattr(settings, key) for key in given})
+    except SettingsError as error:
+        problems += error.problems
+    if "prompt" in record:
+        try:
+            check_text("prompt", record["prompt"], required=True)
+        except SettingsError as error:
+            problems += error.problems
+    elif "prompt" not in raw:
+        problems.append("prompt is missing: an image's settings must say what it shows")
+    problems += _info_problems(record)
+    if problems:
+        raise _invalid(name, where, problems)
     return record
 
 
 def read_settings(source: Union[str, os.PathLike, Image.Image]) -> dict[str, Any]:
-    """The settings an image was made with: our JSON chunk, else its A1111 `parameters` text.
+    """The validated settings an image was made with: our JSON, else its A1111 `parameters` text.
 
-    Raises ValueError when the image carries neither.
+    A path is read without decoding pixels (PNG, JPEG or WebP); a Pillow image is read from its `info`.
+    Raises MetadataError (a ValueError) naming the file, the field and the rule when the image carries
+    no settings or settings that are malformed or invalid.
     """
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    info = getattr(image, "text", None) or image.info
-    if JSON_KEY in info:
-        return json.loads(info[JSON_KEY])
-    if A1111_KEY in info:
-        return _parse_a1111(info[A1111_KEY])
-    name = getattr(image, "filename", None) or "the image"
-    raise ValueError(f"{name} carries no generation settings (no '{JSON_KEY}' or '{A1111_KEY}' PNG text chunk)")
+    if isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or "the image"
+        texts = _info_texts(source.info, name)
+    else:
+        name = os.fsdecode(source)
+        with open(source, "rb") as stream:
+            texts = _file_texts(stream, name)
+    if JSON_KEY in texts:
+        text, where = texts[JSON_KEY]
+        return _validated(_parse_json(text, name, where), name, where)
+    if A1111_KEY in texts:
+        text, where = texts[A1111_KEY]
+        return _validated(_parse_a1111(text), name, where)
+    raise MetadataError(f"{name} carries no generation settings (no '{JSON_KEY}' or '{A1111_KEY}' text chunk "
+                        "or EXIF field)")
 
 
 def reproducible_settings(record: dict[str, Any]) -> dict[str, Any]:
