@@ -49,12 +49,60 @@ def test_generate_from_a_png_makes_the_same_pixels(tiny, tmp_path, capsys):
     _, out, _ = run(capsys, "generate", "a blue square", "--model-name", tiny, "--num-inference-steps", 3,
                     "--num-images-per-prompt", 3, "-o", tmp_path / "first", "-q")
     source = written(out)[2]
-    code, out, _ = run(capsys, "generate", "--from", source, "-o", tmp_path / "again", "-q")
-    assert code == 0
+    code, out, err = run(capsys, "generate", "--from", source, "--model-name", tiny, "-o", tmp_path / "again", "-q")
+    assert code == 0 and f"from {source}: model_name={tiny!r}" in err
     again = written(out)
     assert len(again) == 1
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(source)))
     assert read_settings(again[0])["seed"] == read_settings(source)["seed"]
+
+
+def test_a_png_cannot_choose_a_local_folder_to_load(tiny, tmp_path, capsys):
+    _, out, _ = run(capsys, "generate", "a cat", "--model-name", tiny, "--num-inference-steps", 1, "-o", tmp_path, "-q")
+    code, out, err = run(capsys, "generate", "--from", written(out)[0], "-o", tmp_path / "again", "-q")
+    assert code == 2 and "a local folder" in err and f"--model-name {tiny!r}" in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_png_may_choose_the_demo_and_says_so_even_when_quiet(tmp_path, capsys):
+    _, out, _ = run(capsys, "generate", "a red circle", "--model-name", "demo", "--seed", 3,
+                    "--num-inference-steps", 2, "-o", tmp_path, "-q")
+    code, out, err = run(capsys, "generate", "--from", written(out)[0], "-o", tmp_path / "again", "-q")
+    assert code == 0 and "model_name='demo'" in err and "seed=3" in err
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ("[1, 2]", "must be a JSON object"), ('"text"', "must be a JSON object"), ("null", "must be a JSON object"),
+    ('{"prompt": "x", "seed": 1, "batch_size": null}', "batch_size"),
+    ('{"prompt": "x", "seed": Infinity}', "Infinity"),
+    ('{"prompt": "x", "seed": 1, "batch_size": 2, "batch_index": 5, "batch_seed": 1}', "batch_index"),
+])
+def test_crafted_metadata_is_a_clear_error_naming_the_file(tmp_path, capsys, record, fragment):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("pixart_sigma", record)
+    path = tmp_path / "crafted.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    for command in (["generate", "--from", path, "-o", tmp_path / "out"], ["info", path]):
+        code, out, err = run(capsys, *command)
+        assert code == 2 and "crafted.png" in err and fragment in err and "Traceback" not in err, (command, err)
+        assert not out and not (tmp_path / "out").exists()
+
+
+def test_the_output_folder_is_checked_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    from pixart_sigma import engine
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    loads = engine.load_count
+    for command in ("generate", "batch"):
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a cat\n")
+        first = ["a cat"] if command == "generate" else [prompts]
+        code, _, err = run(capsys, command, *first, "--model-name", "demo", "-o", blocker / "sub", "-q")
+        assert code == 2 and str(blocker) in err and ".partial" not in err
+    assert engine.load_count == loads
 
 
 def test_batch_is_resumable(tiny, tmp_path, capsys):
@@ -70,12 +118,80 @@ def test_batch_is_resumable(tiny, tmp_path, capsys):
     assert code == 0 and written(out) == [first[1]] and "1 prompt(s) generated, 2 already done" in err
 
 
+def _folder(path):
+    return {p.name: np.asarray(Image.open(p)).tobytes() for p in sorted(path.glob("*.png"))}
+
+
+def test_batch_names_follow_content_so_inserting_a_line_changes_nothing(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na green triangle\n", encoding="utf-8")
+    args = ["batch", prompts, "--model-name", tiny, "--num-inference-steps", 1, "--num-images-per-prompt", 2,
+            "-o", tmp_path / "out", "-q"]
+    assert run(capsys, *args)[0] == 0
+    before = _folder(tmp_path / "out")
+    prompts.write_text("a blue square\na red circle\na green triangle\n", encoding="utf-8")
+    code, out, err = run(capsys, *args)
+    after = _folder(tmp_path / "out")
+    assert code == 0 and "1 prompt(s) generated, 2 already done" in err
+    assert len(after) == 6 and all(after[name] == pixels for name, pixels in before.items())
+    assert all("blue-square" in line for line in written(out))
+
+
+def test_batch_resume_with_random_seeds_never_overwrites_and_completes_the_same_batch(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na red circle\n", encoding="utf-8")  # the same prompt twice: two batches
+    args = ["batch", prompts, "--model-name", tiny, "--num-inference-steps", 2, "--num-images-per-prompt", 3,
+            "-o", tmp_path / "out", "-q"]
+    assert run(capsys, *args)[0] == 0
+    before = _folder(tmp_path / "out")
+    assert len(before) == 6
+    names = sorted(before)
+    (tmp_path / "out" / names[1]).unlink()
+    (tmp_path / "out" / names[2]).unlink()
+    code, out, err = run(capsys, *args)
+    after = _folder(tmp_path / "out")
+    assert code == 0 and sorted(written(out)) == sorted(str(tmp_path / "out" / n) for n in names[1:3])
+    assert after == before  # the missing images are remade from the earlier run's seed, the others untouched
+
+
+def test_prompt_files_are_read_as_editors_show_them(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa red circle\r\nline\u2028same line\n".encode("utf-8"))
+    code, out, _ = run(capsys, "batch", prompts, "--model-name", tiny, "--num-inference-steps", 1,
+                       "-o", tmp_path / "out", "-q")
+    assert code == 0
+    assert sorted(read_settings(f)["prompt"] for f in written(out)) == ["a red circle", "line\u2028same line"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"fine\nbad \xff byte\n", "prompts.txt:2: not valid UTF-8"),
+    (b"fine\nform\x0cfeed\n", "prompts.txt:2"),
+])
+def test_bad_prompt_files_name_the_file_and_line(tiny, tmp_path, capsys, content, fragment):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    code, _, err = run(capsys, "batch", prompts, "--model-name", tiny, "-o", tmp_path / "out", "-q")
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
 def test_batch_checks_every_line_before_generating(tiny, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("fine\nbad\x07line\n", encoding="utf-8")
     code, out, err = run(capsys, "batch", prompts, "--model-name", tiny, "-o", tmp_path / "out", "-q")
     assert code == 2 and "prompts.txt:2" in err and "U+0007" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_models_lists_the_known_checkpoints(capsys, hub_cache):
+    code, out, _ = run(capsys, "models")
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert code == 0 and "ready" in lines["demo"] and "ready" in lines["PixArt-alpha/PixArt-Sigma-XL-2-512-MS"]
+    assert "not downloaded (about 2.4 GB)" in lines["PixArt-alpha/PixArt-Sigma-XL-2-2K-MS"]
+    code, out, _ = run(capsys, "models", "--json")
+    rows = {row["model_name"]: row for row in json.loads(out)}
+    assert rows["demo"]["complete"] and rows["demo"]["size_bytes"] > 1e6 and rows["demo"]["native_size"] == 64
+    code, out, _ = run(capsys, "models", "-v")
+    assert "hf download PixArt-alpha/PixArt-Sigma-XL-2-2K-MS" in out
 
 
 def test_schema_prints_the_json_schema(capsys):

@@ -1,9 +1,8 @@
-"""`pixart-sigma`: generate, batch, schema, info. A front end: it calls only the public library."""
+"""`pixart-sigma`: generate, batch, schema, info, models. A front end: it calls only the public library."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import typing
@@ -63,21 +62,23 @@ class _Progress:
             self.bar.close()
 
 
-def _write(images, output_dir: Path, names: Optional[list[str]] = None) -> list[Path]:
+def _write(images, output_dir: Path) -> list[Path]:
+    """Save new images under names we choose; an existing file is never replaced."""
     from . import read_settings, save_image
     from .images import output_name
 
     written = []
-    for index, image in enumerate(images):
+    for image in images:
         record = read_settings(image)
-        name = names[index] if names else output_name(record["prompt"], record["seed"])
-        path = output_dir / name
-        if names is None:
-            stem, counter = path.stem, 1
-            while path.exists():  # two images in the same second with the same seed and prompt
+        path = output_dir / output_name(record["prompt"], record["seed"])
+        stem, counter = path.stem, 1
+        while True:
+            try:
+                written.append(save_image(image, path, overwrite=False))
+                break
+            except FileExistsError:  # two images in the same second with the same seed and prompt
                 path = output_dir / f"{stem}-{counter}.png"
                 counter += 1
-        written.append(save_image(image, path))
     return written
 
 
@@ -93,68 +94,84 @@ def _load(settings: dict[str, Any], quiet: bool):
     return PixArtSigmaModel(**settings)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, Any], Optional[int], str]:
+    """Settings, the index to keep (None: keep all), and the prompt stored in a PNG, for `--from`.
+
+    A PNG is somebody else's file: it may name a known checkpoint or the demo, but a local folder
+    only when the user names it too (--model-name), so a shared image cannot choose what code loads.
+    """
     from . import read_settings
+    from .checkpoints import DEMO_NAME, KNOWN_CHECKPOINTS
     from .images import batch_settings
+
+    record = read_settings(path)
+    settings, index = batch_settings(record)
+    keep: Optional[int] = index  # remake the image's whole batch and keep it alone: bit-identical pixels
+    if given.keys() & {"seed", "num_images_per_prompt"}:
+        settings.update(seed=record.get("seed", -1), num_images_per_prompt=1)
+        keep = None
+    stored = settings.get("model_name")
+    if "model_name" not in given and stored is not None and stored not in (*KNOWN_CHECKPOINTS, DEMO_NAME):
+        raise _UsageError(
+            f"{path} was made with model_name={stored!r}, a local folder: an image may only choose a known "
+            f"checkpoint or {DEMO_NAME!r}. If you trust that folder, say so: --model-name {stored!r}")
+    return settings, keep, record["prompt"]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import check_output_dir, read_settings
     from .settings import check_text
 
     settings: dict[str, Any] = {}
     prompt, keep = args.prompt, None
     given = _given_settings(args)
     if args.from_image:
-        record = read_settings(args.from_image)
-        settings, index = batch_settings(record)
-        if not given.keys() & {"seed", "num_images_per_prompt"}:
-            keep = index  # remake the image's whole batch and keep it alone: bit-identical pixels
-        else:
-            settings.update(seed=record["seed"], num_images_per_prompt=1)
-        prompt = prompt or record.get("prompt")
+        settings, keep, stored_prompt = _settings_from_image(args.from_image, given)
+        prompt = prompt or stored_prompt
+        # Said even with -q: the file, not the user, picked these.
+        print(f"from {args.from_image}: model_name={given.get('model_name', settings.get('model_name'))!r}, "
+              f"seed={given.get('seed', settings.get('seed'))}", file=sys.stderr, flush=True)
     settings.update(given)
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
     check_text("prompt", prompt, required=True)  # before the model loads, not after
+    output_dir = check_output_dir(args.output_dir)
     model = _load(settings, args.quiet)
     images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"))
     if keep is not None:
         images = images[keep:keep + 1]
-    for path in _write(images, Path(args.output_dir)):
+    for path in _write(images, output_dir):
         print(f"{path}  seed={read_settings(path)['seed']}")
     return 0
-
-
-def _batch_key(prompt: str, settings: dict[str, Any]) -> str:
-    text = json.dumps({"prompt": prompt, **settings}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .images import safe_stem
-    from .settings import check_text
+    from . import check_output_dir, save_image
+    from .batch import plan_batch, read_prompt_file
 
-    source = Path(args.prompts_file)
-    lines = source.read_text(encoding="utf-8").splitlines()
-    prompts = [(number, line.strip()) for number, line in enumerate(lines, 1)
-               if line.strip() and not line.lstrip().startswith("#")]
-    for number, prompt in prompts:  # every line is checked before the first image
-        try:
-            check_text("prompt", prompt, required=True)
-        except ValueError as exc:
-            raise _UsageError(f"{source}:{number}: {exc}") from None
-    settings = _given_settings(args)
-    model = _load(settings, args.quiet)
-    count = model.settings["num_images_per_prompt"]
-    output_dir = Path(args.output_dir)
+    prompts = read_prompt_file(args.prompts_file)  # every line is checked before the first image
+    output_dir = check_output_dir(args.output_dir)
+    model = _load(_given_settings(args), args.quiet)
+    items = plan_batch(prompts, model.settings)
     done = skipped = 0
-    for number, prompt in tqdm(prompts, desc="prompts", unit="prompt", disable=args.quiet, file=sys.stderr):
-        stem = f"{number:05d}-{_batch_key(prompt, settings)}-{safe_stem(prompt, 32)}"
-        names = [f"{stem}-{k}.png" for k in range(count)]
-        if all((output_dir / name).is_file() for name in names):
+    for item in tqdm(items, desc="prompts", unit="prompt", disable=args.quiet, file=sys.stderr):
+        missing = item.missing(output_dir)
+        if not missing:
             skipped += 1  # resumable: this prompt was finished by an earlier run
             continue
-        for path in _write(model.generate(prompt), output_dir, names):
-            print(path, flush=True)
+        overrides = {}
+        if model.settings["seed"] == -1 and len(missing) < len(item.names):
+            earlier = item.earlier_seed(output_dir)  # make the missing images of the batch the earlier run drew
+            if earlier is not None:
+                overrides["seed"] = earlier
+        images = model.generate(item.prompt, **overrides)
+        for index in missing:
+            try:
+                print(save_image(images[index], output_dir / item.names[index], overwrite=False), flush=True)
+            except FileExistsError:  # another run wrote it meanwhile: keep theirs
+                pass
         done += 1
     print(f"{done} prompt(s) generated, {skipped} already done, images in {output_dir}", file=sys.stderr)
     return 0
@@ -170,7 +187,29 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from . import read_settings
 
-    print(json.dumps(read_settings(args.image), indent=2, ensure_ascii=False))
+    print(json.dumps(read_settings(args.image), indent=2, ensure_ascii=False, allow_nan=False))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoints import checkpoint_statuses
+
+    statuses = checkpoint_statuses()
+    if args.json:
+        print(json.dumps([{"model_name": s.model_name, "native_size": s.native_size, "complete": s.complete,
+                           "size_bytes": s.size_bytes, "folders": [str(f) for f in s.folders],
+                           "download_gb": s.download_gb, "problem": s.problem} for s in statuses], indent=2))
+        return 0
+    for status in statuses:
+        if status.complete:
+            where = ", ".join(sorted({str(f.parent) for f in status.folders}))
+            print(f"{status.model_name}  {status.native_size}px  ready  {status.size_bytes / 1e9:.2f} GB  {where}")
+        else:
+            print(f"{status.model_name}  {status.native_size}px  not downloaded (about {status.download_gb:g} GB)")
+            if args.verbose:
+                print("  " + status.problem.replace("\n", "\n  "))
+    if not args.verbose and not all(status.complete for status in statuses):
+        print("(-v shows what is missing and the download commands)")
     return 0
 
 
@@ -187,15 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw")
     generate.add_argument("--from", dest="from_image", metavar="IMAGE.png",
                           help="reuse the prompt and settings stored in a PNG we made (same settings, same pixels); "
-                               "flags given here override them")
+                               "flags given here override them. A PNG may name a known checkpoint or demo; a local "
+                               "folder is used only when --model-name names it too")
     generate.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="folder for the PNG files (default: outputs)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_setting_flags(generate)
     generate.set_defaults(handler=cmd_generate)
 
     batch = commands.add_parser("batch", help="generate for every line of a text file (resumable)",
-                                description="One prompt a line (blank lines and # comments skipped). "
-                                            "Prompts whose images already exist in the output folder are skipped.")
+                                description="One prompt a line of a UTF-8 file (blank lines and # comments skipped); "
+                                            "every line is checked before the first image. Files are named from the "
+                                            "prompt and settings, so a rerun makes only what is missing and never "
+                                            "replaces a file, however the lines were moved.")
     batch.add_argument("prompts_file", metavar="PROMPTS.txt")
     batch.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="folder for the PNG files (default: outputs)")
     batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -208,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the settings stored in a PNG")
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
+
+    models = commands.add_parser("models", help="list the known checkpoints: downloaded or not, size, folder")
+    models.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    models.add_argument("-v", "--verbose", action="store_true", help="say what is missing and how to download it")
+    models.set_defaults(handler=cmd_models)
     return parser
 
 
@@ -224,19 +271,16 @@ def _quiet_libraries() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import Cancelled, CheckpointError, GenerationError, SettingsError
+    from . import Cancelled, PixArtSigmaError
 
     try:
         return args.handler(args)
-    except (SettingsError, CheckpointError, GenerationError, _UsageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:  # unreadable files, PNGs without settings
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, Cancelled):
         print("cancelled", file=sys.stderr)
         return 130
+    except (PixArtSigmaError, _UsageError, OSError) as exc:  # everything we refuse, and unreadable files
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

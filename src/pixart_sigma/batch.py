@@ -1,0 +1,108 @@
+"""Many prompts from a file, resumable: names keyed by content, never by line number; nothing overwritten.
+
+A prompt's images are named `<slug>-<key>-<k>.png`, where the key hashes the prompt, the settings
+that decide its pixels, and which occurrence of that same prompt in the file it is. Inserting or
+reordering lines changes no name; a rerun skips what is done and makes only what is missing,
+with the seed the earlier run drew when the seed is random, so a finished file is never replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import MetadataError, SettingsError
+from .images import read_settings, safe_stem
+from .settings import Settings, check_text
+
+MAX_PROMPT_FILE_BYTES = 64 << 20
+COMMENT = "#"
+
+
+def read_prompt_file(path: os.PathLike | str) -> list[tuple[int, str]]:
+    """(line number, prompt) for each prompt line; blank lines and # comments skipped; all checked first.
+
+    Lines end at a newline only (a form feed or U+2028 does not start a line an editor would not show);
+    a UTF-8 byte order mark is dropped; every problem names the file and the line.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise SettingsError([f"prompt file {path}: {exc.strerror or exc}"]) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SettingsError([f"prompt file {path} is not a regular file"])
+    if info.st_size > MAX_PROMPT_FILE_BYTES:
+        raise SettingsError([f"prompt file {path} is {info.st_size:,} bytes: at most {MAX_PROMPT_FILE_BYTES:,}"])
+    data = path.read_bytes()[:MAX_PROMPT_FILE_BYTES]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SettingsError([f"{path}:{line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"]) from None
+    prompts, problems = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        prompt = line.removesuffix("\r").strip(" \t")
+        if not prompt or prompt.startswith(COMMENT):
+            continue
+        try:
+            prompts.append((number, check_text("prompt", prompt, required=True)))
+        except SettingsError as exc:
+            problems.append(f"{path}:{number}: {exc}")
+    if problems:
+        raise SettingsError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+    return prompts
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One prompt of a batch and the file names of its images."""
+
+    line: int
+    prompt: str
+    names: tuple[str, ...]
+
+    def missing(self, output_dir: Path) -> list[int]:
+        """Indices of this prompt's images not yet in `output_dir`."""
+        return [k for k, name in enumerate(self.names) if not (output_dir / name).exists()]
+
+    def earlier_seed(self, output_dir: Path) -> Optional[int]:
+        """The first seed an earlier run used for this prompt (from a finished image), if any."""
+        for name in self.names:
+            path = output_dir / name
+            if path.is_file():
+                try:
+                    record = read_settings(path)
+                except MetadataError:
+                    continue
+                if "batch_seed" in record:
+                    return record["batch_seed"]
+        return None
+
+
+def content_key(prompt: str, settings: dict[str, Any], occurrence: int) -> str:
+    text = json.dumps({"prompt": prompt, "settings": settings, "occurrence": occurrence}, sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any]) -> list[BatchItem]:
+    """Name every prompt's images from its content. `settings`: the model's validated settings."""
+    # Every setting but the device decides the pixels; a local model is keyed by its absolute path.
+    keyed = {name: settings[name] for name in Settings.field_names() if name != "device"}
+    if "checkpoint" in settings:
+        keyed["model_name"] = settings["checkpoint"].model_name
+    seen: dict[str, int] = {}
+    items = []
+    for line, prompt in prompts:
+        occurrence = seen.get(prompt, 0)
+        seen[prompt] = occurrence + 1
+        stem = f"{safe_stem(prompt, 32)}-{content_key(prompt, keyed, occurrence)}"
+        count = settings["num_images_per_prompt"]
+        items.append(BatchItem(line, prompt, tuple(f"{stem}-{k}.png" for k in range(count))))
+    return items
