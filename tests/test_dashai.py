@@ -1,10 +1,12 @@
 """The DashAI plugin, against the real dashai 0.10.0 package: discovery, registry, validation, DashAI's flow."""
 
 import os
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import Field, ValidationError
 
 pytest.importorskip("DashAI", reason="dashai is installed by `make test` (see requirements-dashai-test.txt)")
 
@@ -18,6 +20,8 @@ from DashAI.back.tasks.text_to_image_generation_task import TextToImageGeneratio
 
 from pixart_sigma import PixArtSigmaModel as CoreModel  # noqa: E402
 from pixart_sigma import SettingsError, read_settings  # noqa: E402
+from pixart_sigma.checkpoints import KNOWN_CHECKPOINTS  # noqa: E402
+from pixart_sigma.settings import DEFAULT_MODEL, Settings  # noqa: E402
 
 from conftest import BASE_REPO  # noqa: E402
 
@@ -71,6 +75,65 @@ def test_the_front_end_schema_carries_our_fields_defaults_bounds_and_description
     # Optional fields carry their description inside anyOf, as DashAI's own components do.
     assert all(p.get("description") or p["anyOf"][0]["description"] for p in properties.values())
     assert "Images per prompt" in str(properties["num_images_per_prompt"]["title"])  # our alias
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _flat(prop: dict) -> dict:
+    """A nullable property keeps its details in the non-null anyOf branch: merge them in."""
+    merged = dict(prop)
+    for branch in prop.get("anyOf", []):
+        if branch.get("type") != "null":
+            merged.update(branch)
+    return merged
+
+
+def _assert_form_is(form: dict, settings: type[Settings]) -> None:
+    """DashAI's form schema says what `settings` says: names in order, labels, descriptions, types, bounds, defaults."""
+    from pixart_sigma.integrations.dashai import PLACEHOLDERS
+
+    declared = settings.model_json_schema()["properties"]
+    assert list(form["properties"]) == list(declared)
+    assert form["required"] == list(declared)  # the form sends every field
+    for name, ours in declared.items():
+        shown, ours = _flat(form["properties"][name]), _flat(ours)
+        assert shown["title"].en == ours["title"], name
+        assert shown["description"].en == ours["description"], name
+        assert shown["type"] == ours["type"], name
+        assert {k: shown.get(k) for k in BOUNDS} == {k: ours.get(k) for k in BOUNDS}, name
+        if "enum" in ours:
+            assert shown["enum"] == ours["enum"], name
+        # The few defaults a form cannot show (None, "auto") are replaced, and only those.
+        assert shown["placeholder"] == PLACEHOLDERS.get(name, ours["default"]), name
+        assert name not in PLACEHOLDERS or ours["default"] in (None, "auto"), name
+
+
+def test_the_front_end_schema_is_built_from_settings(registry):
+    _assert_form_is(registry["PixArtSigmaModel"]["schema"], Settings)
+    properties = registry["PixArtSigmaModel"]["schema"]["properties"]
+    native = KNOWN_CHECKPOINTS[DEFAULT_MODEL].native_size  # width/height: None in Settings, the native size here
+    assert properties["width"]["placeholder"] == properties["height"]["placeholder"] == native
+
+
+def test_a_new_setting_reaches_dashais_form_with_no_edit_to_the_plugin(plugin):
+    from pixart_sigma.integrations.dashai import dashai_schema
+
+    class Extended(Settings):
+        eta: float = Field(0.5, title="Eta", ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 DDPM-like.")
+        tile: Optional[int] = Field(None, title="Tile size", description="VAE tile side; null: no tiling.",
+                                    json_schema_extra={"minimum": 64, "maximum": 1024, "multipleOf": 64})
+        preview: Literal["none", "latent", "full"] = Field("none", title="Preview", description="Intermediate images.")
+
+    extended = type("ExtendedPixArtSigmaModel", (plugin,), {"SCHEMA": dashai_schema(Extended)})
+    form = extended.get_schema()  # DashAI's own path from SCHEMA to the front end
+    assert list(form["properties"])[-3:] == ["eta", "tile", "preview"]
+    _assert_form_is(form, Extended)
+    values = extended.SCHEMA.model_validate({**GOOD, "eta": 0.2, "tile": None, "preview": "latent"})
+    assert (values.eta, values.tile, values.preview) == (0.2, None, "latent")
+    for bad in ({"eta": 1.5}, {"tile": 96}, {"preview": "gif"}):
+        with pytest.raises(ValidationError):
+            extended.SCHEMA.model_validate({**GOOD, "eta": 0.2, "tile": None, "preview": "latent", **bad})
 
 
 def test_validate_and_transform_through_dashai(plugin, hub_cache):

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, List, Optional
+from types import UnionType
+from typing import Any, List, Literal, Optional, Union, get_args, get_origin
+
+from pydantic import BaseModel, create_model
+from pydantic.fields import FieldInfo
 
 from DashAI.back.core.schema_fields import bool_field, enum_field, float_field, int_field, schema_field, string_field
 from DashAI.back.core.schema_fields.base_schema import BaseSchema
@@ -21,7 +25,7 @@ from DashAI.back.models.utils import DEVICE_ENUM, DEVICE_PLACEHOLDER
 
 from .. import PixArtSigmaModel as CoreModel
 from ..checkpoints import BASE_REPO, DEMO_NAME, KNOWN_CHECKPOINTS, is_available, locate, resolve_checkpoint
-from ..settings import DTYPES, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS, SCHEDULERS, Settings
+from ..settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,50 +38,70 @@ DOWNLOAD_BYTES = {name: int(known.download_gb * GB) for name, known in KNOWN_CHE
 DOWNLOAD_BYTES[DEMO_NAME] = 0
 
 
-def _describe(name: str) -> str:
-    return Settings.model_fields[name].description
+NATIVE_SIZE = KNOWN_CHECKPOINTS[DEFAULT_MODEL].native_size
+# Choices that live outside Settings (which takes any checkpoint path and any device string).
+ENUMS = {"model_name": [*KNOWN_CHECKPOINTS, DEMO_NAME], "device": DEVICE_ENUM}
+# The form's starting value where Settings' default cannot be shown: DashAI's device labels have no
+# "auto"; None means "the checkpoint's native size" or "no negative prompt".
+PLACEHOLDERS = {"device": DEVICE_PLACEHOLDER, "width": NATIVE_SIZE, "height": NATIVE_SIZE, "negative_prompt": ""}
+# The form always sends a size, so these are plain integers in DashAI although Settings also takes None.
+NEVER_NULL = ("width", "height")
+# JSON Schema keyword -> int_field/float_field keyword.
+BOUND_KEYWORDS = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt",
+                  "multipleOf": "multiple_of"}
 
 
-class PixArtSigmaSchema(BaseSchema):
-    """PixArt-Sigma text-to-image settings: checkpoint, guidance, size, seed, sampler and device."""
+def _bounds(json_property: dict) -> dict:
+    """Bounds from a field's JSON Schema: Field(ge=...) and json_schema_extra both end up there."""
+    merged = dict(json_property)
+    for branch in json_property.get("anyOf", []):  # a nullable field may keep them in its non-null branch
+        merged.update(branch)
+    return {BOUND_KEYWORDS[key]: value for key, value in merged.items() if key in BOUND_KEYWORDS}
 
-    model_name: schema_field(
-        enum_field(enum=list(KNOWN_CHECKPOINTS) + [DEMO_NAME]), placeholder=BASE_REPO,
-        description=_describe("model_name"), alias=MultilingualString(en="Checkpoint"))  # type: ignore
-    negative_prompt: Optional[schema_field(
-        string_field(), placeholder="", description=_describe("negative_prompt"), alias=MultilingualString(en="Negative prompt"))]  # type: ignore
-    num_inference_steps: schema_field(
-        int_field(ge=1, le=MAX_STEPS), placeholder=20, description=_describe("num_inference_steps"),
-        alias=MultilingualString(en="Inference steps"))  # type: ignore
-    guidance_scale: schema_field(
-        float_field(ge=0.0, le=MAX_GUIDANCE), placeholder=4.5, description=_describe("guidance_scale"),
-        alias=MultilingualString(en="Guidance scale"))  # type: ignore
-    device: schema_field(
-        enum_field(enum=DEVICE_ENUM), placeholder=DEVICE_PLACEHOLDER, description=_describe("device"),
-        alias=MultilingualString(en="Device"))  # type: ignore
-    seed: schema_field(
-        int_field(ge=-1, le=MAX_SEED), placeholder=-1, description=_describe("seed"), alias=MultilingualString(en="Seed"))  # type: ignore
-    width: schema_field(
-        int_field(ge=64, le=2048, multiple_of=8), placeholder=1024, description=_describe("width"),
-        alias=MultilingualString(en="Width"))  # type: ignore
-    height: schema_field(
-        int_field(ge=64, le=2048, multiple_of=8), placeholder=1024, description=_describe("height"),
-        alias=MultilingualString(en="Height"))  # type: ignore
-    num_images_per_prompt: schema_field(
-        int_field(ge=1, le=MAX_IMAGES), placeholder=1, description=_describe("num_images_per_prompt"),
-        alias=MultilingualString(en="Images per prompt"))  # type: ignore
-    dtype: schema_field(
-        enum_field(enum=list(DTYPES)), placeholder="auto", description=_describe("dtype"),
-        alias=MultilingualString(en="Number format"))  # type: ignore
-    scheduler: schema_field(
-        enum_field(enum=list(SCHEDULERS)), placeholder="dpm-solver++", description=_describe("scheduler"),
-        alias=MultilingualString(en="Sampler"))  # type: ignore
-    use_resolution_binning: schema_field(
-        bool_field(), placeholder=True, description=_describe("use_resolution_binning"),
-        alias=MultilingualString(en="Resolution binning"))  # type: ignore
-    max_sequence_length: schema_field(
-        int_field(ge=1, le=MAX_SEQUENCE_LENGTH), placeholder=MAX_SEQUENCE_LENGTH,
-        description=_describe("max_sequence_length"), alias=MultilingualString(en="Max prompt tokens"))  # type: ignore
+
+def _form_type(name: str, field: FieldInfo, json_property: dict) -> Any:
+    """DashAI's type for one Settings field, without nullability."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):  # Optional[X] or X | None
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    if name in ENUMS:
+        return enum_field(enum=ENUMS[name])
+    if get_origin(annotation) is Literal:
+        return enum_field(enum=list(get_args(annotation)))
+    if annotation is bool:  # before int: bool is an int subclass
+        return bool_field()
+    if annotation is int:
+        return int_field(**_bounds(json_property))
+    if annotation is float:
+        return float_field(**_bounds(json_property))
+    if annotation is str:
+        return string_field()
+    raise TypeError(f"Settings.{name}: no DashAI field for {field.annotation}; teach {__name__}._form_type")
+
+
+def dashai_schema(settings: type[BaseModel] = Settings) -> type[BaseSchema]:
+    """DashAI's form, built from `settings` so that each setting is declared once, in Settings.
+
+    Label (title), description, default (placeholder), bounds and choices come from the Settings
+    field; only what Settings cannot say lives in the tables above. Field order is Settings' order.
+    """
+    properties = settings.model_json_schema()["properties"]
+    fields = {}
+    for name, field in settings.model_fields.items():
+        annotation = schema_field(
+            _form_type(name, field, properties[name]), placeholder=PLACEHOLDERS.get(name, field.default),
+            description=field.description, alias=MultilingualString(en=field.title))
+        if type(None) in get_args(field.annotation) and name not in NEVER_NULL:
+            # Optional outside schema_field, as DashAI's own components do: the description goes inside anyOf.
+            annotation = Optional[annotation]
+        fields[name] = (annotation, ...)  # required, as before: the form sends every field
+    return create_model(
+        "PixArtSigmaSchema", __base__=BaseSchema, __module__=__name__,
+        __doc__="PixArt-Sigma text-to-image settings: checkpoint, guidance, size, seed, sampler and device.",
+        **fields)
+
+
+PixArtSigmaSchema = dashai_schema()
 
 
 class PixArtSigmaModel(DownloadableMixin, TextToImageGenerationTaskModel):
