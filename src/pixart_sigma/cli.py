@@ -213,6 +213,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server.run import serve
+    except ImportError as exc:
+        raise _UsageError(f"the service needs its extra: pip install \"pixart-sigma[server]\" ({exc})") from None
+    _quiet_libraries()
+    return serve(args.model_names or [], device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+                 data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key)
+
+
 class _UsageError(Exception):
     pass
 
@@ -250,6 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the settings stored in a PNG")
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
+
+    serve = commands.add_parser(
+        "serve", help="run the HTTP service and its web page",
+        description="Serve generation over HTTP (a job queue, OpenAI- and A1111-compatible routes) and a web page at /. "
+                    "Models load and warm at start; jobs run one at a time; state lives in --data-dir.")
+    serve.add_argument("--model-name", dest="model_names", action="append", metavar="ID",
+                       help="a model to serve (repeat for several; requests may choose among these only); "
+                            "default: the 1024 checkpoint")
+    serve.add_argument("--device", default="auto", help="where the models run (default: auto)")
+    serve.add_argument("--dtype", default="auto", help="number format (default: auto)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1); any other needs an API key")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="jobs database and images (default: $PIXART_SIGMA_HOME, else the user data folder)")
+    serve.add_argument("--queue-size", type=int, default=8, help="jobs that may wait behind the running one (default: 8)")
+    serve.add_argument("--api-key", default=None,
+                       help="bearer token every route but /healthz requires (default: $PIXART_SIGMA_API_KEY)")
+    serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the known checkpoints: downloaded or not, size, folder")
     models.add_argument("--json", action="store_true", help="print JSON instead of lines")

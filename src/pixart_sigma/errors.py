@@ -6,6 +6,10 @@ meant for people: it names the field or file, the value, the rule and what would
 
 from __future__ import annotations
 
+import re
+
+_FIELD = re.compile(r"^(?:unknown setting ')?([A-Za-z_][A-Za-z0-9_]*)")
+
 
 class PixArtSigmaError(Exception):
     """Base class of everything the library refuses (bad settings, checkpoints, files) or stops."""
@@ -18,6 +22,14 @@ class SettingsError(PixArtSigmaError, ValueError):
         self.problems = list(problems)
         super().__init__(self.problems[0] if len(self.problems) == 1
                          else "\n".join(["invalid settings:"] + [f"  - {p}" for p in self.problems]))
+
+    def by_field(self) -> dict[str, list[str]]:
+        """Problems grouped by the field each names first (every message starts with its field's name)."""
+        grouped: dict[str, list[str]] = {}
+        for problem in self.problems:
+            match = _FIELD.match(problem)
+            grouped.setdefault(match.group(1) if match else "settings", []).append(problem)
+        return grouped
 
 
 class MetadataError(PixArtSigmaError, ValueError):

@@ -133,6 +133,26 @@ class PixArtSigmaModel:
         _fill_size(values, self.settings["checkpoint"].native_size)
         return Settings.model_construct(**values)
 
+    def validate_call(self, prompt: Any, **overrides: Any) -> tuple[str, dict[str, Any]]:
+        """The checked prompt and per-call settings that `generate(prompt, **overrides)` would use.
+
+        Raises SettingsError exactly as `generate` would, without touching the model: a service checks
+        a request with it before queueing the work.
+        """
+        problems: list[str] = []
+        checked = settings = None
+        try:
+            checked = _check_prompt(prompt)
+        except SettingsError as exc:
+            problems += exc.problems
+        try:
+            settings = self.call_settings(overrides)
+        except SettingsError as exc:
+            problems += exc.problems
+        if problems:
+            raise SettingsError(problems)
+        return checked, {name: getattr(settings, name) for name in Settings.per_call_names()}
+
     def generate(self, input: str, *, on_progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None, **overrides: Any) -> list[Image.Image]:
         """One image per `num_images_per_prompt`, each carrying its settings in `image.info`.

@@ -1,0 +1,363 @@
+"""The job queue and its worker: the only caller of the models, one generation at a time.
+
+Requests are validated by the library (same rules, same messages) before a job exists; a random
+seed is drawn at submission and stored, so a job queued again after a restart makes the same
+pixels. The queue is bounded; progress is kept in memory per job as a list of events that the
+server-sent-events route replays from any point.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
+from ..settings import LOAD_SETTINGS, MAX_SEED
+from .store import FINISHED, Job, JobStore
+
+log = logging.getLogger(__name__)
+RANDOM_SEED_RANGE = 2**32
+MAX_IDEMPOTENCY_KEY = 200
+KEPT_PROGRESS = 1000  # finished jobs whose event lists stay in memory for late SSE readers
+
+
+class Rejected(Exception):
+    """A request the service will not take now; `status` is the HTTP status, `reason` a metrics label."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: Optional[int] = None,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.reason, self.message, self.retry_after, self.param = status, reason, message, retry_after, param
+
+
+@dataclass
+class Progress:
+    """What a running or recent job has said: events in order, and its cancel flag."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    step: int = 0
+    total: int = 0
+
+    def emit(self, event: str, **data: Any) -> None:
+        self.events.append({"event": event, **data})
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("pixart_queue_depth", "Jobs waiting to run", registry=self.registry)
+        self.jobs = Gauge("pixart_jobs", "Jobs in the store by status", ["status"], registry=self.registry)
+        self.rejections = Counter("pixart_rejections", "Requests refused, by reason", ["reason"],
+                                  registry=self.registry)
+        self.step_seconds = Histogram("pixart_step_seconds", "Time of one denoising step", registry=self.registry,
+                                      buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+        self.job_seconds = Histogram("pixart_job_seconds", "Time from start to end of a job", registry=self.registry,
+                                     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+        self.out_of_memory = Counter("pixart_out_of_memory", "Jobs failed for lack of device memory",
+                                     registry=self.registry)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+class Service:
+    """Validates requests, stores jobs, runs them one at a time, and reports on them."""
+
+    def __init__(self, models: dict[str, PixArtSigmaModel], store: JobStore, queue_size: int = 8):
+        if not models:
+            raise ValueError("the service needs at least one model")
+        self.models = models
+        self.default_model = next(iter(models))
+        self.store = store
+        self.queue_size = queue_size
+        self.metrics = Metrics()
+        self.draining = False
+        self.ready = False
+        self._queue: deque[str] = deque()
+        self._running: Optional[str] = None
+        self._wake = threading.Condition()
+        self._progress: OrderedDict[str, Progress] = OrderedDict()
+        self._stop = False
+        self._worker: Optional[threading.Thread] = None
+        self._average_job_seconds = 5.0
+
+    # -- life -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Queue again what a previous run left queued, then start the worker."""
+        for job in self.store.recover():
+            self._queue.append(job.id)
+            self._progress_of(job.id).emit("queued", position=len(self._queue))
+        self._worker = threading.Thread(target=self._work, name="pixart-sigma-worker", daemon=True)
+        self._worker.start()
+        self.ready = True
+
+    def drain(self) -> None:
+        """Take no new jobs; the running one finishes; queued ones stay in the store for the next start."""
+        self.draining = True
+        self.ready = False
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+
+    def wait_stopped(self, timeout: Optional[float] = None) -> bool:
+        if self._worker is not None:
+            self._worker.join(timeout)
+            return not self._worker.is_alive()
+        return True
+
+    # -- requests ---------------------------------------------------------------------------------
+    def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
+        """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise."""
+        if not isinstance(body, dict):
+            raise SettingsError([f"the request body must be a JSON object of settings, not {type(body).__name__}"])
+        values = dict(body)
+        problems = []
+        fixed = sorted(name for name in LOAD_SETTINGS if name != "model_name" and name in values)
+        for name in fixed:
+            problems.append(f"{name} is set by the server (pixart-sigma serve --{name.replace('_', '-')}); "
+                            "leave it out of the request")
+            values.pop(name)
+        model_name = values.pop("model_name", None)
+        if model_name is None:
+            model_name = self.default_model
+        elif model_name not in self.models:
+            problems.append(f"model_name={str(model_name)[:200]!r} is not served here: choose one of "
+                            f"{', '.join(self.models)}")
+            model_name = self.default_model
+        if "prompt" not in values:
+            problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
+        prompt = values.pop("prompt", "")
+        try:
+            prompt, settings = self.models[model_name].validate_call(prompt, **values)
+        except SettingsError as exc:
+            problems += [p for p in exc.problems if not (p.startswith("prompt is empty") and "prompt" not in body)]
+            settings = None
+        if problems:
+            raise SettingsError(problems)
+        return model_name, prompt, settings
+
+    def submit(self, body: Any, idempotency_key: Optional[str] = None) -> tuple[Job, bool]:
+        """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key."""
+        if idempotency_key is not None:
+            earlier = self._idempotent(body, idempotency_key)
+            if earlier is not None:
+                return earlier, False
+        if self.draining:
+            self.metrics.rejections.labels("draining").inc()
+            raise Rejected(503, "draining", "the server is shutting down and takes no new jobs; retry shortly",
+                           retry_after=5)
+        try:
+            model_name, prompt, settings = self.validate(body)
+        except SettingsError:
+            self.metrics.rejections.labels("invalid").inc()
+            raise
+        with self._wake:
+            waiting = len(self._queue) + (1 if self._running else 0)
+            if waiting >= self.queue_size + 1:  # the running job plus queue_size waiting
+                self.metrics.rejections.labels("queue_full").inc()
+                raise Rejected(429, "queue_full", f"the queue is full ({self.queue_size} jobs waiting); retry later",
+                               retry_after=self.retry_after())
+            if settings["seed"] == -1:  # drawn now and stored: a job run again after a restart makes the same pixels
+                settings["seed"] = secrets.randbelow(RANDOM_SEED_RANGE)
+            seeds = [settings["seed"] + k for k in range(settings["num_images_per_prompt"])]
+            try:
+                job = self.store.add(model_name, prompt, settings, seeds, idempotency_key,
+                                     _request_hash(body) if idempotency_key else None)
+            except sqlite3.IntegrityError:  # the same key raced in from another request
+                earlier = self._idempotent(body, idempotency_key)
+                if earlier is None:
+                    raise
+                return earlier, False
+            self._queue.append(job.id)
+            self._progress_of(job.id).emit("queued", position=len(self._queue))
+            self._wake.notify_all()
+        return job, True
+
+    def _idempotent(self, body: Any, key: str) -> Optional[Job]:
+        if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise Rejected(400, "invalid", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+                           param="Idempotency-Key")
+        earlier = self.store.by_idempotency_key(key)
+        if earlier is not None and earlier.request_hash != _request_hash(body):
+            raise Rejected(409, "idempotency_conflict",
+                           "this Idempotency-Key was used for a different request; use a new key for new work",
+                           param="Idempotency-Key")
+        return earlier
+
+    def cancel(self, job_id: str) -> Optional[Job]:
+        """Cancel a queued job at once, a running one within one step; None when there is no such job."""
+        job = self.store.get(job_id)
+        if job is None:
+            return None
+        if job.status == "queued":
+            with self._wake:
+                if self.store.finish_if(job_id, ("queued",), "cancelled", "cancelled before it started"):
+                    try:
+                        self._queue.remove(job_id)
+                    except ValueError:
+                        pass
+                    self._progress_of(job_id).emit("done", status="cancelled")
+        elif job.status == "running":
+            self._progress_of(job_id).cancel.set()
+        return self.store.get(job_id)
+
+    def interrupt_running(self) -> Optional[str]:
+        """Cancel whatever job is running now (A1111's interrupt)."""
+        job_id = self._running
+        if job_id is not None:
+            self._progress_of(job_id).cancel.set()
+        return job_id
+
+    # -- reading ----------------------------------------------------------------------------------
+    def queue_position(self, job_id: str) -> Optional[int]:
+        """1 for the next job to run; None when not queued."""
+        with self._wake:
+            try:
+                return self._queue.index(job_id) + 1
+            except ValueError:
+                return None
+
+    def progress(self, job_id: str) -> Optional[Progress]:
+        return self._progress.get(job_id)
+
+    @property
+    def running_job(self) -> Optional[str]:
+        return self._running
+
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue is likely free."""
+        return max(1, math.ceil(self._average_job_seconds))
+
+    def update_metrics(self) -> None:
+        self.metrics.queue_depth.set(len(self._queue))
+        for status, count in self.store.counts().items():
+            self.metrics.jobs.labels(status).set(count)
+
+    # -- the worker -------------------------------------------------------------------------------
+    def _progress_of(self, job_id: str) -> Progress:
+        progress = self._progress.get(job_id)
+        if progress is None:
+            progress = self._progress[job_id] = Progress()
+            while len(self._progress) > KEPT_PROGRESS + self.queue_size + 1:
+                self._progress.popitem(last=False)
+        return progress
+
+    def _next(self) -> Optional[str]:
+        with self._wake:
+            while not self._queue and not self._stop:
+                self._wake.wait()
+            if self._stop:
+                return None
+            job_id = self._queue.popleft()
+            self._running = job_id
+            for position, waiting in enumerate(self._queue, 1):
+                self._progress_of(waiting).emit("queued", position=position)
+            return job_id
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._next()
+            if job_id is None:
+                return
+            try:
+                self._run(job_id)
+            except Exception:  # never let one job stop the worker
+                log.exception("job %s: unexpected failure in the worker", job_id)
+            finally:
+                self._running = None
+                # Free memory here, outside any except block (a live traceback would pin the tensors).
+                gc.collect()
+                _empty_device_cache()
+
+    def _run(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None or not self.store.start(job_id):  # cancelled while it waited
+            return
+        progress = self._progress_of(job_id)
+        started = time.time()
+        progress.emit("running")
+        last = [time.perf_counter()]
+
+        def on_progress(step: int, total: int) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            last[0] = now
+            progress.step, progress.total = step, total
+            progress.emit("progress", step=step, total=total)
+
+        model = self.models[job.model_name]
+        status, error, names = "failed", None, []
+        try:
+            images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **job.settings)
+            for index, image in enumerate(images):
+                names.append(save_image(image, self.store.image_dir / f"{job.id}-{index}.png", overwrite=False).name)
+            status = "succeeded"
+        except Cancelled:
+            status, error = "cancelled", f"cancelled at step {progress.step} of {progress.total or '?'}"
+        except PixArtSigmaError as exc:
+            error = str(exc)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                self.metrics.out_of_memory.inc()
+                error = (f"out of memory on {model.settings['torch_device']} ({type(exc).__name__}); try a smaller "
+                         "width x height or fewer images per prompt")
+            else:
+                log.exception("job %s failed", job_id)
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+        finished = time.time()
+        self.store.update(job_id, status=status, images=names, error=error, finished=finished)
+        self.metrics.job_seconds.observe(finished - started)
+        if status == "succeeded":
+            self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
+        progress.emit("done", status=status)
+
+    # -- views ------------------------------------------------------------------------------------
+    def view(self, job: Job) -> dict[str, Any]:
+        """A job as the API shows it."""
+        progress = self._progress.get(job.id)
+        return {
+            "id": job.id, "status": job.status, "created": job.created, "started": job.started,
+            "finished": job.finished, "model_name": job.model_name, "prompt": job.prompt,
+            "settings": job.settings, "seeds": job.seeds,
+            "progress": {"step": progress.step if progress else (job.settings["num_inference_steps"] if job.status
+                                                                   == "succeeded" else 0),
+                         "total": progress.total if progress and progress.total else job.settings["num_inference_steps"]},
+            "queue_position": self.queue_position(job.id) if job.status == "queued" else None,
+            "images": [{"name": name, "url": f"/v1/images/{name}", "seed": seed}
+                       for name, seed in zip(job.images, job.seeds)],
+            "error": job.error,
+            "links": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
+        }
+
+
+def _request_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["Service", "Rejected", "Progress", "FINISHED", "MAX_SEED"]
