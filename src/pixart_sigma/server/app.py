@@ -35,6 +35,22 @@ SSE_HEARTBEAT_SECONDS = 15.0
 MAX_PAGE = 100
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+                   "code": {"type": ["string", "null"]},
+                   "fields": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}}}}
+
+
+def errors(*statuses: int) -> dict[int, dict]:
+    """OpenAPI declarations of the error answers a route gives (one shape for all)."""
+    reasons = {400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found", 409: "Conflict",
+               413: "Body over 1 MiB", 422: "Invalid settings, each named in error.fields",
+               429: "Queue full; see Retry-After", 500: "The job failed", 503: "Draining or not ready"}
+    return {status: {"description": reasons[status], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for status in statuses}
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
                    code: Optional[str] = None, fields: Optional[dict[str, list[str]]] = None,
                    headers: Optional[dict[str, str]] = None) -> JSONResponse:
@@ -180,6 +196,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return error_response(404, str(exc), code="not_found")
 
     @app.post("/v1/generations", status_code=202, openapi_extra=generation_body,
+              responses=errors(400, 401, 409, 413, 422, 429, 503),
               summary="Queue a generation; answers at once with the job")
     async def create_generation(request: Request):
         body = await read_json(request)
@@ -187,7 +204,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         headers = {"Location": f"/v1/jobs/{job.id}"} | ({} if new else {"Idempotent-Replayed": "true"})
         return JSONResponse(service.view(job), status_code=202, headers=headers)
 
-    @app.get("/v1/jobs", summary="Job history, newest first")
+    @app.get("/v1/jobs", summary="Job history, newest first", responses=errors(401, 422))
     async def list_jobs(limit: int = 20, offset: int = 0):
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             return error_response(422, f"limit must be from 1 to {MAX_PAGE} and offset at least 0",
@@ -197,11 +214,13 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return {"jobs": [service.view(job) for job in jobs], "total": total, "limit": limit, "offset": offset,
                 "next_offset": following if following < total else None}
 
-    @app.get("/v1/jobs/{job_id}", summary="One job: status, progress, seeds, images, error")
+    @app.get("/v1/jobs/{job_id}", summary="One job: status, progress, seeds, images, error",
+             responses=errors(401, 404))
     async def get_job(job_id: str):
         return service.view(job_or_404(job_id))
 
-    @app.delete("/v1/jobs/{job_id}", summary="Cancel a job: a queued one at once, a running one within a step")
+    @app.delete("/v1/jobs/{job_id}", summary="Cancel a job: a queued one at once, a running one within a step",
+                status_code=202, responses=errors(401, 404, 409))
     async def cancel_job(job_id: str):
         job = job_or_404(job_id)
         if job.done:
@@ -209,14 +228,14 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return JSONResponse(service.view(service.cancel(job_id)), status_code=202)
 
     @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: queue position, each step, done",
-             response_class=StreamingResponse)
+             response_class=StreamingResponse, responses=errors(401, 404))
     async def job_events(job_id: str, request: Request):
         job_or_404(job_id)
         return StreamingResponse(_events(service, job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/images/{name}", summary="A generated PNG with its settings in its metadata",
-             response_class=FileResponse)
+             response_class=FileResponse, responses=errors(401, 404))
     async def get_image(name: str):
         path = service.store.image_dir / name
         if not IMAGE_NAME.match(name) or not path.is_file():
@@ -231,7 +250,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready: models loaded and warm, not draining")
+    @app.get("/readyz", summary="Ready: models loaded and warm, not draining", responses={503: {"description": "Starting or draining"}})
     async def readyz():
         if service.ready and not service.draining:
             return {"status": "ready", "models": served}
