@@ -63,9 +63,9 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def settings_error(exc: SettingsError) -> JSONResponse:
+def settings_error(exc: SettingsError, status: int = 422) -> JSONResponse:
     fields = exc.by_field()
-    return error_response(422, str(exc), param=next(iter(fields)), code="invalid_settings", fields=fields)
+    return error_response(status, str(exc), param=next(iter(fields)), code="invalid_settings", fields=fields)
 
 
 def rejected(exc: Rejected) -> JSONResponse:

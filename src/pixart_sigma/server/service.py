@@ -205,7 +205,10 @@ class Service:
         job = self.store.get(job_id)
         if job is None:
             return None
-        if job.status == "queued":
+        if not job.done:
+            # The flag first: if the worker starts the job between our read and the update below, it still
+            # stops before its first step.
+            self._progress_of(job_id).cancel.set()
             with self._wake:
                 if self.store.finish_if(job_id, ("queued",), "cancelled", "cancelled before it started"):
                     try:
@@ -213,8 +216,6 @@ class Service:
                     except ValueError:
                         pass
                     self._progress_of(job_id).emit("done", status="cancelled")
-        elif job.status == "running":
-            self._progress_of(job_id).cancel.set()
         return self.store.get(job_id)
 
     def interrupt_running(self) -> Optional[str]:
