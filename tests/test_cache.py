@@ -192,3 +192,22 @@ def test_a_transformer_only_checkpoint_borrows_from_the_shared_cache(tmp_path, h
     base = PixArtSigmaModel(model_name=BASE_REPO, device="cpu")
     mine = PixArtSigmaModel(model_name=str(directory), device="cpu")
     assert mine.engine.pipeline.text_encoder is base.engine.pipeline.text_encoder
+
+
+@pytest.mark.parametrize("setting, expected", [("inf", "unlimited"), ("-3", "default"), ("lots", "default"),
+                                               ("2", 2 * 2**30)])
+def test_the_memory_budget_setting_is_read_safely(monkeypatch, setting, expected):
+    import sys
+
+    import torch
+
+    monkeypatch.setenv(engine.MEMORY_BUDGET_ENV, setting)
+    budget = engine.memory_budget(torch.device("cpu"))
+    monkeypatch.delenv(engine.MEMORY_BUDGET_ENV)
+    default = engine.memory_budget(torch.device("cpu"))
+    assert budget == {"unlimited": sys.maxsize, "default": default}.get(expected, expected)
+
+
+def test_from_pipeline_refuses_what_is_not_a_pipeline():
+    with pytest.raises(SettingsError, match="needs a diffusers PixArtSigmaPipeline; object has no transformer"):
+        PixArtSigmaModel.from_pipeline(object())

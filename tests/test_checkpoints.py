@@ -1,5 +1,6 @@
 """Checkpoints: hub ids through the HF cache, transformer-only injection, local dirs, safetensors only."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -203,8 +204,89 @@ def test_shapes_that_do_not_fit_the_weights_are_a_checkpoint_error(copy_of):
     config = json.loads(path.read_text())
     config["num_attention_heads"] = 3  # weights were saved with 2 heads
     path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="cannot load the transformer"):
+    with pytest.raises(SettingsError, match="does not fit its weights: num_attention_heads x attention_head_dim=24 "
+                                            "but the weights hold 16"):
         PixArtSigmaModel(model_name=str(directory))
+
+
+@pytest.mark.parametrize("part, key, value, fragment", [
+    ("transformer", "num_layers", 1_048_576, "num_layers=1048576 (an integer from 1 to 128)"),
+    ("transformer", "num_layers", 5, "num_layers=5 but the weights hold 2"),
+    ("text_encoder", "num_layers", 7, "num_layers=7 but the weights hold 2"),
+    ("text_encoder", "d_model", 16384, "d_model=16384 but the weights hold 32"),
+    ("text_encoder", "vocab_size", 999_999, "vocab_size=999999 but the weights hold"),
+    ("vae", "latent_channels", 16, "latent_channels=16 but the weights hold 4"),
+])
+def test_a_config_cannot_make_us_build_what_its_weights_do_not_fill(copy_of, part, key, value, fragment):
+    import json
+
+    directory = copy_of()
+    path = directory / part / "config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_deeply_nested_json_is_a_checkpoint_error_not_a_recursion_traceback(copy_of):
+    directory = copy_of()
+    (directory / "transformer" / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(SettingsError, match="transformer/config.json is not valid JSON"):
+        PixArtSigmaModel(model_name=str(directory))
+
+
+def test_every_shard_index_is_checked_so_a_decoy_cannot_point_the_loader_at_a_fifo(copy_of):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    directory = copy_of()
+    folder = directory / "transformer"
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"pos_embed.proj.weight": "evil.safetensors"}}))
+    os.mkfifo(folder / "evil.safetensors")
+    code = f"from pixart_sigma import PixArtSigmaModel\nPixArtSigmaModel(model_name={str(directory)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "evil.safetensors is not a regular file" in result.stderr
+
+
+def test_many_checkpoints_load_at_once_with_their_own_weights(tiny_dir, tmp_path):
+    import shutil
+    import threading
+
+    from pixart_sigma import unload_all
+
+    unload_all()
+    folders = [tmp_path / f"copy{i}" for i in range(4)]
+    for folder in folders:
+        shutil.copytree(tiny_dir, folder)
+    models, failures = {}, []
+
+    def load(name):
+        try:
+            models[name] = PixArtSigmaModel(model_name=name, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever escaped
+            failures.append(exc)
+
+    threads = [threading.Thread(target=load, args=(str(folder),)) for folder in folders] + [
+        threading.Thread(target=load, args=("demo",))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures and len(models) == 5
+    reference = text_encoder_weights(tiny_dir)
+    for folder in folders:
+        state = models[str(folder)].engine.pipeline.text_encoder.state_dict()
+        assert all(torch.equal(state[name], tensor) for name, tensor in reference.items())
+
+
+def text_encoder_weights(directory):
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(directory / "text_encoder").state_dict()
 
 
 def test_a_missing_weight_shard_is_refused(copy_of):

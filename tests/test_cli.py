@@ -234,3 +234,27 @@ def test_python_dash_m_works(tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pixart_sigma", "generate", "x", "--model-name", tiny,
                           "--num-inference-steps", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "num_inference_steps=0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_fifo_or_folder_given_as_an_image_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.png")
+    for target in (tmp_path / "fifo.png", tmp_path):
+        for command in (["info", str(target)], ["generate", "--from", str(target), "-o", str(tmp_path / "o")]):
+            result = subprocess.run([sys.executable, "-m", "pixart_sigma", *command], capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 2 and "not a regular file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompt_files_with_old_mac_line_endings_are_one_prompt_a_line(tmp_path):
+    from pixart_sigma.batch import read_prompt_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\ra blue square\r\n# comment\ra green triangle")
+    assert [p for _, p in read_prompt_file(prompts)] == ["a red circle", "a blue square", "a green triangle"]
+
+
+def test_messages_quote_a_huge_value_shortly(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "x", "--model-name", "demo", "--seed", "9" * 4000, "-o", tmp_path)
+    assert code == 2 and "seed=" in err and len(err) < 400

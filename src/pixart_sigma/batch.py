@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,13 @@ from .settings import Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
 COMMENT = "#"
+LINE_END = re.compile(r"\r\n|\r|\n")  # as editors break lines; not U+2028 or form feeds
 
 
 def read_prompt_file(path: os.PathLike | str) -> list[tuple[int, str]]:
     """(line number, prompt) for each prompt line; blank lines and # comments skipped; all checked first.
 
-    Lines end at a newline only (a form feed or U+2028 does not start a line an editor would not show);
+    Lines end at LF, CRLF or CR, as editors show them (a form feed or U+2028 does not end a line);
     a UTF-8 byte order mark is dropped; every problem names the file and the line.
     """
     path = Path(path)
@@ -46,8 +48,8 @@ def read_prompt_file(path: os.PathLike | str) -> list[tuple[int, str]]:
         line = data[:exc.start].count(b"\n") + 1
         raise SettingsError([f"{path}:{line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"]) from None
     prompts, problems = [], []
-    for number, line in enumerate(text.split("\n"), 1):
-        prompt = line.removesuffix("\r").strip(" \t")
+    for number, line in enumerate(LINE_END.split(text), 1):
+        prompt = line.strip(" \t")
         if not prompt or prompt.startswith(COMMENT):
             continue
         try:

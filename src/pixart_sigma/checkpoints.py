@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import CheckpointError, SettingsError
-from .settings import DEFAULT_MODEL
+from .settings import DEFAULT_MODEL, shown
 
 BASE_REPO = DEFAULT_MODEL
 DEMO_NAME = "demo"
@@ -112,49 +112,54 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as stream:
             data = json.loads(stream.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 
-def _check_types(path: Path, config: dict, ints: tuple[str, ...] = (), numbers: tuple[str, ...] = (),
+def _check_types(path: Path, config: dict, ints: dict[str, int] = {}, numbers: tuple[str, ...] = (),
                  int_lists: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> None:
-    """Config values of the types the loaders expect, so a malformed file is an error, not a traceback."""
+    """Config values of the types and sizes the loaders expect, so a malformed file is an error, not a
+    traceback, and an absurd one (a million layers) is not built until memory runs out."""
     problems = []
-    for key in ints:
+    for key, high in ints.items():
         value = config.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20):
-            problems.append(f"{key}={value!r} (a positive integer)")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= high):
+            problems.append(f"{key}={shown(value)} (an integer from 1 to {high})")
     for key in numbers:
         value = config.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                       and math.isfinite(value)):
-            problems.append(f"{key}={value!r} (a finite number)")
+            problems.append(f"{key}={shown(value)} (a finite number)")
     for key in int_lists:
         value = config.get(key)
-        if value is not None and not (isinstance(value, list) and 0 < len(value) <= 16 and all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in value)):
-            problems.append(f"{key}={value!r} (a list of 1 to 16 positive integers)")
+        if value is not None and not (isinstance(value, list) and 0 < len(value) <= 8 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in value)):
+            problems.append(f"{key}={shown(value)} (a list of 1 to 8 integers from 1 to 4096)")
     for key in strings:
         value = config.get(key)
         if value is not None and not isinstance(value, str):
-            problems.append(f"{key}={value!r} (a string)")
+            problems.append(f"{key}={shown(value)} (a string)")
     if problems:
-        raise CheckpointError(f"{path} has values of the wrong type: {'; '.join(problems)}")
+        raise CheckpointError(f"{path} has values of the wrong type or size: {'; '.join(problems)}")
 
 
+# Bounds well above every released PixArt-Sigma part (DiT-XL/2: 28 layers, 16 heads of 72, sample 256 at
+# 2K; T5-XXL: 24 layers, d_model 4096, d_ff 10240, 64 heads of 64, vocabulary 32,128; SDXL VAE: 4 blocks).
 _CONFIG_TYPES = {
-    "transformer": dict(ints=("sample_size", "patch_size", "in_channels", "out_channels", "num_layers",
-                              "attention_head_dim", "num_attention_heads", "caption_channels", "cross_attention_dim"),
+    "transformer": dict(ints={"sample_size": 512, "patch_size": 8, "in_channels": 64, "out_channels": 128,
+                              "num_layers": 128, "attention_head_dim": 512, "num_attention_heads": 256,
+                              "caption_channels": 16384, "cross_attention_dim": 16384},
                         strings=("norm_type", "_class_name")),
-    "vae": dict(ints=("in_channels", "out_channels", "latent_channels", "norm_num_groups", "layers_per_block",
-                      "sample_size"),
+    "vae": dict(ints={"in_channels": 16, "out_channels": 16, "latent_channels": 64, "norm_num_groups": 512,
+                      "layers_per_block": 16, "sample_size": 4096},
                 numbers=("scaling_factor",), int_lists=("block_out_channels",)),
-    "text_encoder": dict(ints=("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size"),
+    "text_encoder": dict(ints={"d_model": 16384, "d_ff": 65536, "num_layers": 128, "num_heads": 256, "d_kv": 1024,
+                               "vocab_size": 1_000_000},
                          strings=("feed_forward_proj",)),
-    "scheduler": dict(ints=("num_train_timesteps",), numbers=("beta_start", "beta_end"),
+    "scheduler": dict(ints={"num_train_timesteps": 100_000}, numbers=("beta_start", "beta_end"),
                       strings=("beta_schedule", "prediction_type", "timestep_spacing")),
 }
 
@@ -167,33 +172,28 @@ def part_config(folder: Path, part: str) -> dict[str, Any]:
     return config
 
 
-def _check_weights(folder: Path) -> None:
-    """A weights folder must hold complete safetensors; pickle-only weights are refused, never unpickled."""
+def _check_weights(folder: Path) -> list[Path]:
+    """The safetensors files of a weights folder, every one a regular file and every shard that any index
+    names present; pickle-only weights are refused, never unpickled."""
     try:
         names = {entry.name for entry in os.scandir(folder)}
     except OSError as exc:
         raise CheckpointError(f"{folder} is missing or unreadable ({exc.strerror or exc})") from None
-    indexes = sorted(name for name in names if name.endswith(".safetensors.index.json"))
-    if indexes:  # sharded weights: every shard the index names must be there
-        index = read_config(folder / indexes[0])
+    for index_name in sorted(name for name in names if name.endswith(".safetensors.index.json")):
+        index = read_config(folder / index_name)  # every index: the loader picks its own by name
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{folder / indexes[0]} has no valid weight_map")
+            raise CheckpointError(f"{folder / index_name} has no valid weight_map")
         shards = sorted(set(weight_map.values()))
         bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
         if bad:
-            raise CheckpointError(f"{folder / indexes[0]} names shards outside its folder or not safetensors: {bad[:3]}")
+            raise CheckpointError(f"{folder / index_name} names shards outside its folder or not safetensors: {bad[:3]}")
         missing = [s for s in shards if s not in names]
         if missing:
             raise CheckpointError(f"{folder} is incomplete: {len(missing)} weight shard(s) missing, e.g. {missing[0]}")
-        for shard in shards:
-            regular_file(folder / shard)
-        return
     weights = sorted(name for name in names if name.endswith(".safetensors"))
     if weights:
-        for name in weights:
-            regular_file(folder / name)
-        return
+        return [regular_file(folder / name) for name in weights]
     pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(
@@ -203,14 +203,73 @@ def _check_weights(folder: Path) -> None:
     raise CheckpointError(f"{folder} holds no weights (*.safetensors)")
 
 
+def _weight_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Tensor names and shapes from the safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                for name in weights.keys():
+                    shapes[name] = list(weights.get_slice(name).get_shape())
+        except Exception as exc:  # a malformed header
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    return shapes
+
+
+def _blocks(shapes: dict[str, list[int]], prefix: str) -> int:
+    """How many numbered blocks (`prefix{i}.`) the weights hold."""
+    found = {name[len(prefix):].split(".", 1)[0] for name in shapes if name.startswith(prefix)}
+    return len([index for index in found if index.isdigit()])
+
+
+def _check_config_fits_weights(folder: Path, part: str, config: dict, shapes: dict[str, list[int]]) -> None:
+    """The config's sizes must be the weights' sizes: a config cannot make us build a model its weights do not fill."""
+    said = []  # (what the config says, what the weights hold)
+    if part == "transformer":
+        said.append((f"num_layers={config.get('num_layers')}", _blocks(shapes, "transformer_blocks."),
+                     config.get("num_layers")))
+        proj = shapes.get("pos_embed.proj.weight")
+        if proj is not None and len(proj) == 4:
+            heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+            if isinstance(heads, int) and isinstance(head_dim, int):
+                said.append((f"num_attention_heads x attention_head_dim={heads * head_dim}", proj[0], heads * head_dim))
+            said.append((f"in_channels={config.get('in_channels')}", proj[1], config.get("in_channels")))
+            said.append((f"patch_size={config.get('patch_size')}", proj[2], config.get("patch_size")))
+    elif part == "text_encoder":
+        said.append((f"num_layers={config.get('num_layers')}", _blocks(shapes, "encoder.block."),
+                     config.get("num_layers")))
+        embedding = shapes.get("shared.weight") or shapes.get("encoder.embed_tokens.weight")
+        if embedding is not None and len(embedding) == 2:
+            said.append((f"vocab_size={config.get('vocab_size')}", embedding[0], config.get("vocab_size")))
+            said.append((f"d_model={config.get('d_model')}", embedding[1], config.get("d_model")))
+        for name in ("encoder.block.0.layer.1.DenseReluDense.wi_0.weight", "encoder.block.0.layer.1.DenseReluDense.wi.weight"):
+            if name in shapes:
+                said.append((f"d_ff={config.get('d_ff')}", shapes[name][0], config.get("d_ff")))
+                break
+    elif part == "vae":
+        channels = config.get("block_out_channels")
+        if isinstance(channels, list):
+            said.append((f"{len(channels)} block_out_channels", _blocks(shapes, "encoder.down_blocks."), len(channels)))
+        conv_in = shapes.get("decoder.conv_in.weight")
+        if conv_in is not None and len(conv_in) == 4:
+            said.append((f"latent_channels={config.get('latent_channels')}", conv_in[1], config.get("latent_channels")))
+    wrong = [f"{claim} but the weights hold {held}" for claim, held, expected in said
+             if expected is not None and held != expected]
+    if wrong:
+        raise CheckpointError(f"{folder / PART_CONFIGS[part]} does not fit its weights: {'; '.join(wrong)}")
+
+
 def _check_tokenizer(folder: Path) -> None:
     present = [name for name in TOKENIZER_FILES if (folder / name).exists()]
     if not present:
         raise CheckpointError(
             f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): without it every word would read as "
             "unknown and the prompt would be ignored; copy the tokenizer folder from the pipeline it was trained with")
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        regular_file(path, MAX_TOKENIZER_BYTES)
+    for path in sorted(folder.iterdir()):
+        if not path.is_dir():  # an editor's or notebook's subfolder is no reason to refuse
+            regular_file(path, MAX_TOKENIZER_BYTES)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).exists():
             read_config(folder / name)
@@ -228,7 +287,7 @@ def check_part(folder: Path, part: str) -> None:
         raise CheckpointError(f"{folder / 'config.json'} is not a PixArt transformer config "
                               f"(_class_name={config.get('_class_name')!r})")
     if part in WEIGHT_PARTS:
-        _check_weights(folder)
+        _check_config_fits_weights(folder, part, config, _weight_shapes(_check_weights(folder)))
 
 
 def _check_pipeline(path: Path, parts: tuple[str, ...]) -> None:
@@ -450,7 +509,7 @@ def checkpoint_statuses() -> list[CheckpointStatus]:
 
 # -- loading the parts --------------------------------------------------------------------------
 @contextmanager
-def _loading(folder: Path, what: str):
+def loading_guard(folder: Path, what: str):
     """Turn any loader failure (wrong shapes, types the checks missed) into a CheckpointError naming the folder."""
     try:
         yield
@@ -463,7 +522,7 @@ def _loading(folder: Path, what: str):
 def load_part(folder: Path, part: str, dtype):
     """One pipeline part, with PixArt-Sigma's own class for it (the folder's configs cannot pick another)."""
     check_part(folder, part)
-    with _loading(folder, part):
+    with loading_guard(folder, part):
         if part == "transformer":
             from diffusers import PixArtTransformer2DModel
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import math
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -293,6 +295,7 @@ class _Pending:
 
 
 _lock = threading.Lock()  # guards the dicts below; never held while loading
+_read_lock = threading.Lock()  # held while weights are read, see _part
 _engines: OrderedDict[tuple, Engine] = OrderedDict()  # least recently used first
 _parts: dict[tuple, weakref.ref] = {}  # shared parts stay alive only while an engine holds them
 _pending: dict[tuple, _Pending] = {}
@@ -332,7 +335,7 @@ def _once(key: tuple, lookup: Callable[[], Any], build: Callable[[], Any], store
 
 def _part(part: str, folder, device: torch.device, dtype: torch.dtype):
     """One shared pipeline part on its device, loaded once for everyone who names the same folder."""
-    from .checkpoints import load_part
+    from .checkpoints import load_part, loading_guard
 
     device_free = part in ("tokenizer", "scheduler")
     key = ("part", part, str(folder)) + (() if device_free else (str(device), str(dtype)))
@@ -343,9 +346,14 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype):
 
     def build():
         global part_load_count
-        value = load_part(folder, part, dtype)
+        # One read at a time: diffusers and transformers build models under process-wide switches (meta
+        # device, default dtype, lazy imports) that concurrent loads trip over. Lookups of warm keys never
+        # take this lock, so they do not wait.
+        with _read_lock, loading_guard(folder, part):
+            value = load_part(folder, part, dtype)
+            value = value if device_free else value.to(device)
         part_load_count += 1
-        return value if device_free else value.to(device)
+        return value
 
     def store(value):
         _parts[key] = weakref.ref(value)
@@ -366,9 +374,15 @@ def memory_budget(device: torch.device) -> int:
     setting = os.environ.get(MEMORY_BUDGET_ENV)
     if setting:
         try:
-            return int(float(setting) * 2**30)
+            gigabytes = float(setting)
         except ValueError:
-            log.warning("%s=%r is not a number of GB; using the default budget", MEMORY_BUDGET_ENV, setting)
+            gigabytes = math.nan
+        if gigabytes == math.inf:
+            return sys.maxsize  # no limit
+        if math.isfinite(gigabytes) and gigabytes >= 0:
+            return int(gigabytes * 2**30)
+        log.warning("%s=%r is not a number of GB (0 or more, or inf); using the default budget",
+                    MEMORY_BUDGET_ENV, setting[:40])
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
     try:
@@ -394,8 +408,6 @@ def _evict_over_budget(device: torch.device, keep: tuple) -> None:
 
 def get_engine(checkpoint, device: torch.device, dtype: torch.dtype) -> Engine:
     """The process-wide warm engine for (checkpoint, device, dtype), loading it on first use."""
-    from diffusers import PixArtSigmaPipeline
-
     from .checkpoints import locate
 
     key = ("engine", checkpoint.key, str(device), str(dtype))
@@ -408,6 +420,8 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype) -> Engine:
 
     def build():
         global load_count
+        with _read_lock:  # diffusers' lazy imports are not thread-safe either
+            from diffusers import PixArtSigmaPipeline
         located = locate(checkpoint)
         parts = {part: _part(part, folder, device, dtype) for part, folder in located.folders.items()}
         text_key = ("text", str(located.folders["text_encoder"]), str(located.folders["tokenizer"]), str(device),

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import struct
 import time
 import unicodedata
@@ -551,8 +552,13 @@ def read_settings(source: Union[str, os.PathLike, Image.Image]) -> dict[str, Any
         texts = _info_texts(source.info, name)
     else:
         name = os.fsdecode(source)
-        with open(source, "rb") as stream:
-            texts = _file_texts(stream, name)
+        try:
+            if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO would block forever, a device never end
+                raise MetadataError(f"{name} is not a regular file: it cannot be an image")
+            with open(source, "rb") as stream:
+                texts = _file_texts(stream, name)
+        except OSError as exc:
+            raise MetadataError(f"{name}: {exc.strerror or exc}") from None
     if JSON_KEY in texts:
         text, where = texts[JSON_KEY]
         return _validated(_parse_json(text, name, where), name, where)

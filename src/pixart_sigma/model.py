@@ -88,6 +88,11 @@ class PixArtSigmaModel:
         given = sorted(set(kwargs) & set(LOAD_SETTINGS))
         if given:
             raise SettingsError([f"{', '.join(given)} cannot be given with from_pipeline: they come from the pipeline"])
+        missing = [part for part in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler", "image_processor")
+                   if getattr(pipeline, part, None) is None]
+        if missing:
+            raise SettingsError([f"from_pipeline needs a diffusers PixArtSigmaPipeline; {type(pipeline).__name__} "
+                                 f"has no {', '.join(missing)}"])
         settings = parse_settings(kwargs)
         values = settings.model_dump()
         transformer = pipeline.transformer

@@ -93,7 +93,7 @@ def check_pixel_budget(width: int, height: int, num_images: int) -> None:
 def check_text(field: str, text: str, *, required: bool) -> str:
     """Reject text a person did not mean to send: control characters, broken UTF-8, empty prompts."""
     if not isinstance(text, str):
-        raise SettingsError([f"{field}={text!r} is not valid: it must be a string"])
+        raise SettingsError([f"{field}={shown(text)} is not valid: it must be a string"])
     for index, char in enumerate(text):
         if char in "\t\n\r":
             continue
@@ -208,7 +208,7 @@ class Settings(BaseModel):
     def _finite_guidance(cls, value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(
-                f"guidance_scale={value} is not valid: it must be a finite number from 0 to {MAX_GUIDANCE:g} (best 3.5-5.5)"
+                f"guidance_scale={shown(value)} is not valid: it must be a finite number from 0 to {MAX_GUIDANCE:g} (best 3.5-5.5)"
             )
         return value
 
@@ -244,8 +244,14 @@ class Settings(BaseModel):
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string"}
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """repr() of a value, cut to `limit` characters: messages quote what was sent, not megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(error: dict) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "settings"
+    field = ".".join(str(part) for part in error["loc"])[:80] or "settings"
     value = error.get("input")
     kind = error["type"]
     ctx = error.get("ctx", {})
@@ -259,16 +265,16 @@ def _describe(error: dict) -> str:
         high = next((m.le for m in info.metadata if hasattr(m, "le")), None) if info else None
         if low is not None and high is not None:
             hint = " (-1 draws a random seed)" if field == "seed" else ""
-            return f"{field}={value!r} is not valid: it must be from {low} to {high}{hint}"
-        return f"{field}={value!r} is not valid: {error['msg'].lower()}"
+            return f"{field}={shown(value)} is not valid: it must be from {low} to {high}{hint}"
+        return f"{field}={shown(value)} is not valid: {error['msg'].lower()}"
     if kind == "literal_error":
-        return f"{field}={value!r} is not valid: choose one of {ctx.get('expected')}"
+        return f"{field}={shown(value)} is not valid: choose one of {ctx.get('expected')}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         wanted = next((word for key, word in _TYPE_WORDS.items() if kind.startswith(key)), kind)
         if kind == "int_from_float":
             wanted = "an integer"
-        return f"{field}={value!r} is not valid: it must be {wanted}"
-    return f"{field}={value!r} is not valid: {error['msg']}"
+        return f"{field}={shown(value)} is not valid: it must be {wanted}"
+    return f"{field}={shown(value)} is not valid: {error['msg']}"
 
 
 def parse_settings(raw: dict[str, Any]) -> Settings:
