@@ -1,6 +1,6 @@
 """Real server processes for the service tests: `pixart-sigma serve` on 127.0.0.1 and a free port.
 
-`start_server(data_dir, *flags)` starts one and waits for /readyz; with `faults=True` the process runs
+`start_server(data_dir, *flags)` starts one and waits for /readyz (sending `api_key` when the server has one); with `faults=True` the process runs
 through tests/fault_server.py, which makes prompts containing [oom] raise an out-of-memory error at
 step 1 and prompts containing [slow] take 0.2 s a step (the service code itself is unchanged).
 """
@@ -52,14 +52,14 @@ class Server:
 
 
 def start_server(data_dir: Path, *flags: str, faults: bool = False, env: dict | None = None,
-                 timeout: float = 120, wait_ready: bool = True) -> Server:
+                 timeout: float = 120, wait_ready: bool = True, api_key: str | None = None) -> Server:
     port = free_port()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
     entry = [str(HERE / "fault_server.py")] if faults else ["-m", "pixart_sigma"]
     command = [sys.executable, *entry, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
-               str(data_dir), *(flags or ("--model-name", "demo"))]
+               str(data_dir), *(flags or ("--model-name", "demo")), *(("--api-key", api_key) if api_key else ())]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "wb") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=full_env)
@@ -71,7 +71,8 @@ def start_server(data_dir: Path, *flags: str, faults: bool = False, env: dict | 
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{server.output()[-3000:]}")
         try:
-            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            if httpx.get(server.url + "/readyz", timeout=2, headers=headers).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
