@@ -1,0 +1,322 @@
+"""The web page at /, in a real browser (Debian's Chromium driven by Playwright) against a real server.
+
+One server for the module, started with the fault hooks so `[slow]` prompts take 0.2 s a step and a test
+can watch progress and cancel. Every test's page records its requests: none may leave the server.
+Set PIXART_SIGMA_SCREENSHOT=docs/page.png to write a screenshot of the page with a finished image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from serving import start_server, wait_for_job
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+WAIT_MS = 10_000
+NO_KEY = {"PIXART_SIGMA_API_KEY": ""}
+API_KEY = "sesame"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} to drive the page with")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("page") / "data", faults=True, env=NO_KEY)
+    yield server
+    server.stop(signal.SIGTERM, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = sync_api.sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=30_000)
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+def open_page(browser, url: str, width: int = 1100, height: int = 800, ready: str = "#field-width"):
+    """A fresh page on `url` that records every request and every script error."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.requests, page.errors = [], []
+    page.on("request", lambda request: page.requests.append(request.url))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(url + "/")
+    page.wait_for_selector(ready)  # by default: the form, built from /v1/schema
+    return page
+
+
+def close_page(page, url: str, also_allowed: tuple[str, ...] = ()):
+    try:
+        outside = [u for u in page.requests if not u.startswith((url + "/",) + also_allowed)]
+        assert not outside, f"requests left the server: {outside}"
+        assert not page.errors, f"script errors: {page.errors}"
+    finally:
+        page.context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = open_page(browser, server.url)
+    yield page
+    close_page(page, server.url)
+
+
+@pytest.fixture(scope="module")
+def styled_job(server):
+    """A finished job with every setting away from its default, made through the API."""
+    with server.client() as client:
+        response = client.post("/v1/generations", json={
+            "prompt": "a red circle on a blue background", "negative_prompt": "blurry", "num_inference_steps": 7,
+            "guidance_scale": 3.5, "seed": 1234, "width": 64, "height": 64, "scheduler": "euler",
+            "use_resolution_binning": False, "max_sequence_length": 120})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["id"], timeout=60)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def gallery_item(page, job_id: str):
+    return page.locator(f'#gallery li[data-id="{job_id}"]')
+
+
+def natural_width(page, selector: str) -> int:
+    """The naturalWidth of the first image matching `selector` once it has loaded (looked up afresh each poll,
+    since the gallery is redrawn when a job finishes)."""
+    return page.wait_for_function(
+        "s => { const img = document.querySelector(s); return img && img.complete && img.naturalWidth; }",
+        arg=selector, timeout=WAIT_MS).json_value()
+
+
+def test_form_is_built_from_the_schema_and_labelled(page, server):
+    with server.client() as client:
+        schema = client.get("/v1/schema").json()
+    for name, prop in schema["properties"].items():
+        control = page.get_by_label(prop["title"], exact=True)
+        assert control.count() == 1, name
+        assert control.get_attribute("name") == name
+        assert prop["description"] in page.locator(f'[data-field="{name}"] .help').inner_text()
+    width = page.get_by_label(schema["properties"]["width"]["title"], exact=True)
+    assert (width.get_attribute("type"), width.get_attribute("min"), width.get_attribute("max"),
+            width.get_attribute("step"), width.input_value()) == ("number", "64", "2048", "8", "")
+    sampler = page.locator("#field-scheduler")
+    assert sampler.evaluate("s => s.tagName") == "SELECT"
+    assert sampler.locator("option").all_inner_texts() == schema["properties"]["scheduler"]["enum"]
+    assert sampler.locator("option:checked").inner_text() == schema["properties"]["scheduler"]["default"]
+    assert page.locator("#field-use_resolution_binning").get_attribute("type") == "checkbox"
+    assert page.locator("#field-use_resolution_binning").is_checked()
+    assert page.locator("#field-num_inference_steps").input_value() == "20"
+    # every control has a <label for>, every button a name; nothing in the page is fetched from elsewhere
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(c => !c.id || !document.querySelector(`label[for="${c.id}"]`)).map(c => c.outerHTML)""")
+    assert unlabelled == []
+    for button in page.get_by_role("button").all():
+        assert (button.get_attribute("aria-label") or button.inner_text()).strip()
+    assert page.get_by_role("button", name="Generate").is_enabled()
+    assert page.get_by_role("button", name="Cancel").is_disabled()
+
+
+def test_generate_shows_progress_then_the_image(page, server):
+    page.get_by_label("Prompt", exact=True).fill("[slow] a green square on a white background")
+    page.get_by_label("Inference steps").fill("6")
+    page.get_by_role("button", name="Generate").click()
+    # the bar moves while the job runs (0.2 s a step), then is full
+    page.wait_for_function("() => { const p = document.getElementById('progress'); return p.max === 6 && "
+                           "p.value > 0 && p.value < p.max; }", timeout=WAIT_MS)
+    page.wait_for_selector('#status[data-state="succeeded"]', timeout=20_000)
+    assert page.evaluate("() => { const p = document.getElementById('progress'); return [p.value, p.max]; }") == [6, 6]
+    assert natural_width(page, "#result img") == 64
+    page.wait_for_selector('#gallery li:first-child[data-status="succeeded"]')
+    first = page.locator("#gallery li").first
+    assert "[slow] a green square" in first.locator(".prompt").inner_text()
+    assert natural_width(page, "#gallery li:first-child img") == 64
+    assert "Inferencesteps:6" in "".join(first.locator(".settings").inner_text().split())
+
+
+def test_image_downloads_and_screenshot(page, server):
+    page.get_by_label("Prompt", exact=True).fill("a yellow triangle on a green background")
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector('#status[data-state="succeeded"]', timeout=20_000)
+    assert natural_width(page, "#result img") == 64
+    link = page.get_by_role("link", name="Download PNG").first
+    href, filename = link.get_attribute("href"), link.get_attribute("download")
+    assert href.startswith("/v1/images/") and href.endswith(".png") and filename.endswith(".png")
+    with page.expect_download(timeout=WAIT_MS) as download:
+        link.click()
+    assert download.value.suggested_filename == filename
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page.wait_for_selector('#gallery li:first-child[data-status="succeeded"]')
+    if page.locator("#gallery li img").count() > 1:
+        natural_width(page, "#gallery li:nth-child(2) img")  # an older picture too, for the shot
+    target = os.environ.get("PIXART_SIGMA_SCREENSHOT")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=target, full_page=True)
+
+
+def test_clicking_a_gallery_item_fills_the_form(page, server, styled_job):
+    page.get_by_role("button", name="Refresh").click()
+    item = gallery_item(page, styled_job["id"])
+    assert natural_width(page, f'#gallery li[data-id="{styled_job["id"]}"] img') == 64
+    settings_text = item.locator(".settings").inner_text()
+    assert "1234" in settings_text and "euler" in settings_text
+    item.get_by_role("button", name="Use the prompt and settings of: a red circle on a blue background").click()
+    values = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#generate-form [name]')]
+        .map(c => [c.name, c.type === 'checkbox' ? c.checked : c.tagName === 'SELECT' ? c.selectedOptions[0].text
+                                                                    : c.value]))""")
+    assert values == {"prompt": "a red circle on a blue background", "model_name": "demo", "negative_prompt": "blurry",
+                      "num_inference_steps": "7", "guidance_scale": "3.5", "seed": "1234", "width": "64",
+                      "height": "64", "num_images_per_prompt": "1", "scheduler": "euler",
+                      "use_resolution_binning": False, "max_sequence_length": "120"}
+    assert natural_width(page, "#result img") == 64  # its picture is shown as the result
+    page.get_by_role("button", name="Reset settings").click()
+    assert page.locator("#field-seed").input_value() == "-1"
+    assert page.locator("#field-width").input_value() == ""
+
+
+def test_queue_position_then_cancel_a_running_job(page, server):
+    with server.client() as client:  # a job ahead of the page's, so the page's waits in the queue
+        blocker = client.post("/v1/generations", json={"prompt": "[slow] ahead", "num_inference_steps": 100}).json()
+        try:
+            page.get_by_label("Prompt", exact=True).fill("[slow] a long blue circle")
+            page.get_by_label("Inference steps").fill("100")
+            page.get_by_role("button", name="Generate").click()
+            page.wait_for_selector('#status[data-state="queued"]')
+            assert "position 1" in page.locator("#status").inner_text()
+            assert page.get_by_role("button", name="Cancel").is_enabled()
+        finally:
+            client.delete(f"/v1/jobs/{blocker['id']}")
+    page.wait_for_function("() => document.getElementById('progress').value >= 1", timeout=WAIT_MS)
+    assert "Step" in page.locator("#status").inner_text()
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector('#status[data-state="cancelled"]', timeout=WAIT_MS)
+    assert "Cancelled" in page.locator("#status").inner_text()
+    assert page.get_by_role("button", name="Cancel").is_disabled()
+    page.wait_for_selector('#gallery li:first-child[data-status="cancelled"]')
+    first = page.locator("#gallery li").first
+    assert first.locator(".badge").inner_text() == "cancelled"
+    job_id = first.get_attribute("data-id")
+    with server.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_server_errors_show_next_to_their_field(page, server):
+    with server.client() as client:
+        before = client.get("/v1/jobs?limit=1").json()["total"]
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_label("Width").fill("1001")  # the browser would refuse it; the form is novalidate
+    page.get_by_label("Guidance scale").fill("99")
+    page.get_by_role("button", name="Generate").click()
+    width_error = page.locator('[data-field="width"] .field-error')
+    width_error.wait_for()
+    assert "multiple of 8" in width_error.inner_text() and "1001" in width_error.inner_text()
+    assert page.get_by_label("Width").get_attribute("aria-invalid") == "true"
+    assert "from 0.0 to 20.0" in page.locator('[data-field="guidance_scale"] .field-error').inner_text()
+    assert page.locator('[data-field="height"] .field-error').inner_text() == ""
+    assert page.locator("#general-error").is_hidden()
+    page.get_by_label("Width").fill("64")  # editing a field clears its message
+    assert width_error.is_hidden()
+    page.get_by_label("Prompt", exact=True).fill("")
+    page.get_by_label("Guidance scale").fill("4")
+    page.get_by_role("button", name="Generate").click()
+    page.locator('[data-field="prompt"] .field-error').wait_for()
+    assert "prompt is empty" in page.locator('[data-field="prompt"] .field-error').inner_text().lower()
+    with server.client() as client:
+        assert client.get("/v1/jobs?limit=1").json()["total"] == before
+
+
+def test_queue_full_and_network_errors_in_the_general_area(page, server):
+    body = {"error": {"message": "the queue is full (8 jobs waiting); retry later", "type": "rate_limit_error",
+                      "param": None, "code": "queue_full"}}
+    page.route("**/v1/generations", lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "7", "Content-Type": "application/json"}, body=json.dumps(body)))
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_role("button", name="Generate").click()
+    general = page.locator("#general-error")
+    general.wait_for()
+    assert "queue is full" in general.inner_text() and "7 s" in general.inner_text()
+    page.unroute("**/v1/generations")
+    page.route("**/v1/generations", lambda route: route.abort("connectionrefused"))
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => /Cannot reach the server/.test(document.getElementById('general-error').textContent)",
+                           timeout=WAIT_MS)
+    assert page.get_by_role("alert").filter(has_text="Cannot reach").count() == 1
+
+
+def test_phone_width_has_no_horizontal_scroll(browser, server, styled_job):
+    page = open_page(browser, server.url, width=390, height=844)
+    try:
+        item = gallery_item(page, styled_job["id"])
+        item.scroll_into_view_if_needed()  # gallery pictures load lazily, when near the screen
+        assert natural_width(page, f'#gallery li[data-id="{styled_job["id"]}"] img') == 64
+        item.locator("button.use").click()
+        assert natural_width(page, "#result img") == 64
+        page.get_by_label("Width").fill("1001")
+        page.get_by_role("button", name="Generate").click()
+        page.locator('[data-field="width"] .field-error').wait_for()
+        overflow = page.evaluate("""() => ({page: document.documentElement.scrollWidth - innerWidth,
+            wide: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth + 1)
+                  .map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 5)})""")
+        assert overflow == {"page": 0, "wide": []}
+    finally:
+        close_page(page, server.url)
+
+
+def require_key(route):
+    """What BearerAuth does on a server started with --api-key, in front of this keyless one."""
+    if route.request.headers.get("authorization") == f"Bearer {API_KEY}":
+        return route.continue_()
+    body = {"error": {"message": "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                      "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+    return route.fulfill(status=401, headers={"WWW-Authenticate": "Bearer", "Content-Type": "application/json"},
+                         body=json.dumps(body))
+
+
+def test_api_key_is_asked_for_kept_and_sent(browser, server):
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    context.route("**/v1/**", require_key)  # every API call, the event stream and the images need the key
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.requests, page.errors = [], []
+    page.on("request", lambda request: page.requests.append(request.url))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    try:
+        page.goto(server.url + "/")
+        key = page.get_by_label("API key")
+        key.wait_for()
+        assert key.get_attribute("type") == "password"
+        assert "API key" in page.locator("#general-error").inner_text()
+        key.fill("wrong")
+        page.get_by_role("button", name="Use key").click()
+        page.wait_for_function("() => /refused/.test(document.getElementById('key-error').textContent)",
+                               timeout=WAIT_MS)
+        key.fill(API_KEY)
+        page.get_by_role("button", name="Use key").click()
+        page.wait_for_selector("#field-width")
+        assert key.is_hidden() and page.locator("#general-error").is_hidden()
+        assert page.evaluate("() => localStorage.getItem('pixart-sigma-api-key')") == API_KEY
+        page.get_by_label("Prompt", exact=True).fill("[slow] a red circle on a blue background")
+        page.get_by_label("Inference steps").fill("4")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("() => document.getElementById('progress').value >= 1", timeout=WAIT_MS)
+        page.wait_for_selector('#status[data-state="succeeded"]', timeout=20_000)
+        assert natural_width(page, "#result img") == 64  # fetched with the key, shown from a blob
+        assert page.locator("#result img").get_attribute("src").startswith("blob:")
+        page.wait_for_selector('#gallery li:first-child[data-status="succeeded"]')
+        assert natural_width(page, "#gallery li:first-child img") == 64
+        page.reload()  # the key is remembered
+        page.wait_for_selector('#gallery li[data-status="succeeded"]')
+        assert key.is_hidden()
+    finally:
+        close_page(page, server.url, also_allowed=(f"blob:{server.url}/",))
