@@ -15,13 +15,14 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import PixArtSigmaModel, SettingsError, __version__
-from ..settings import LOAD_SETTINGS, Settings
+from ..settings import LOAD_SETTINGS, Settings, shown
 from .service import Rejected, Service
 
 MAX_BODY_BYTES = 1 << 20
@@ -30,7 +31,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 PAGE_PATHS = ("/",)  # the page itself holds no data; it asks for the key when the server has one
-SSE_POLL_SECONDS = 0.05
+SSE_POLL_SECONDS = 0.01  # reads only memory; the store is read once, at the end
 SSE_HEARTBEAT_SECONDS = 15.0
 MAX_PAGE = 100
 
@@ -125,10 +126,16 @@ class BearerAuth:
         return await self.app(scope, receive, send)
 
 
+def _number(text: str):
+    """JSON Schema counts 7.0 as an integer, and so do we: whole numbers arrive as int."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2**63 else value
+
+
 async def read_json(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw or b"null")
+        return json.loads(raw or b"null", parse_float=_number)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
@@ -170,6 +177,15 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
     async def _rejected(request: Request, exc: Rejected):
         return rejected(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_query(request: Request, exc: RequestValidationError):
+        fields: dict[str, list[str]] = {}
+        for problem in exc.errors():
+            name = str(problem["loc"][-1]) if problem.get("loc") else "request"
+            fields.setdefault(name, []).append(f"{name}={shown(problem.get('input'))} is not valid: {problem['msg']}")
+        return error_response(422, "; ".join(m for ms in fields.values() for m in ms), param=next(iter(fields)),
+                              code="invalid_request", fields=fields)
+
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
         return error_response(400, str(exc), code="invalid_json")
@@ -183,7 +199,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return error_response(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
 
     def job_or_404(job_id: str):
-        job = service.store.get(job_id) if JOB_ID.match(job_id) else None
+        job = service.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
         if job is None:
             raise NotFound(f"no job {job_id[:64]!r}")
         return job
@@ -205,10 +221,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return JSONResponse(service.view(job), status_code=202, headers=headers)
 
     @app.get("/v1/jobs", summary="Job history, newest first", responses=errors(401, 422))
-    async def list_jobs(limit: int = 20, offset: int = 0):
-        if not 1 <= limit <= MAX_PAGE or offset < 0:
-            return error_response(422, f"limit must be from 1 to {MAX_PAGE} and offset at least 0",
-                                  param="limit" if not 1 <= limit <= MAX_PAGE else "offset", code="invalid_page")
+    async def list_jobs(limit: int = Query(20, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
         jobs, total = service.store.page(limit, offset)
         following = offset + len(jobs)
         return {"jobs": [service.view(job) for job in jobs], "total": total, "limit": limit, "offset": offset,
@@ -238,7 +251,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
              response_class=FileResponse, responses=errors(401, 404))
     async def get_image(name: str):
         path = service.store.image_dir / name
-        if not IMAGE_NAME.match(name) or not path.is_file():
+        if not IMAGE_NAME.fullmatch(name) or not path.is_file():
             raise NotFound(f"no image {name[:80]!r}")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
@@ -283,29 +296,31 @@ def asgi(app: FastAPI):
 
 
 async def _events(service: Service, job_id: str, request: Request):
-    """Replay the job's events from the start, then follow them until it is done."""
-    sent, quiet = 0, 0.0
+    """Replay the job's events from the start, then follow them (in memory) until it is done."""
+    sent, waited = 0, 0.0
     while True:
         progress = service.progress(job_id)
         events = progress.events if progress else []
+        finished = False
         while sent < len(events):
             event = events[sent]
             sent += 1
             if event["event"] == "done":
+                finished = True
                 break
             yield _sse(event["event"], {k: v for k, v in event.items() if k != "event"})
-            quiet = 0.0
-        job = service.store.get(job_id)
-        if job is None or job.done:
-            if job is not None:
+            waited = 0.0
+        if finished or progress is None:  # no events in memory: a job from before a restart
+            job = service.store.get(job_id)
+            if job is not None and (finished or job.done):
                 yield _sse("done", service.view(job))
-            return
-        if await request.is_disconnected():
-            return
+                return
         await asyncio.sleep(SSE_POLL_SECONDS)
-        quiet += SSE_POLL_SECONDS
-        if quiet >= SSE_HEARTBEAT_SECONDS:
-            quiet = 0.0
+        waited += SSE_POLL_SECONDS
+        if waited >= SSE_HEARTBEAT_SECONDS:  # also the moment to notice a client that went away
+            waited = 0.0
+            if await request.is_disconnected():
+                return
             yield ": keep-alive\n\n"
 
 

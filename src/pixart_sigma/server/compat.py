@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
 from ..settings import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings
-from .app import error_response, read_json, rejected, request_schema, settings_error
+from .app import error_response, errors, read_json, rejected, request_schema, settings_error
 from .service import Rejected, Service
 from .store import Job
 
@@ -291,9 +291,12 @@ def openai_schema(served: list[str]) -> dict[str, Any]:
         "n": {"type": "integer", "minimum": 1, "maximum": OPENAI_MAX_N, "default": 1,
               "description": "Images to make (num_images_per_prompt)."},
         "size": {"type": "string", "default": "auto", "examples": ["1024x1024", "1536x1024", "auto"],
+                 "pattern": "^(auto|[0-9]{1,5}x[0-9]{1,5})$",
                  "description": f"'WIDTHxHEIGHT', each side a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to "
                  f"{MAX_SIDE}, or 'auto' for the model's native size."},
         "model": {"type": "string", "default": served[0], "examples": served + ["dall-e-3", "gpt-image-1"],
+                  "pattern": "^(" + "|".join([re.escape(name) for name in served]
+                                             + [re.escape(prefix) + ".*" for prefix in OPENAI_MODEL_PREFIXES]) + ")$",
                   "description": "A served model; OpenAI's own names (dall-e-*, gpt-image-*) mean the default."},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "url"},
         "output_format": {"type": "string", "enum": ["png"], "default": "png"},
@@ -371,7 +374,7 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
             problems.append(f"{name}={value!r} cannot be honoured: {why}; leave it out")
 
     n_iter = raw.get("n_iter")
-    cap = max(1, min(MAX_N_ITER, service.queue_size + 1))
+    cap = n_iter_cap(service)
     if n_iter is None:
         n_iter = 1
     elif isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= cap:
@@ -385,7 +388,12 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
     return body, n_iter, problems, _renamer(names)
 
 
-def a1111_schema(served: list[str]) -> dict[str, Any]:
+def n_iter_cap(service: Service) -> int:
+    """Batches one txt2img call may queue: each is a job, and all must fit the queue at once."""
+    return max(1, min(MAX_N_ITER, service.queue_size + 1))
+
+
+def a1111_schema(served: list[str], max_n_iter: int) -> dict[str, Any]:
     ours = request_schema(served)["properties"]
     samplers = [sampler.a1111_name for sampler in SAMPLERS.values()]
     properties = {
@@ -399,7 +407,7 @@ def a1111_schema(served: list[str]) -> dict[str, Any]:
                          "description": "A1111's sampler name or ours; leave it out for the checkpoint's own."},
         "scheduler": {"type": "string", "enum": ["Automatic"], "description": "A1111's schedule type: Automatic only."},
         "batch_size": {**ours["num_images_per_prompt"], "title": "Batch size"},
-        "n_iter": {"type": "integer", "minimum": 1, "default": 1,
+        "n_iter": {"type": "integer", "minimum": 1, "maximum": max_n_iter, "default": 1,
                    "description": "Batches, each one job of batch_size images; seeds follow on."},
         "send_images": {"type": "boolean", "default": True},
         "override_settings": {"type": "object", "properties": {"sd_model_checkpoint": {"type": "string",
@@ -431,6 +439,7 @@ def install(app, service: Service) -> None:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
     @app.post("/v1/images/generations", openapi_extra=body_of(openai_schema(served)), tags=["OpenAI-compatible"],
+              responses=errors(400, 401, 409, 413, 429, 500, 503),
               summary="OpenAI's Images API: make images and answer with them (waits for the job)")
     async def openai_generate(request: Request):
         raw = await read_json(request)
@@ -464,7 +473,8 @@ def install(app, service: Service) -> None:
                    "model": job.model_name, "job_id": job.id}
         return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
 
-    @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served)), tags=["A1111-compatible"],
+    @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service))), tags=["A1111-compatible"],
+              responses=errors(400, 401, 413, 422, 429, 500, 503),
               summary="AUTOMATIC1111's txt2img: make images and answer with them (waits for the jobs)")
     async def txt2img(request: Request):
         raw = await read_json(request)

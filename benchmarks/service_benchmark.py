@@ -1,0 +1,176 @@
+"""The service's overhead: a demo job through HTTP beside the same generation through the library.
+
+Starts its own `pixart-sigma serve --model-name demo` on 127.0.0.1 and a free port (tests/serving.py's
+helper), then measures, in one run:
+
+- per job, median of N: POST /v1/generations, follow its server-sent events to `done`, GET the PNG;
+  against `PixArtSigmaModel(model_name="demo").generate(...)` in this process, same settings;
+  the ratio and the absolute overhead (target: under 10% of a job or under 30 ms, whichever is larger);
+- jobs per second with 8 concurrent clients (each submits, follows the events, fetches the image);
+- the resident memory (VmRSS) of the idle server process, before and after the load.
+
+    python benchmarks/service_benchmark.py                 # 20 steps, N=10, 32 jobs for the throughput
+    python benchmarks/service_benchmark.py --json out.json # also write the numbers as JSON
+
+All traffic goes to 127.0.0.1, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serving import start_server  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def http_job(client: httpx.Client, body: dict, timeout: float = 120) -> tuple[float, dict]:
+    """Seconds from POST to the PNG in hand, following the job's events; and the finished job."""
+    started = time.perf_counter()
+    response = client.post("/v1/generations", json=body)
+    response.raise_for_status()
+    job_id = response.json()["id"]
+    done = None
+    deadline = time.monotonic() + timeout
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as events:
+        name = None
+        for line in events.iter_lines():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not done in {timeout} s")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name == "done":
+                done = json.loads(line[6:])
+                break
+    if done is None or done["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} ended as {done}")
+    for image in done["images"]:
+        png = client.get(image["url"])
+        png.raise_for_status()
+        assert png.content.startswith(b"\x89PNG")
+    return time.perf_counter() - started, done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per job (default 20)")
+    parser.add_argument("--repeats", type=int, default=10, help="N: jobs timed each way, median taken (default 10)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput (default 8)")
+    parser.add_argument("--load-jobs", type=int, default=32, help="jobs in the throughput run (default 32)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    from pixart_sigma import PixArtSigmaModel
+
+    data = Path(tempfile.mkdtemp(prefix="pixart-service-bench-")) / "data"
+    print("starting the server ...", file=sys.stderr, flush=True)
+    server = start_server(data, "--model-name", "demo", "--queue-size", str(max(64, args.load_jobs + 8)),
+                          env={"PYTHONWARNINGS": "ignore"})
+    try:
+        pid = server.process.pid
+        time.sleep(1.0)
+        rss_idle = rss_mib(pid)
+        model = PixArtSigmaModel(model_name="demo")
+        body = lambda seed: {"prompt": PROMPT, "seed": seed, "num_inference_steps": args.steps}  # noqa: E731
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            # Warm both sides (first calls fill caches), then alternate, so load elsewhere hits both alike.
+            model.generate(PROMPT, seed=0, num_inference_steps=args.steps)
+            http_job(client, body(0))
+            library_times, http_times = [], []
+            for k in range(args.repeats):
+                started = time.perf_counter()
+                model.generate(PROMPT, seed=k + 1, num_inference_steps=args.steps)
+                library_times.append(time.perf_counter() - started)
+                http_times.append(http_job(client, body(k + 1))[0])
+
+        print(f"throughput: {args.load_jobs} jobs, {args.clients} clients ...", file=sys.stderr, flush=True)
+        counter = iter(range(args.load_jobs))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        job_seconds: list[float] = []
+
+        def worker() -> None:
+            with httpx.Client(base_url=server.url, timeout=300) as client:
+                while True:
+                    with lock:
+                        k = next(counter, None)
+                    if k is None:
+                        return
+                    try:
+                        seconds, _ = http_job(client, body(1000 + k), timeout=300)
+                        job_seconds.append(seconds)
+                    except BaseException as exc:  # reported below
+                        errors.append(exc)
+                        return
+
+        threads = [threading.Thread(target=worker) for _ in range(args.clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        wall = time.perf_counter() - started
+        if errors:
+            raise RuntimeError(f"{len(errors)} throughput jobs failed: {errors[0]!r}")
+        time.sleep(1.0)
+        rss_after = rss_mib(pid)
+    finally:
+        server.stop()
+
+    library_ms = statistics.median(library_times) * 1000
+    http_ms = statistics.median(http_times) * 1000
+    overhead_ms = http_ms - library_ms
+    target_ms = max(0.10 * library_ms, 30.0)
+    results = {
+        "steps": args.steps, "repeats": args.repeats, "library_ms": library_ms, "http_ms": http_ms,
+        "ratio": http_ms / library_ms, "overhead_ms": overhead_ms, "target_ms": target_ms,
+        "meets_target": overhead_ms <= target_ms, "clients": args.clients, "load_jobs": args.load_jobs,
+        "jobs_per_second": args.load_jobs / wall, "library_jobs_per_second": 1000 / library_ms,
+        "load_job_median_ms": statistics.median(job_seconds) * 1000,
+        "rss_idle_mib": rss_idle, "rss_idle_after_load_mib": rss_after, "cpus": os.cpu_count(),
+        "library_all_ms": [t * 1000 for t in library_times], "http_all_ms": [t * 1000 for t in http_times],
+    }
+    rows = [
+        ("demo job, library `generate` (median)", f"{library_ms:.1f} ms"),
+        ("demo job through HTTP: POST + SSE to done + GET PNG (median)", f"{http_ms:.1f} ms"),
+        ("ratio HTTP / library", f"{results['ratio']:.3f}"),
+        ("overhead (HTTP - library)", f"{overhead_ms:+.1f} ms"),
+        ("target: max(10% of a job, 30 ms)", f"{target_ms:.1f} ms -> {'met' if results['meets_target'] else 'NOT met'}"),
+        (f"throughput, {args.clients} concurrent clients, {args.load_jobs} jobs", f"{results['jobs_per_second']:.2f} jobs/s"),
+        ("library alone, one after another", f"{results['library_jobs_per_second']:.2f} jobs/s"),
+        ("a job's latency under that load (median)", f"{results['load_job_median_ms']:.0f} ms"),
+        ("server RSS, idle after start", f"{rss_idle:.0f} MiB"),
+        ("server RSS, idle after the load", f"{rss_after:.0f} MiB"),
+    ]
+    print(f"\nService benchmark: demo model, {args.steps} steps, 64x64, N={args.repeats}, {os.cpu_count()} CPUs\n")
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
