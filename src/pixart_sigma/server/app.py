@@ -31,7 +31,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 PAGE_PATHS = ("/",)  # the page itself holds no data; it asks for the key when the server has one
-SSE_POLL_SECONDS = 0.01  # reads only memory; the store is read once, at the end
+SSE_POLL_SECONDS = 0.5  # only for a job with no events in memory
 SSE_HEARTBEAT_SECONDS = 15.0
 MAX_PAGE = 100
 
@@ -296,32 +296,39 @@ def asgi(app: FastAPI):
 
 
 async def _events(service: Service, job_id: str, request: Request):
-    """Replay the job's events from the start, then follow them (in memory) until it is done."""
-    sent, waited = 0, 0.0
-    while True:
-        progress = service.progress(job_id)
-        events = progress.events if progress else []
-        finished = False
-        while sent < len(events):
-            event = events[sent]
-            sent += 1
-            if event["event"] == "done":
-                finished = True
-                break
-            yield _sse(event["event"], {k: v for k, v in event.items() if k != "event"})
-            waited = 0.0
-        if finished or progress is None:  # no events in memory: a job from before a restart
-            job = service.store.get(job_id)
-            if job is not None and (finished or job.done):
-                yield _sse("done", service.view(job))
-                return
-        await asyncio.sleep(SSE_POLL_SECONDS)
-        waited += SSE_POLL_SECONDS
-        if waited >= SSE_HEARTBEAT_SECONDS:  # also the moment to notice a client that went away
-            waited = 0.0
-            if await request.is_disconnected():
-                return
-            yield ": keep-alive\n\n"
+    """Replay the job's events from the start, then follow them until it is done (woken by the worker)."""
+    loop, woken = asyncio.get_running_loop(), asyncio.Event()
+    progress = service.progress(job_id)
+    if progress is not None:
+        progress.listen(loop, woken)
+    sent = 0
+    try:
+        while True:
+            woken.clear()  # before reading, so an event emitted meanwhile wakes the next wait
+            events = progress.events if progress else []
+            finished = False
+            while sent < len(events):
+                event = events[sent]
+                sent += 1
+                if event["event"] == "done":
+                    finished = True
+                    break
+                yield _sse(event["event"], {k: v for k, v in event.items() if k != "event"})
+            if finished or progress is None:  # no events in memory: a job from before a restart
+                job = service.store.get(job_id)
+                if job is not None and (finished or job.done):
+                    yield _sse("done", service.view(job))
+                    return
+            try:
+                await asyncio.wait_for(woken.wait(), SSE_HEARTBEAT_SECONDS if progress else SSE_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                if progress is not None:
+                    yield ": keep-alive\n\n"
+    finally:
+        if progress is not None:
+            progress.forget(loop, woken)
 
 
 def _sse(event: str, data: Any) -> str:

@@ -44,15 +44,36 @@ class Rejected(Exception):
 
 @dataclass
 class Progress:
-    """What a running or recent job has said: events in order, and its cancel flag."""
+    """What a running or recent job has said: events in order, its cancel flag, and who listens.
+
+    Listeners are event-loop events, woken from the worker thread: a stream waits instead of polling,
+    so it costs the generating thread nothing.
+    """
 
     events: list[dict[str, Any]] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     step: int = 0
     total: int = 0
+    listeners: set = field(default_factory=set)  # (loop, asyncio.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def emit(self, event: str, **data: Any) -> None:
-        self.events.append({"event": event, **data})
+        with self.lock:
+            self.events.append({"event": event, **data})
+            listeners = list(self.listeners)
+        for loop, woken in listeners:
+            try:
+                loop.call_soon_threadsafe(woken.set)
+            except RuntimeError:  # that loop has closed
+                pass
+
+    def listen(self, loop, woken) -> None:
+        with self.lock:
+            self.listeners.add((loop, woken))
+
+    def forget(self, loop, woken) -> None:
+        with self.lock:
+            self.listeners.discard((loop, woken))
 
 
 class Metrics:
