@@ -82,6 +82,17 @@ def start_server(data_dir: Path, *flags: str, faults: bool = False, env: dict | 
     raise RuntimeError(f"the server was not ready in {timeout} s:\n{server.output()[-3000:]}")
 
 
+def wait_until(predicate, timeout: float, interval: float = 0.05):
+    """The first true value of `predicate()`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met in {timeout} s")
+
+
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

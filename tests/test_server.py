@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import Server, free_port, start_server, wait_for_job
+from serving import Server, free_port, start_server, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -99,16 +99,6 @@ def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
     assert response.headers["content-type"].startswith("text/plain")
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(response.text) for sample in family.samples}
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met in {timeout} s")
 
 
 def cancel_all(client: httpx.Client, job_ids) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import start_server, wait_for_job
+from serving import start_server, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,6 @@ def submit(client: httpx.Client, body: dict, expect: int = 202) -> dict:
     response = client.post("/v1/generations", json=body)
     assert response.status_code == expect, response.text
     return response.json()
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met in {timeout} s")
 
 
 def status_of(client: httpx.Client, job_id: str) -> dict:
