@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jobs database and images (default: $PIXART_SIGMA_HOME, else the user data folder)")
     serve.add_argument("--queue-size", type=int, default=8, help="jobs that may wait behind the running one (default: 8)")
     serve.add_argument("--api-key", default=None,
-                       help="bearer token every route but /healthz requires (default: $PIXART_SIGMA_API_KEY)")
+                       help="bearer token every route requires but /healthz and the page's own files "
+                            "(default: $PIXART_SIGMA_API_KEY)")
     serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the known checkpoints: downloaded or not, size, folder")

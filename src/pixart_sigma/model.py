@@ -138,7 +138,7 @@ class PixArtSigmaModel:
         _fill_size(values, self.settings["checkpoint"].native_size)
         return Settings.model_construct(**values)
 
-    def validate_call(self, prompt: Any, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
         """The checked prompt and per-call settings that `generate(prompt, **overrides)` would use.
 
         Raises SettingsError exactly as `generate` would, without touching the model: a service checks

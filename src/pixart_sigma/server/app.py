@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import PixArtSigmaModel, SettingsError, __version__
+from .. import SettingsError, __version__
 from ..settings import LOAD_SETTINGS, Settings, shown
 from .service import Rejected, Service
 
@@ -46,7 +46,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
 def errors(*statuses: int) -> dict[int, dict]:
     """OpenAPI declarations of the error answers a route gives (one shape for all)."""
     reasons = {400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found", 409: "Conflict",
-               413: "Body over 1 MiB", 422: "Invalid settings, each named in error.fields",
+               413: f"Body over {MAX_BODY_BYTES:,} bytes", 415: "Body not sent as application/json",
+               421: "Not a loopback Host name (server without an API key)", 422: "Invalid settings, each named in error.fields",
                429: "Queue full; see Retry-After", 500: "The job failed", 503: "Draining or not ready"}
     return {status: {"description": reasons[status], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for status in statuses}
@@ -107,6 +108,35 @@ class BodyLimit:
         await self.app(scope, replayed, send)
 
 
+class SameMachineOnly:
+    """Without an API key the server trusts its own machine only, so a web page the user visits elsewhere
+    cannot use it: POST bodies must be JSON (a cross-site form or text/plain body is refused with 415) and,
+    when bound to loopback, the Host must be a loopback name (a DNS-rebinding page is refused with 421)."""
+
+    LOOPBACK_NAMES = (b"127.0.0.1", b"localhost", b"[::1]")
+
+    def __init__(self, app, check_host: bool):
+        self.app, self.check_host = app, check_host
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").rsplit(b":", 1)[0] if not headers.get(b"host", b"").endswith(b"]") \
+            else headers.get(b"host", b"")
+        if self.check_host and host.lower() not in self.LOOPBACK_NAMES:
+            response = error_response(421, "this server answers only to 127.0.0.1, localhost or [::1]; "
+                                           "give it an API key to serve other names", code="wrong_host")
+            return await response(scope, receive, send)
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        if scope["method"] == "POST" and has_body and kind != b"application/json":
+            response = error_response(415, "send the request body as JSON with 'Content-Type: application/json'",
+                                      code="unsupported_media_type")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class BearerAuth:
     """Every route but /healthz (and the page's own files) needs `Authorization: Bearer <key>`."""
 
@@ -136,8 +166,8 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw or b"null", parse_float=_number)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 class BadRequest(Exception):
@@ -159,7 +189,7 @@ def request_schema(served: list[str]) -> dict[str, Any]:
             "additionalProperties": False}
 
 
-def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
+def create_app(service: Service, api_key: Optional[str] = None, loopback: bool = True) -> FastAPI:
     from . import compat
 
     app = FastAPI(title="pixart-sigma", version=__version__,
@@ -212,7 +242,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return error_response(404, str(exc), code="not_found")
 
     @app.post("/v1/generations", status_code=202, openapi_extra=generation_body,
-              responses=errors(400, 401, 409, 413, 422, 429, 503),
+              responses=errors(400, 401, 409, 413, 415, 422, 429, 503),
               summary="Queue a generation; answers at once with the job")
     async def create_generation(request: Request):
         body = await read_json(request)
@@ -221,7 +251,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         return JSONResponse(service.view(job), status_code=202, headers=headers)
 
     @app.get("/v1/jobs", summary="Job history, newest first", responses=errors(401, 422))
-    async def list_jobs(limit: int = Query(20, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
+    async def list_jobs(limit: int = Query(20, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62)):
         jobs, total = service.store.page(limit, offset)
         following = offset + len(jobs)
         return {"jobs": [service.view(job) for job in jobs], "total": total, "limit": limit, "offset": offset,
@@ -236,9 +266,11 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
                 status_code=202, responses=errors(401, 404, 409))
     async def cancel_job(job_id: str):
         job = job_or_404(job_id)
-        if job.done:
-            return error_response(409, f"job {job_id} has already finished ({job.status})", code="job_finished")
-        return JSONResponse(service.view(service.cancel(job_id)), status_code=202)
+        if not job.done:
+            job = service.cancel(job_id)
+            if job.status in ("queued", "running", "cancelled"):
+                return JSONResponse(service.view(job), status_code=202)
+        return error_response(409, f"job {job_id} has already finished ({job.status})", code="job_finished")
 
     @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: queue position, each step, done",
              response_class=StreamingResponse, responses=errors(401, 404))
@@ -253,7 +285,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         path = service.store.image_dir / name
         if not IMAGE_NAME.fullmatch(name) or not path.is_file():
             raise NotFound(f"no image {name[:80]!r}")
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
     @app.get("/v1/schema", summary="The settings' JSON Schema, as this server accepts them")
     async def schema():
@@ -283,7 +315,7 @@ def create_app(service: Service, api_key: Optional[str] = None) -> FastAPI:
         async def page():
             return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    wrapped = BodyLimit(app, MAX_BODY_BYTES)
+    wrapped = SameMachineOnly(BodyLimit(app, MAX_BODY_BYTES), check_host=loopback and not api_key)
     if api_key:
         wrapped = BearerAuth(wrapped, api_key)
     app.state.asgi = wrapped
@@ -335,4 +367,3 @@ def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-__all__ = ["create_app", "asgi", "error_response", "PixArtSigmaModel"]

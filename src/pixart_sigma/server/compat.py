@@ -219,7 +219,8 @@ def _openai_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, 
     size = values.pop("size", None)
     if size is not None:
         model_name = body.get("model_name", values.get("model_name", service.default_model))
-        native = service.models.get(model_name, service.models[service.default_model]).settings
+        served = model_name if isinstance(model_name, str) and model_name in service.models else service.default_model
+        native = service.models[served].settings
         valid = (f"use 'WIDTHxHEIGHT' in pixels, each side a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to "
                  f"{MAX_SIDE} (e.g. '1024x1024', '1536x1024'), or 'auto' for the model's native "
                  f"{native['width']}x{native['height']}")
@@ -343,7 +344,8 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
     sampler_field = "sampler_name" if raw.get("sampler_name") is not None else "sampler_index"
     sampler = raw.get(sampler_field)
     schedule = raw.get("scheduler")
-    if schedule in SAMPLERS:  # our own field, our (lower-case) names; A1111's schedule types are capitalised
+    # Our own field, with our (lower-case) names; A1111's schedule types are capitalised.
+    if isinstance(schedule, str) and schedule in SAMPLERS:
         if sampler is None:
             sampler, sampler_field = schedule, "scheduler"
         elif A1111_SAMPLERS.get(str(sampler).lower()) != schedule:
@@ -439,7 +441,7 @@ def install(app, service: Service) -> None:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
     @app.post("/v1/images/generations", openapi_extra=body_of(openai_schema(served)), tags=["OpenAI-compatible"],
-              responses=errors(400, 401, 409, 413, 429, 500, 503),
+              responses=errors(400, 401, 409, 413, 415, 429, 500, 503),
               summary="OpenAI's Images API: make images and answer with them (waits for the job)")
     async def openai_generate(request: Request):
         raw = await read_json(request)
@@ -474,7 +476,7 @@ def install(app, service: Service) -> None:
         return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
 
     @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service))), tags=["A1111-compatible"],
-              responses=errors(400, 401, 413, 422, 429, 500, 503),
+              responses=errors(400, 401, 413, 415, 422, 429, 500, 503),
               summary="AUTOMATIC1111's txt2img: make images and answer with them (waits for the jobs)")
     async def txt2img(request: Request):
         raw = await read_json(request)

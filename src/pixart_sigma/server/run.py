@@ -47,6 +47,17 @@ def load_models(model_names: list[str], device: str, dtype: str) -> dict[str, Pi
     return models
 
 
+def check_models_fit(models: dict[str, PixArtSigmaModel]) -> None:
+    """Every served model must stay warm: past the cache budget each job would evict and reload another."""
+    from ..engine import MEMORY_BUDGET_ENV, cached_engines
+
+    warm = {id(engine) for engine in cached_engines()}
+    if any(id(model.engine) not in warm for model in models.values()):
+        # `model.engine` above reloaded the evicted one; say what to change instead of thrashing.
+        raise SettingsError([f"the {len(models)} served models do not fit the warm-model budget together: "
+                             f"serve fewer, or raise {MEMORY_BUDGET_ENV}"])
+
+
 def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", host: str = "127.0.0.1",
           port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
           api_key: Optional[str] = None, log_level: str = "info") -> int:
@@ -66,8 +77,10 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", hos
     names = list(dict.fromkeys(model_names)) or [PixArtSigmaModel.get_schema()["properties"]["model_name"]["default"]]
     store = JobStore(data_dir)
     print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
-    service = Service(load_models(names, device, dtype), store, queue_size)
-    app = create_app(service, api_key)
+    models = load_models(names, device, dtype)
+    check_models_fit(models)
+    service = Service(models, store, queue_size)
+    app = create_app(service, api_key, loopback=is_loopback(host))
     server = _DrainingServer(uvicorn.Config(asgi(app), host=host, port=port, log_level=log_level,
                                             timeout_graceful_shutdown=5), service)
     service.start()

@@ -24,11 +24,11 @@ from typing import Any, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
-from ..settings import LOAD_SETTINGS, MAX_SEED
-from .store import FINISHED, Job, JobStore
+from ..model import RANDOM_SEED_RANGE
+from ..settings import LOAD_SETTINGS, shown
+from .store import Job, JobStore
 
 log = logging.getLogger(__name__)
-RANDOM_SEED_RANGE = 2**32
 MAX_IDEMPOTENCY_KEY = 200
 KEPT_PROGRESS = 1000  # finished jobs whose event lists stay in memory for late SSE readers
 
@@ -122,6 +122,11 @@ class Service:
     def start(self) -> None:
         """Queue again what a previous run left queued, then start the worker."""
         for job in self.store.recover():
+            if job.model_name not in self.models:  # the server was restarted with other --model-name
+                self.store.finish_if(job.id, ("queued",), "failed",
+                                     f"model_name={job.model_name!r} is no longer served here "
+                                     f"(serving {', '.join(self.models)}); submit it again")
+                continue
             self._queue.append(job.id)
             self._progress_of(job.id).emit("queued", position=len(self._queue))
         # The loaded models never become garbage: keep them out of the collector's sight, so that a
@@ -161,17 +166,18 @@ class Service:
         model_name = values.pop("model_name", None)
         if model_name is None:
             model_name = self.default_model
-        elif model_name not in self.models:
-            problems.append(f"model_name={str(model_name)[:200]!r} is not served here: choose one of "
+        elif not isinstance(model_name, str) or model_name not in self.models:
+            problems.append(f"model_name={shown(model_name)} is not served here: choose one of "
                             f"{', '.join(self.models)}")
             model_name = self.default_model
-        if "prompt" not in values:
+        missing_prompt = "prompt" not in values
+        if missing_prompt:
             problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
-        prompt = values.pop("prompt", "")
+        prompt = values.pop("prompt", "a placeholder, so that only the settings are checked")
         try:
             prompt, settings = self.models[model_name].validate_call(prompt, **values)
         except SettingsError as exc:
-            problems += [p for p in exc.problems if not (p.startswith("prompt is empty") and "prompt" not in body)]
+            problems += exc.problems
             settings = None
         if problems:
             raise SettingsError(problems)
@@ -280,12 +286,13 @@ class Service:
 
     # -- the worker -------------------------------------------------------------------------------
     def _progress_of(self, job_id: str) -> Progress:
-        progress = self._progress.get(job_id)
-        if progress is None:
-            progress = self._progress[job_id] = Progress()
-            while len(self._progress) > KEPT_PROGRESS + self.queue_size + 1:
-                self._progress.popitem(last=False)
-        return progress
+        with self._wake:  # the event loop and the worker both create these
+            progress = self._progress.get(job_id)
+            if progress is None:
+                progress = self._progress[job_id] = Progress()
+                while len(self._progress) > KEPT_PROGRESS + self.queue_size + 1:
+                    self._progress.popitem(last=False)
+            return progress
 
     def _next(self) -> Optional[str]:
         with self._wake:
@@ -310,7 +317,8 @@ class Service:
             except Exception:  # never let one job stop the worker
                 log.exception("job %s: unexpected failure in the worker", job_id)
             finally:
-                self._running = None
+                with self._wake:
+                    self._running = None
             if failed:
                 # Free what a failure may have left (an out-of-memory error's tensors in reference cycles),
                 # here, outside any except block, where no traceback pins them.
@@ -334,9 +342,9 @@ class Service:
             progress.step, progress.total = step, total
             progress.emit("progress", step=step, total=total)
 
-        model = self.models[job.model_name]
         status, error, names = "failed", None, []
         try:
+            model = self.models[job.model_name]
             images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **job.settings)
             for index, image in enumerate(images):
                 names.append(save_image(image, self.store.image_dir / f"{job.id}-{index}.png", overwrite=False).name)
@@ -348,17 +356,21 @@ class Service:
         except Exception as exc:
             if _is_out_of_memory(exc):
                 self.metrics.out_of_memory.inc()
-                error = (f"out of memory on {model.settings['torch_device']} ({type(exc).__name__}); try a smaller "
-                         "width x height or fewer images per prompt")
+                error = (f"out of memory ({type(exc).__name__}: {str(exc)[:200]}); try a smaller width x height "
+                         "or fewer images per prompt")
             else:
                 log.exception("job %s failed", job_id)
                 error = f"{type(exc).__name__}: {exc}"[:2000]
         finished = time.time()
-        self.store.update(job_id, status=status, images=names, error=error, finished=finished)
-        self.metrics.job_seconds.observe(finished - started)
-        if status == "succeeded":
-            self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
-        progress.emit("done", status=status)
+        try:
+            self.store.update(job_id, status=status, images=names, error=error, finished=finished)
+        finally:  # even when the store cannot be written (a full disk), listeners learn that the job ended
+            with self._wake:
+                self._running = None  # before "done": a client told it is done may submit at once
+            self.metrics.job_seconds.observe(finished - started)
+            if status == "succeeded":
+                self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
+            progress.emit("done", status=status)
         return status
 
     # -- views ------------------------------------------------------------------------------------
@@ -391,4 +403,3 @@ def _empty_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["Service", "Rejected", "Progress", "FINISHED", "MAX_SEED"]

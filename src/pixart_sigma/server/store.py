@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import PixArtSigmaError
+
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 SCHEMA = """
@@ -37,6 +39,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
+
+
+class FolderInUse(PixArtSigmaError):
+    """Another server holds the data folder."""
+
+
+def _claim_folder(data_dir: Path):
+    """An exclusive lock on the data folder for this process's life: a second server on the same folder
+    would mark this one's running job interrupted and run its queued jobs twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one server per folder is then the user's to keep
+        return open(data_dir / "lock", "a")
+    handle = open(data_dir / "lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise FolderInUse(f"the data folder {data_dir} is in use by another pixart-sigma server; "
+                          "give this one its own --data-dir") from None
+    return handle
 
 
 @dataclass
@@ -75,6 +98,7 @@ class JobStore:
         self.image_dir = self.data_dir / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._claim = _claim_folder(self.data_dir)
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -84,6 +108,7 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._claim.close()
 
     def add(self, model_name: str, prompt: str, settings: dict[str, Any], seeds: list[int],
             idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> Job:

@@ -1,0 +1,96 @@
+"""The service against what a review found: odd JSON types, deep JSON, huge offsets, cross-site and
+rebinding requests, two servers on one folder, jobs for a model no longer served."""
+
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from serving import start_server, wait_for_job
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("hardening") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "model_name": []}, "model_name"), ({"prompt": "x", "model_name": {"a": 1}}, "model_name"),
+    ({"prompt": "x", "self": 1}, "self"), ({"prompt": "x", "prompt_": 1}, "prompt_"),
+])
+def test_odd_json_types_are_422_naming_the_field(client, body, field):
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 422 and field in response.json()["error"]["fields"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/images/generations", {"prompt": "x", "model": []}),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": []}),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": []}}),
+])
+def test_compatible_routes_refuse_odd_types_without_a_5xx(client, path, body):
+    response = client.post(path, json=body)
+    assert 400 <= response.status_code < 500 and "error" in response.json()
+
+
+def test_deeply_nested_json_is_400(client):
+    body = b"[" * 200_000 + b"]" * 200_000
+    response = client.post("/v1/generations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_a_huge_offset_is_422(client):
+    response = client.get("/v1/jobs", params={"offset": 2**64})
+    assert response.status_code == 422 and "offset" in response.json()["error"]["fields"]
+
+
+def test_a_cross_site_form_post_is_refused(client):
+    response = client.post("/v1/generations", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert client.post("/sdapi/v1/interrupt").status_code == 200  # an empty POST, as A1111 clients send it
+
+
+def test_a_rebinding_host_name_is_refused_without_a_key(server):
+    response = httpx.get(server.url + "/v1/jobs", headers={"Host": "attacker.example"}, timeout=10)
+    assert response.status_code == 421
+    assert httpx.get(server.url.replace("127.0.0.1", "localhost") + "/healthz", timeout=10).status_code == 200
+
+
+def test_images_are_cached_privately(client):
+    job = wait_for_job(client, client.post("/v1/generations", json={"prompt": "a red circle",
+                                                                    "num_inference_steps": 2}).json()["id"])
+    response = client.get(job["images"][0]["url"])
+    assert response.headers["cache-control"].startswith("private")
+
+
+def test_a_second_server_on_the_same_folder_is_refused(server):
+    result = subprocess.run([sys.executable, "-m", "pixart_sigma", "serve", "--model-name", "demo", "--port", "1",
+                             "--data-dir", str(server.data_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "in use by another pixart-sigma server" in result.stderr
+
+
+def test_a_queued_job_for_a_model_no_longer_served_fails_with_the_reason(tmp_path):
+    first = start_server(tmp_path / "data")
+    try:
+        job_id = first.client().post("/v1/generations", json={"prompt": "x"}).json()["id"]
+        wait_for_job(first.client(), job_id)
+    finally:
+        assert first.stop() == 0
+    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:  # as if it had been queued for another model
+        db.execute("UPDATE jobs SET status = 'queued', model_name = 'gone' WHERE id = ?", (job_id,))
+    second = start_server(tmp_path / "data")
+    try:
+        job = second.client().get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed" and "'gone' is no longer served" in job["error"]
+    finally:
+        second.stop()
