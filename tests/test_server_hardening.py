@@ -94,3 +94,11 @@ def test_a_queued_job_for_a_model_no_longer_served_fails_with_the_reason(tmp_pat
         assert job["status"] == "failed" and "'gone' is no longer served" in job["error"]
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--queue-size", "0"], "queue_size=0 is not valid: from 1 to 10000"),
+                                             (["--port", "70000"], "port=70000 is not valid")])
+def test_serve_flags_out_of_range_exit_2_before_loading(tmp_path, flags, fragment):
+    result = subprocess.run([sys.executable, "-m", "pixart_sigma", "serve", "--model-name", "demo",
+                             "--data-dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and fragment in result.stderr and "loading" not in result.stderr

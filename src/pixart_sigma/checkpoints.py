@@ -526,14 +526,14 @@ def load_part(folder: Path, part: str, dtype):
         if part == "transformer":
             from diffusers import PixArtTransformer2DModel
 
-            return PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+            return PixArtTransformer2DModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         if part == "vae":
             import torch
             from diffusers import AutoencoderKL
 
             # The SDXL VAE overflows in float16 (NaN, black images): keep it in float32 then.
             vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-            return AutoencoderKL.from_pretrained(folder, torch_dtype=vae_dtype, use_safetensors=True)
+            return AutoencoderKL.from_pretrained(folder, dtype=vae_dtype, use_safetensors=True)
         if part == "text_encoder":
             from transformers import T5EncoderModel
 

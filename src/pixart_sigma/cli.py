@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
 
+    from .server.run import MAX_QUEUE_SIZE  # light: the web stack loads only when serving
+
     serve = commands.add_parser(
         "serve", help="run the HTTP service and its web page",
         description="Serve generation over HTTP (a job queue, OpenAI- and A1111-compatible routes) and a web page at /. "
@@ -275,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--data-dir", type=Path, default=None,
                        help="jobs database and images (default: $PIXART_SIGMA_HOME, else the user data folder)")
-    serve.add_argument("--queue-size", type=int, default=8, help="jobs that may wait behind the running one (default: 8)")
+    serve.add_argument("--queue-size", type=int, default=8,
+                       help=f"jobs that may wait behind the running one, 1 to {MAX_QUEUE_SIZE} (default: 8)")
     serve.add_argument("--api-key", default=None,
                        help="bearer token every route requires but /healthz and the page's own files "
                             "(default: $PIXART_SIGMA_API_KEY)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,12 +21,11 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import SettingsError, __version__
-from ..settings import LOAD_SETTINGS, Settings, shown
+from ..settings import LOAD_SETTINGS, MAX_PROMPT_CHARS, Settings, shown
 from .service import Rejected, Service
+from .store import IMAGE_NAME, JOB_ID
 
 MAX_BODY_BYTES = 1 << 20
-IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,2}\.png$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 PAGE_PATHS = ("/",)  # the page itself holds no data; it asks for the key when the server has one
@@ -177,7 +175,7 @@ class BadRequest(Exception):
 def request_schema(served: list[str]) -> dict[str, Any]:
     """The body of POST /v1/generations: the prompt and every per-call setting, model_name among those served."""
     schema = Settings.model_json_schema()
-    properties = {"prompt": {"type": "string", "title": "Prompt", "minLength": 1, "maxLength": 10_000,
+    properties = {"prompt": {"type": "string", "title": "Prompt", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
                              "description": "What to draw."}}
     for name, prop in schema["properties"].items():
         if name in LOAD_SETTINGS and name != "model_name":

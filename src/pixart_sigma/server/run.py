@@ -15,6 +15,7 @@ from .. import PixArtSigmaModel, SettingsError
 log = logging.getLogger(__name__)
 HOME_ENV = "PIXART_SIGMA_HOME"
 API_KEY_ENV = "PIXART_SIGMA_API_KEY"
+MAX_QUEUE_SIZE = 10_000
 
 
 def default_data_dir() -> Path:
@@ -71,8 +72,13 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", hos
     if not is_loopback(host) and not api_key:
         raise SettingsError([f"host={host!r} is reachable from other machines: set an API key with --api-key or "
                              f"{API_KEY_ENV} (or bind 127.0.0.1)"])
-    if not 1 <= queue_size <= 10_000:
-        raise SettingsError([f"queue_size={queue_size} is not valid: from 1 to 10000"])
+    problems = []
+    if not 1 <= queue_size <= MAX_QUEUE_SIZE:
+        problems.append(f"queue_size={queue_size} is not valid: from 1 to {MAX_QUEUE_SIZE}")
+    if not 0 <= port <= 65535:
+        problems.append(f"port={port} is not valid: from 1 to 65535 (0 picks a free one)")
+    if problems:
+        raise SettingsError(problems)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     names = list(dict.fromkeys(model_names)) or [PixArtSigmaModel.get_schema()["properties"]["model_name"]["default"]]
     store = JobStore(data_dir)

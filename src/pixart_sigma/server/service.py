@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
 from ..model import RANDOM_SEED_RANGE
 from ..settings import LOAD_SETTINGS, shown
-from .store import Job, JobStore
+from .store import Job, JobStore, image_name
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
@@ -347,7 +347,7 @@ class Service:
             model = self.models[job.model_name]
             images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **job.settings)
             for index, image in enumerate(images):
-                names.append(save_image(image, self.store.image_dir / f"{job.id}-{index}.png", overwrite=False).name)
+                names.append(save_image(image, self.store.image_dir / image_name(job.id, index), overwrite=False).name)
             status = "succeeded"
         except Cancelled:
             status, error = "cancelled", f"cancelled at step {progress.step} of {progress.total or '?'}"

@@ -8,6 +8,7 @@ is marked `interrupted` with the reason (running it again could crash-loop a ser
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -17,6 +18,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PixArtSigmaError
+
+# Names the store makes, and the patterns a request's id or image name must match before any lookup.
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+IMAGE_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{1,3}\.png")
+
+
+def image_name(job_id: str, index: int) -> str:
+    return f"{job_id}-{index}.png"
+
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
