@@ -102,3 +102,18 @@ def test_serve_flags_out_of_range_exit_2_before_loading(tmp_path, flags, fragmen
     result = subprocess.run([sys.executable, "-m", "pixart_sigma", "serve", "--model-name", "demo",
                              "--data-dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and fragment in result.stderr and "loading" not in result.stderr
+
+
+def test_keep_jobs_deletes_the_oldest_finished_jobs_and_their_images(tmp_path):
+    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "2")
+    try:
+        with server.client() as client:
+            jobs = [wait_for_job(client, client.post("/v1/generations", json={
+                "prompt": "a red circle", "num_inference_steps": 1, "seed": k}).json()["id"]) for k in range(3)]
+            assert client.get(f"/v1/jobs/{jobs[0]['id']}").status_code == 404
+            assert not (server.data_dir / "images" / jobs[0]["images"][0]["name"]).exists()
+            for job in jobs[1:]:
+                assert client.get(job["images"][0]["url"]).status_code == 200
+            assert client.get("/v1/jobs").json()["total"] == 2
+    finally:
+        server.stop()

@@ -220,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _UsageError(f"the service needs its extra: pip install \"pixart-sigma[server]\" ({exc})") from None
     _quiet_libraries()
     return serve(args.model_names or [], device=args.device, dtype=args.dtype, host=args.host, port=args.port,
-                 data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key)
+                 data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key, keep_jobs=args.keep_jobs)
 
 
 class _UsageError(Exception):
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jobs database and images (default: $PIXART_SIGMA_HOME, else the user data folder)")
     serve.add_argument("--queue-size", type=int, default=8,
                        help=f"jobs that may wait behind the running one, 1 to {MAX_QUEUE_SIZE} (default: 8)")
+    serve.add_argument("--keep-jobs", type=int, default=0, metavar="N",
+                       help="keep the newest N finished jobs and their images, deleting older ones (default: 0, "
+                            "keep all)")
     serve.add_argument("--api-key", default=None,
                        help="bearer token every route requires but /healthz and the page's own files "
                             "(default: $PIXART_SIGMA_API_KEY)")

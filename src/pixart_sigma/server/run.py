@@ -61,7 +61,7 @@ def check_models_fit(models: dict[str, PixArtSigmaModel]) -> None:
 
 def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", host: str = "127.0.0.1",
           port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
-          api_key: Optional[str] = None, log_level: str = "info") -> int:
+          api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0) -> int:
     import uvicorn
 
     from .app import asgi, create_app
@@ -77,6 +77,8 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", hos
         problems.append(f"queue_size={queue_size} is not valid: from 1 to {MAX_QUEUE_SIZE}")
     if not 0 <= port <= 65535:
         problems.append(f"port={port} is not valid: from 1 to 65535 (0 picks a free one)")
+    if keep_jobs < 0:
+        problems.append(f"keep_jobs={keep_jobs} is not valid: 0 keeps every job, N keeps the newest N finished ones")
     if problems:
         raise SettingsError(problems)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -85,7 +87,7 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", hos
     print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
     models = load_models(names, device, dtype)
     check_models_fit(models)
-    service = Service(models, store, queue_size)
+    service = Service(models, store, queue_size, keep_jobs)
     app = create_app(service, api_key, loopback=is_loopback(host))
     server = _DrainingServer(uvicorn.Config(asgi(app), host=host, port=port, log_level=log_level,
                                             timeout_graceful_shutdown=5), service)

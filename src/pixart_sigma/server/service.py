@@ -100,13 +100,15 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class Service:
     """Validates requests, stores jobs, runs them one at a time, and reports on them."""
 
-    def __init__(self, models: dict[str, PixArtSigmaModel], store: JobStore, queue_size: int = 8):
+    def __init__(self, models: dict[str, PixArtSigmaModel], store: JobStore, queue_size: int = 8,
+                 keep_jobs: int = 0):
         if not models:
             raise ValueError("the service needs at least one model")
         self.models = models
         self.default_model = next(iter(models))
         self.store = store
         self.queue_size = queue_size
+        self.keep_jobs = keep_jobs  # finished jobs (and their images) kept; 0 keeps all
         self.metrics = Metrics()
         self.draining = False
         self.ready = False
@@ -371,6 +373,8 @@ class Service:
             if status == "succeeded":
                 self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
             progress.emit("done", status=status)
+        if self.keep_jobs:
+            self.store.prune(self.keep_jobs)
         return status
 
     # -- views ------------------------------------------------------------------------------------

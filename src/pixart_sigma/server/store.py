@@ -186,6 +186,21 @@ class JobStore:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: 0 for status in STATUSES} | {row[0]: row[1] for row in rows}
 
+    def prune(self, keep: int) -> int:
+        """Delete finished jobs beyond the newest `keep` and their images; how many went.
+
+        Rows go first, then files: a crash in between leaves unlisted files, never a job whose images are gone.
+        """
+        marks = ", ".join("?" for _ in FINISHED)
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, images FROM jobs WHERE status IN ({marks}) "
+                                    "ORDER BY created DESC, id LIMIT -1 OFFSET ?", (*FINISHED, keep)).fetchall()
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+        for row in rows:
+            for name in json.loads(row["images"]):
+                (self.image_dir / name).unlink(missing_ok=True)
+        return len(rows)
+
     def recover(self) -> list[Job]:
         """After a restart: mark jobs that were running as interrupted; return the queued ones, oldest first."""
         for job in self.with_status("running"):
