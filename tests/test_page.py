@@ -273,19 +273,17 @@ def test_phone_width_has_no_horizontal_scroll(browser, server, styled_job):
         close_page(page, server.url)
 
 
-def require_key(route):
-    """What BearerAuth does on a server started with --api-key, in front of this keyless one."""
-    if route.request.headers.get("authorization") == f"Bearer {API_KEY}":
-        return route.continue_()
-    body = {"error": {"message": "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                      "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
-    return route.fulfill(status=401, headers={"WWW-Authenticate": "Bearer", "Content-Type": "application/json"},
-                         body=json.dumps(body))
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """A real server started with --api-key: every API call, the event stream and the images need the key."""
+    server = start_server(tmp_path_factory.mktemp("page-key") / "data", faults=True, api_key=API_KEY)
+    yield server
+    server.stop(signal.SIGTERM, timeout=20)
 
 
-def test_api_key_is_asked_for_kept_and_sent(browser, server):
+def test_api_key_is_asked_for_kept_and_sent(browser, keyed_server):
+    server = keyed_server
     context = browser.new_context(viewport={"width": 1100, "height": 800})
-    context.route("**/v1/**", require_key)  # every API call, the event stream and the images need the key
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.requests, page.errors = [], []
