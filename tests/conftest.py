@@ -55,6 +55,13 @@ def hub_cache(tiny_dir, tiny_transformer_dir):
             REPO_512: put_in_hub_cache(REPO_512, tiny_transformer_dir)}
 
 
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's own `server` fixture (a real server process, tests/serving.py)."""
+    with server.client() as client:
+        yield client
+
+
 @pytest.fixture
 def image_array():
     import numpy as np

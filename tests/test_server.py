@@ -118,12 +118,6 @@ def server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
-
-
 API_KEY = secrets.token_urlsafe(24)
 
 

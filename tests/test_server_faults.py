@@ -79,12 +79,6 @@ def server(tmp_path_factory):
     server.stop(signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
-
-
 # -- (1) overload ------------------------------------------------------------------------------------------
 
 def test_20_concurrent_clients_against_a_queue_of_8_get_9_jobs_and_11_immediate_429(server, client):

@@ -18,12 +18,6 @@ def server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
-
-
 @pytest.mark.parametrize("body, field", [
     ({"prompt": "x", "model_name": []}, "model_name"), ({"prompt": "x", "model_name": {"a": 1}}, "model_name"),
     ({"prompt": "x", "self": 1}, "self"), ({"prompt": "x", "prompt_": 1}, "prompt_"),
