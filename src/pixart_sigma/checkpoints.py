@@ -62,6 +62,10 @@ KNOWN_CHECKPOINTS = {
 }
 
 
+# Every model_name that is not a folder: what an image's record may name, and what the errors list.
+KNOWN_MODEL_NAMES = (*KNOWN_CHECKPOINTS, DEMO_NAME)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A validated checkpoint choice, before any weight is read.
@@ -349,7 +353,7 @@ def resolve_checkpoint(model_name: str) -> Checkpoint:
         return Checkpoint(model_name, known.repo_id, None, known.native_size)
     unknown = SettingsError([
         f"model_name={model_name!r} is neither a known checkpoint nor a directory: use one of "
-        f"{', '.join(list(KNOWN_CHECKPOINTS) + [DEMO_NAME])}, or the path of a diffusers-format directory"
+        f"{', '.join(KNOWN_MODEL_NAMES)}, or the path of a diffusers-format directory"
     ])
     try:
         path = Path(model_name).expanduser()
@@ -357,7 +361,7 @@ def resolve_checkpoint(model_name: str) -> Checkpoint:
     except (OSError, RuntimeError) as exc:  # a name too long for the file system, an unknown ~user
         raise SettingsError([f"model_name={model_name[:80]!r}{'...' if len(model_name) > 80 else ''} "
                              f"cannot be a directory here ({getattr(exc, 'strerror', None) or exc}); use one of "
-                             f"{', '.join(list(KNOWN_CHECKPOINTS) + [DEMO_NAME])}, or the path of a "
+                             f"{', '.join(KNOWN_MODEL_NAMES)}, or the path of a "
                              "diffusers-format directory"]) from None
     if not is_dir:
         raise unknown

@@ -101,7 +101,7 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
     only when the user names it too (--model-name), so a shared image cannot choose what code loads.
     """
     from . import read_settings
-    from .checkpoints import DEMO_NAME, KNOWN_CHECKPOINTS
+    from .checkpoints import DEMO_NAME, KNOWN_MODEL_NAMES
     from .images import batch_settings
 
     record = read_settings(path)
@@ -111,7 +111,7 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
         settings.update(seed=record.get("seed", -1), num_images_per_prompt=1)
         keep = None
     stored = settings.get("model_name")
-    if "model_name" not in given and stored is not None and stored not in (*KNOWN_CHECKPOINTS, DEMO_NAME):
+    if "model_name" not in given and stored is not None and stored not in KNOWN_MODEL_NAMES:
         raise _UsageError(
             f"{path} was made with model_name={stored!r}, a local folder: an image may only choose a known "
             f"checkpoint or {DEMO_NAME!r}. If you trust that folder, say so: --model-name {stored!r}")
@@ -192,13 +192,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .checkpoints import checkpoint_statuses
 
     statuses = checkpoint_statuses()
     if args.json:
-        print(json.dumps([{"model_name": s.model_name, "native_size": s.native_size, "complete": s.complete,
-                           "size_bytes": s.size_bytes, "folders": [str(f) for f in s.folders],
-                           "download_gb": s.download_gb, "problem": s.problem} for s in statuses], indent=2))
+        print(json.dumps([{**asdict(s), "folders": [str(f) for f in s.folders]} for s in statuses], indent=2))
         return 0
     for status in statuses:
         if status.complete:

@@ -24,7 +24,8 @@ from DashAI.back.models.text_to_image_generation_model import TextToImageGenerat
 from DashAI.back.models.utils import DEVICE_ENUM, DEVICE_PLACEHOLDER
 
 from .. import PixArtSigmaModel as CoreModel
-from ..checkpoints import BASE_REPO, DEMO_NAME, KNOWN_CHECKPOINTS, is_available, locate, resolve_checkpoint
+from ..checkpoints import (BASE_REPO, DEMO_NAME, KNOWN_CHECKPOINTS, KNOWN_MODEL_NAMES, is_available, locate,
+                           resolve_checkpoint)
 from ..settings import DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ DOWNLOAD_BYTES[DEMO_NAME] = 0
 
 NATIVE_SIZE = KNOWN_CHECKPOINTS[DEFAULT_MODEL].native_size
 # Choices that live outside Settings (which takes any checkpoint path and any device string).
-ENUMS = {"model_name": [*KNOWN_CHECKPOINTS, DEMO_NAME], "device": DEVICE_ENUM}
+ENUMS = {"model_name": list(KNOWN_MODEL_NAMES), "device": DEVICE_ENUM}
 # The form's starting value where Settings' default cannot be shown: DashAI's device labels have no
 # "auto"; None means "the checkpoint's native size" or "no negative prompt".
 PLACEHOLDERS = {"device": DEVICE_PLACEHOLDER, "width": NATIVE_SIZE, "height": NATIVE_SIZE, "negative_prompt": ""}
