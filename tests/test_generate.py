@@ -37,8 +37,8 @@ def ours(model, prompt=PROMPT):
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_sampler_equals_diffusers_pipeline_with_that_scheduler(tiny, reference, scheduler):
-    # On the CPU, as the reference: on a GPU machine "auto" would pick cuda and bfloat16.
-    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=11, num_images_per_prompt=2, num_inference_steps=8,
+    # On the CPU in float32, as the reference ("auto" would pick bfloat16 where the CPU or GPU has it).
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=11, num_images_per_prompt=2, num_inference_steps=8,
                              negative_prompt="green", width=64, height=96, scheduler=scheduler)
     reference.scheduler = make_scheduler(scheduler, reference.shipped_scheduler_config)
     expected = diffusers_images(reference, [11, 12], prompt=PROMPT, negative_prompt="green", num_inference_steps=8,
@@ -51,7 +51,7 @@ def test_guidance_of_one_skips_the_unconditional_pass_like_diffusers(tiny, refer
     from diffusers import DPMSolverMultistepScheduler
 
     reference.scheduler = DPMSolverMultistepScheduler.from_config(reference.shipped_scheduler_config)
-    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=3, guidance_scale=1.0, num_inference_steps=5)
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=3, guidance_scale=1.0, num_inference_steps=5)
     expected = diffusers_images(reference, [3], prompt=PROMPT, guidance_scale=1.0, num_inference_steps=5,
                                 use_resolution_binning=False)
     assert np.array_equal(ours(model), np.round(expected * 255) / 255)
@@ -62,8 +62,8 @@ def test_resolution_binning_matches_diffusers(tmp_path):
     directory = save_tiny_pipeline(tmp_path / "binned", seed=4, sample_size=32)
     reference = PixArtSigmaPipeline.from_pretrained(directory)
     reference.set_progress_bar_config(disable=True)
-    model = PixArtSigmaModel(model_name=str(directory), device="cpu", seed=5, num_inference_steps=4, width=272,
-                             height=232)
+    model = PixArtSigmaModel(model_name=str(directory), device="cpu", dtype="float32", seed=5, num_inference_steps=4,
+                             width=272, height=232)
     images = model.generate(PROMPT)
     assert images[0].size == (272, 232)
     assert read_settings(images[0])["sampled_size"] != [272, 232]
@@ -237,7 +237,8 @@ def test_bad_per_call_settings_are_refused_before_any_model_work(tiny, overrides
 def test_from_pipeline_wraps_a_pipeline_the_user_already_has(tiny, image_array):
     pipe = PixArtSigmaPipeline.from_pretrained(tiny)
     wrapped = PixArtSigmaModel.from_pipeline(pipe, seed=4, num_inference_steps=3)
-    ours_image = PixArtSigmaModel(model_name=tiny, device="cpu", seed=4, num_inference_steps=3).generate(PROMPT)[0]
+    ours_image = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=4,
+                                  num_inference_steps=3).generate(PROMPT)[0]
     image = wrapped.generate(PROMPT)[0]
     assert np.array_equal(image_array(image), image_array(ours_image))
     assert wrapped.engine.pipeline is pipe and read_settings(image)["seed"] == 4

@@ -24,8 +24,7 @@ PROMPTS = ["a red circle", "一只在雪地里的红狐狸", "лиса в сне
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_settings_survive_a_png_round_trip(tiny, tmp_path, prompt):
-    # On the CPU, where dtype=auto is float32 (on a GPU it would be bfloat16).
-    model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=7, num_inference_steps=2, negative_prompt="模糊, blurry",
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=7, num_inference_steps=2, negative_prompt="模糊, blurry",
                              scheduler="unipc", guidance_scale=3.5)
     image = model.generate(prompt)[0]
     path = save_image(image, tmp_path / "out.png")
@@ -34,6 +33,7 @@ def test_settings_survive_a_png_round_trip(tiny, tmp_path, prompt):
     assert record["seed"] == 7 and record["num_inference_steps"] == 2 and record["guidance_scale"] == 3.5
     assert record["scheduler"] == "unipc" and record["dtype"] == "float32" and record["model_name"] == tiny
     assert (record["width"], record["height"]) == (64, 64) and record["version"]
+    assert "memory" not in record and record["vae_tiling"] is False  # where it ran is no part of the image
     text = Image.open(path).text["parameters"]
     assert text.startswith(prompt) and "Negative prompt: 模糊, blurry" in text
     assert "Steps: 2, Sampler: UniPC, CFG scale: 3.5, Seed: 7, Size: 64x64" in text
@@ -318,7 +318,7 @@ def test_sampler_names_and_reproducible_keys_derive_from_the_settings(monkeypatc
         assert images.SAMPLER_NAMES["new-sampler"] == "New A"
         assert images.SAMPLER_NAMES["euler-ancestral"] == "Euler a"
         assert images.REPRODUCIBLE_KEYS == tuple(name for name in settings.Settings.model_fields
-                                                 if name not in ("device", "num_images_per_prompt"))
+                                                 if name not in ("device", "memory", "num_images_per_prompt"))
     finally:
         monkeypatch.undo()
         importlib.reload(images)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pixart_sigma import PixArtSigmaModel, SettingsError
+from pixart_sigma.devices import cpu_has_native_bfloat16
 from pixart_sigma.settings import Settings
 
 NAMES = ["model_name", "negative_prompt", "num_inference_steps", "guidance_scale", "device", "seed", "width",
@@ -90,7 +91,10 @@ def test_unknown_model_name_lists_the_known_ones():
 def test_validate_returns_values_and_the_objects_the_model_needs(tiny):
     values = PixArtSigmaModel.validate_and_transform({"model_name": tiny, "device": "CPU"})
     assert values["torch_device"] == torch.device("cpu")
-    assert values["torch_dtype"] == torch.float32  # auto on CPU
+    # auto on a CPU: bfloat16 where it is native (AVX512-BF16, AMX), else float32; T5 in bfloat16 either way.
+    assert values["torch_dtype"] == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+    assert values["text_encoder_dtype"] == torch.bfloat16
+    assert values["memory"] == "auto"
     assert values["checkpoint"].pipeline_source == tiny
     assert (values["width"], values["height"]) == (64, 64)  # the checkpoint's native size
     assert values["num_inference_steps"] == 20 and values["guidance_scale"] == 4.5 and values["seed"] == -1
@@ -139,7 +143,21 @@ def test_auto_takes_the_first_gpu_if_there_is_one(tiny):
         assert str(values["torch_device"]) == "cuda:0"
         assert values["torch_dtype"] in (torch.bfloat16, torch.float16)  # bfloat16 where the GPU supports it
     else:
-        assert str(values["torch_device"]) == "cpu" and values["torch_dtype"] == torch.float32
+        assert str(values["torch_device"]) == "cpu"
+        assert values["torch_dtype"] == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_a_cpu_never_holds_a_float32_text_encoder(monkeypatch, native):
+    from pixart_sigma.devices import resolve_dtype, text_encoder_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype("auto", cpu)
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert text_encoder_dtype("auto", cpu, dtype) == torch.bfloat16  # T5-XXL: 9.5 GB, not 19
+    assert text_encoder_dtype("float32", cpu, torch.float32) == torch.float32  # asked for: the exact reference
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -157,6 +175,7 @@ def test_defaults_match_the_component_table():
     assert defaults["seed"] == -1 and defaults["num_images_per_prompt"] == 1
     assert defaults["scheduler"] == "dpm-solver++" and defaults["use_resolution_binning"] is True
     assert defaults["max_sequence_length"] == 300 and defaults["dtype"] == "auto"
+    assert defaults["memory"] == "auto" and defaults["vae_tiling"] is False
 
 
 def test_schema_is_valid_draft_2020_12_and_describes_every_field():

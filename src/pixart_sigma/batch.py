@@ -19,9 +19,11 @@ from typing import Any, Optional
 
 from .errors import MetadataError, SettingsError
 from .images import read_settings, safe_stem
-from .settings import Settings, check_text
+from .settings import PLACEMENT_SETTINGS, Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
+# Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match.
+KEYED_WHEN_SET = {"vae_tiling": False}
 COMMENT = "#"
 LINE_END = re.compile(r"\r\n|\r|\n")  # as editors break lines; not U+2028 or form feeds
 
@@ -95,8 +97,9 @@ def content_key(prompt: str, settings: dict[str, Any], occurrence: int) -> str:
 
 def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any]) -> list[BatchItem]:
     """Name every prompt's images from its content. `settings`: the model's validated settings."""
-    # Every setting but the device decides the pixels; a local model is keyed by its absolute path.
-    keyed = {name: settings[name] for name in Settings.field_names() if name != "device"}
+    # Every setting but where it runs decides the pixels; a local model is keyed by its absolute path.
+    keyed = {name: settings[name] for name in Settings.field_names()
+             if name not in PLACEMENT_SETTINGS and KEYED_WHEN_SET.get(name, ...) != settings[name]}
     if "checkpoint" in settings:
         keyed["model_name"] = settings["checkpoint"].model_name
     seen: dict[str, int] = {}

@@ -222,6 +222,11 @@ def _weight_shapes(files: list[Path]) -> dict[str, list[int]]:
     return shapes
 
 
+def parameter_count(folder: Path) -> int:
+    """Numbers in a part's safetensors files, from their headers (no weights read): its size before loading."""
+    return sum(math.prod(shape) for shape in _weight_shapes(_check_weights(folder)).values())
+
+
 def _blocks(shapes: dict[str, list[int]], prefix: str) -> int:
     """How many numbered blocks (`prefix{i}.`) the weights hold."""
     found = {name[len(prefix):].split(".", 1)[0] for name in shapes if name.startswith(prefix)}

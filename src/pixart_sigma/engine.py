@@ -12,6 +12,7 @@ least recently used engines past a memory budget, and runs one generation at a t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -27,7 +28,8 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from .errors import Cancelled, GenerationError, SettingsError
-from .settings import SAMPLERS, Settings
+from .placement import PARTS, PartSizes, Placement, load_device, resolve_mode, stream_blocks
+from .settings import SAMPLERS, Settings, check_pixel_budget
 from .sizes import fit_to_size, plan_size
 
 log = logging.getLogger(__name__)
@@ -127,14 +129,15 @@ class TextEncoder:
         self._lock = threading.Lock()
         self.calls = 0  # encoder runs, so that tests and users can see the cache work
 
-    def encode(self, text: str, max_length: int, use_cache: bool = True) -> Encoded:
+    def encode(self, text: str, max_length: int, use_cache: bool = True, placed=contextlib.nullcontext) -> Encoded:
+        """`placed()`: a context that puts the encoder on its device, entered only when T5 must run."""
         key = (text, max_length)
         with self._lock:
             cached = self._cache.get(key) if use_cache else None
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-            with torch.inference_mode():
+            with torch.inference_mode(), placed():
                 tokens = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
                                         add_special_tokens=True, return_tensors="pt")
                 full_length = len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -160,14 +163,20 @@ class Output:
 
 
 class Engine:
-    """A loaded pipeline on one device in one dtype. Thread-safe: one generation at a time per device."""
+    """A loaded pipeline on one device in one dtype. Thread-safe: one generation at a time per device.
+
+    `memory` is a concrete memory mode (placement.OFFLOADED): the engine puts each part on the device
+    for the time it runs. `move=True` first moves the whole pipeline there (resident).
+    """
 
     def __init__(self, pipeline, device: torch.device, dtype: torch.dtype, text: Optional[TextEncoder] = None,
-                 move: bool = True, located=None):
+                 move: bool = True, located=None, memory: str = "resident"):
         self.pipeline = pipeline.to(device) if move else pipeline
         self.located = located  # checkpoints.Located: the folders and hub revisions it was read from
         self.device = device
         self.dtype = dtype
+        self.memory = memory
+        self.placement = Placement(memory, device, {part: getattr(pipeline, part) for part in PARTS})
         self.pipeline.set_progress_bar_config(disable=True)
         self.text = text or TextEncoder(pipeline.tokenizer, pipeline.text_encoder, device)
 
@@ -184,7 +193,7 @@ class Engine:
 
     def encode(self, text: str, max_length: int, use_cache: bool = True) -> Encoded:
         """T5 embeddings of one text (cached by text)."""
-        encoded = self.text.encode(text, max_length, use_cache)
+        encoded = self.text.encode(text, max_length, use_cache, placed=lambda: self.placement.using("text_encoder"))
         if encoded.truncated_tokens:
             # Counts only: prompts may be private, so they are never logged.
             log.warning("prompt is %d tokens over max_sequence_length=%d; the rest was not read",
@@ -196,11 +205,13 @@ class Engine:
         multiple = self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
         return plan_size(width, height, native_size=self.native_size, multiple=multiple, binning=binning)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Latents to pixels in [-1, 1]; a half-precision overflow is decoded again in float32."""
         vae = self.pipeline.vae
         scaled = latents / vae.config.scaling_factor
-        with torch.inference_mode():
+        # The VAE is shared between checkpoints on this device; the device turn makes this switch private.
+        (vae.enable_tiling if tiled else vae.disable_tiling)()
+        with torch.inference_mode(), self.placement.using("vae"):
             image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
             if not torch.isfinite(image).all() and vae.dtype != torch.float32:
                 log.warning("VAE decode in %s gave non-finite values; decoding again in float32", vae.dtype)
@@ -217,30 +228,47 @@ class Engine:
     def generate(self, prompt: str, settings: Settings, seeds: list[int],
                  on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> Output:
         """Images for one prompt, one per seed; `settings` already validated, with width and height set."""
-        check_callbacks(on_progress, cancel)
-        with _DeviceTurn(self.device, cancel), torch.inference_mode():
-            return self._generate(prompt, settings, seeds, on_progress, cancel)
+        return self.generate_many([prompt], settings, [seeds], on_progress, cancel)[0]
 
-    def _generate(self, prompt: str, s: Settings, seeds: list[int], on_progress, cancel) -> Output:
+    def generate_many(self, prompts: list[str], settings: Settings, seeds: list[list[int]],
+                      on_progress: Optional[ProgressCallback] = None,
+                      cancel: Optional[CancelFlag] = None) -> list[Output]:
+        """Several prompts denoised together in one batch, one Output per prompt with one image per seed.
+
+        Fills the device better than one call per prompt; image k of a prompt depends only on that prompt,
+        its seed and the settings, as in `generate`.
+        """
+        check_callbacks(on_progress, cancel)
+        if len(prompts) != len(seeds) or not prompts or not all(seeds):
+            raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
+                                 f"prompt(s) and {len(seeds)} seed list(s)"])
+        check_pixel_budget(settings.width, settings.height, sum(len(group) for group in seeds))
+        with _DeviceTurn(self.device, cancel), torch.inference_mode():
+            return self._generate(prompts, settings, seeds, on_progress, cancel)
+
+    def _generate(self, prompts: list[str], s: Settings, seed_groups: list[list[int]], on_progress,
+                  cancel) -> list[Output]:
         from diffusers.utils.torch_utils import randn_tensor
 
         pipe = self.pipeline
         transformer = pipe.transformer
         guided = s.guidance_scale > 1.0  # PixArt's rule: guidance <= 1 means no CFG pass
-        text = self.encode(prompt, s.max_sequence_length)
+        texts = [self.encode(prompt, s.max_sequence_length) for prompt in prompts]
+        seeds = [seed for group in seed_groups for seed in group]
         count = len(seeds)
 
-        embeds = text.embeds.repeat(count, 1, 1)
-        mask = text.mask.repeat(count, 1)
+        # The embeddings are in the text encoder's dtype (bfloat16 on a CPU even in float32): cast once.
+        embeds = torch.cat([text.embeds.repeat(len(group), 1, 1) for text, group in zip(texts, seed_groups)])
+        embeds = embeds.to(self.dtype)
+        mask = torch.cat([text.mask.repeat(len(group), 1) for text, group in zip(texts, seed_groups)])
         if guided:
-            negative = self.text.encode(s.negative_prompt or "", s.max_sequence_length)
-            embeds = torch.cat([negative.embeds.repeat(count, 1, 1), embeds])
+            negative = self.encode(s.negative_prompt or "", s.max_sequence_length)
+            embeds = torch.cat([negative.embeds.to(self.dtype).repeat(count, 1, 1), embeds])
             mask = torch.cat([negative.mask.repeat(count, 1), mask])
 
         plan = self.plan(s.width, s.height, s.use_resolution_binning)
         scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
         scheduler.set_timesteps(s.num_inference_steps, device=self.device)
-        timesteps = scheduler.timesteps
 
         # One CPU generator per image: image k depends only on seeds[k], on any device and batch size.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -250,8 +278,32 @@ class Engine:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators)
         learned_sigma = transformer.config.out_channels // 2 == transformer.config.in_channels
-        conditions = {"resolution": None, "aspect_ratio": None}
 
+        total = len(scheduler.timesteps)
+        with self.placement.using("transformer"):
+            latents = self._denoise(latents, embeds, mask, scheduler, step_kwargs, s.guidance_scale if guided else None,
+                                    learned_sigma, on_progress, cancel)
+
+        if not torch.isfinite(latents).all():
+            raise GenerationError(
+                f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after step {total} of {total}")
+        pixels = fit_to_size(self.decode(latents, tiled=s.vae_tiling), plan)
+        images = pipe.image_processor.postprocess(pixels, output_type="pil")
+        outputs, start = [], 0
+        for text, group in zip(texts, seed_groups):
+            outputs.append(Output(images[start:start + len(group)], text.truncated_tokens,
+                                  (plan.sample_width, plan.sample_height)))
+            start += len(group)
+        return outputs
+
+    def _denoise(self, latents, embeds, mask, scheduler, step_kwargs, guidance: Optional[float], learned_sigma: bool,
+                 on_progress, cancel):
+        transformer = self.pipeline.transformer
+        conditions = {"resolution": None, "aspect_ratio": None}
+        guided = guidance is not None
+        timesteps = scheduler.timesteps
         total = len(timesteps)
         for index, timestep in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
@@ -268,21 +320,13 @@ class Engine:
             )[0]
             if guided:
                 uncond, cond = noise.chunk(2)
-                noise = uncond + s.guidance_scale * (cond - uncond)
+                noise = uncond + guidance * (cond - uncond)
             if learned_sigma:
                 noise = noise.chunk(2, dim=1)[0]
             latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
             if on_progress is not None:
                 on_progress(index + 1, total)
-
-        if not torch.isfinite(latents).all():
-            raise GenerationError(
-                f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"cancelled after step {total} of {total}")
-        pixels = fit_to_size(self.decode(latents), plan)
-        images = pipe.image_processor.postprocess(pixels, output_type="pil")
-        return Output(images, text.truncated_tokens, (plan.sample_width, plan.sample_height))
+        return latents
 
 
 # -- the warm-model cache ---------------------------------------------------------------------
@@ -333,12 +377,17 @@ def _once(key: tuple, lookup: Callable[[], Any], build: Callable[[], Any], store
             pending.done.set()
 
 
-def _part(part: str, folder, device: torch.device, dtype: torch.dtype):
-    """One shared pipeline part on its device, loaded once for everyone who names the same folder."""
+def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: str = "resident"):
+    """One shared pipeline part for its device, loaded once for everyone who names the same folder.
+
+    It is first put where `memory` wants it between uses; a part streamed block by block carries
+    offloading hooks, so it is shared only with engines that stream too.
+    """
     from .checkpoints import load_part, loading_guard
 
-    device_free = part in ("tokenizer", "scheduler")
-    key = ("part", part, str(folder)) + (() if device_free else (str(device), str(dtype)))
+    device_free = part not in PARTS
+    streamed = memory == "sequential-offload"
+    key = ("part", part, str(folder)) + (() if device_free else (str(device), str(dtype), streamed))
 
     def lookup():
         ref = _parts.get(key)
@@ -351,7 +400,10 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype):
         # take this lock, so they do not wait.
         with _read_lock, loading_guard(folder, part):
             value = load_part(folder, part, dtype)
-            value = value if device_free else value.to(device)
+            if streamed:
+                stream_blocks(value, device)
+            elif not device_free:
+                value = value.to(load_device(memory, part, device))
         part_load_count += 1
         return value
 
@@ -406,11 +458,26 @@ def _evict_over_budget(device: torch.device, keep: tuple) -> None:
         del _engines[victim]
 
 
-def get_engine(checkpoint, device: torch.device, dtype: torch.dtype) -> Engine:
-    """The process-wide warm engine for (checkpoint, device, dtype), loading it on first use."""
+def _part_sizes(located, dtype: torch.dtype, text_dtype: torch.dtype) -> PartSizes:
+    from .checkpoints import parameter_count
+
+    def size(part, part_dtype):
+        return parameter_count(located.folders[part]) * torch.empty((), dtype=part_dtype).element_size()
+
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as checkpoints.load_part keeps it
+    return PartSizes(size("text_encoder", text_dtype), size("transformer", dtype), size("vae", vae_dtype))
+
+
+def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype: Optional[torch.dtype] = None,
+               memory: str = "resident") -> Engine:
+    """The process-wide warm engine for (checkpoint, device, dtypes, memory mode), loading it on first use.
+
+    `text_dtype`: the T5 encoder's (default `dtype`); `memory`: a mode of settings.MEMORY_MODES.
+    """
     from .checkpoints import locate
 
-    key = ("engine", checkpoint.key, str(device), str(dtype))
+    text_dtype = text_dtype or dtype
+    key = ("engine", checkpoint.key, str(device), str(dtype), str(text_dtype), memory)
 
     def lookup():
         engine = _engines.get(key)
@@ -423,11 +490,14 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype) -> Engine:
         with _read_lock:  # diffusers' lazy imports are not thread-safe either
             from diffusers import PixArtSigmaPipeline
         located = locate(checkpoint)
-        parts = {part: _part(part, folder, device, dtype) for part, folder in located.folders.items()}
+        mode = resolve_mode(memory, device, lambda: _part_sizes(located, dtype, text_dtype))
+        parts = {part: _part(part, folder, device, text_dtype if part == "text_encoder" else dtype, mode)
+                 for part, folder in located.folders.items()}
         text_key = ("text", str(located.folders["text_encoder"]), str(located.folders["tokenizer"]), str(device),
-                    str(dtype))
+                    str(text_dtype), mode == "sequential-offload")
         text = _shared_text_encoder(text_key, parts["tokenizer"], parts["text_encoder"], device)
-        engine = Engine(PixArtSigmaPipeline(**parts), device, dtype, text=text, move=False, located=located)
+        engine = Engine(PixArtSigmaPipeline(**parts), device, dtype, text=text, move=False, located=located,
+                        memory=mode)
         load_count += 1
         return engine
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -24,19 +25,20 @@ import time
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
-from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, SAMPLERS, Settings, check_text,
-                       parse_settings)
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, Settings,
+                       check_text, parse_settings)
 
 JSON_KEY = "pixart_sigma"
 A1111_KEY = "parameters"
 SAMPLER_NAMES = {name: sampler.a1111_name for name, sampler in SAMPLERS.items()}
 # Settings that decide the pixels; the rest of the JSON chunk is information.
-REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields if name not in ("device", "num_images_per_prompt"))
+REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields
+                          if name not in PLACEMENT_SETTINGS and name != "num_images_per_prompt")
 # What a record may hold besides the settings and the prompt; any other key read from a file is dropped.
 INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
              "base_revision", "version")
@@ -51,6 +53,7 @@ MAX_SAMPLED_SIDE = 4 * MAX_SIDE  # resolution binning may sample a larger size t
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+FORMAT_SIGNATURES = {"PNG": (PNG_SIGNATURE,), "JPEG": (b"\xff\xd8\xff",), "WEBP": (b"RIFF",)}
 EXIF_IFD, IMAGE_DESCRIPTION, USER_COMMENT = 0x8769, 0x010E, 0x9286
 MAX_JPEG_EXIF_BYTES = 65_533  # one APP1 segment: 65,535 less its length field
 
@@ -107,12 +110,18 @@ def exif_bytes(image: Image.Image) -> bytes:
     return exif.tobytes()
 
 
-def _save_options(image: Image.Image, path: Path) -> dict[str, Any]:
-    """Pillow's save arguments for the format `path`'s suffix names; SettingsError before anything is written."""
+def _format(path: Path) -> str:
+    """The format `path`'s suffix names; SettingsError before anything is written."""
     format = SAVE_FORMATS.get(path.suffix.lower())
     if format is None:
         what = f"its suffix '{path.suffix}' names no format we write" if path.suffix else "it has no suffix"
         raise SettingsError([f"cannot save {path}: {what}; use one of {', '.join(SAVE_FORMATS)}"])
+    return format
+
+
+def _save_options(image: Image.Image, path: Path) -> dict[str, Any]:
+    """Pillow's save arguments for the format `path`'s suffix names; SettingsError before anything is written."""
+    format = _format(path)
     if format == "PNG":
         return {"format": format, "pnginfo": png_info(image)}
     exif = exif_bytes(image)
@@ -150,13 +159,38 @@ def save_image(image: Image.Image, path: Union[str, os.PathLike], *, overwrite: 
     """
     path = Path(path)
     options = _save_options(image, path)
+    return _publish(path, lambda stream: image.save(stream, **options), overwrite)
+
+
+def image_bytes(image: Image.Image, suffix: str = ".png") -> bytes:
+    """The file `save_image` would write for this suffix (settings inside), as bytes: to send to another machine."""
+    stream = io.BytesIO()
+    image.save(stream, **_save_options(image, Path(f"image{suffix}")))
+    return stream.getvalue()
+
+
+def save_bytes(data: bytes, path: Union[str, os.PathLike], *, overwrite: bool = True) -> Path:
+    """Write an encoded image (from `image_bytes`, perhaps made elsewhere) as `save_image` writes a file.
+
+    Atomic, and with `overwrite=False` never replacing a file, as `save_image`. The bytes must be of
+    the format the suffix names (checked by their signature): SettingsError before anything is written.
+    """
+    path = Path(path)
+    format = _format(path)
+    if not any(data.startswith(magic) for magic in FORMAT_SIGNATURES[format]):
+        raise SettingsError([f"cannot save {path}: the data is not a {format} file ({bytes(data[:8])!r}...)"])
+    return _publish(path, lambda stream: stream.write(data), overwrite)
+
+
+def _publish(path: Path, write: Callable[[BinaryIO], Any], overwrite: bool) -> Path:
+    """Have `write` fill a temporary file next to `path`, then give it its name: a rename, or a link that never replaces."""
     temporary: Optional[Path] = None
     published = True
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary, handle = _create_temporary(path)
         with os.fdopen(handle, "wb") as stream:
-            image.save(stream, **options)
+            write(stream)
         if overwrite:
             os.replace(temporary, path)
         else:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from PIL import Image
 
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
-from .devices import dtype_name, resolve_device, resolve_dtype
+from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
 from .engine import CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine
 from .errors import CheckpointError, SettingsError
 from .images import attach
-from .settings import (LOAD_SETTINGS, MAX_SEED, Settings, check_pixel_budget, check_text, json_schema,
-                       parse_settings)
+from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_pixel_budget, check_text,
+                       json_schema, parse_settings, shown)
 
 FALLBACK_SIZE = 1024
 RANDOM_SEED_RANGE = 2**32
@@ -51,7 +51,8 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise SettingsError(problems)
     _fill_size(values, checkpoint.native_size)
-    values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype)
+    values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype,
+                  text_encoder_dtype=text_encoder_dtype(settings.dtype, device, dtype))
     return values
 
 
@@ -101,8 +102,8 @@ class PixArtSigmaModel:
                    or "from_pipeline")
         _fill_size(values, engine.native_size)
         values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype),
-                      checkpoint=Checkpoint(name, name, None, engine.native_size),
-                      torch_device=engine.device, torch_dtype=engine.dtype)
+                      checkpoint=Checkpoint(name, name, None, engine.native_size), torch_device=engine.device,
+                      torch_dtype=engine.dtype, text_encoder_dtype=pipeline.text_encoder.dtype)
         model = cls.__new__(cls)
         model.settings = values
         model._pipeline_engine = engine
@@ -114,7 +115,7 @@ class PixArtSigmaModel:
         if self._pipeline_engine is not None:
             return self._pipeline_engine
         s = self.settings
-        return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"])
+        return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
 
     @classmethod
     def get_schema(cls) -> dict[str, Any]:
@@ -123,7 +124,8 @@ class PixArtSigmaModel:
 
     @classmethod
     def validate_and_transform(cls, raw_data: dict[str, Any]) -> dict[str, Any]:
-        """The validated values plus `checkpoint`, `torch_device` and `torch_dtype`; SettingsError on bad input."""
+        """The validated values plus `checkpoint`, `torch_device`, `torch_dtype` and `text_encoder_dtype`;
+        SettingsError on bad input."""
         return validate(raw_data)
 
     def call_settings(self, overrides: dict[str, Any]) -> Settings:
@@ -167,23 +169,65 @@ class PixArtSigmaModel:
         `cancel.is_set()` turns true, generation stops before the next step (or while waiting for the
         device) and raises `Cancelled`.
         """
-        prompt = _check_prompt(input)
+        return self.generate_many([input], on_progress=on_progress, cancel=cancel, **overrides)[0]
+
+    def generate_many(self, prompts: Sequence[str], *, seeds: Optional[Sequence[int]] = None,
+                      on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
+                      **overrides: Any) -> list[list[Image.Image]]:
+        """Several prompts in one batch on the device: for each prompt, its `num_images_per_prompt` images.
+
+        Each prompt's images are those `generate(prompt, seed=...)` makes (the same seeds, the same
+        record); batching only fills the device better. `seeds`: one first seed per prompt (default: the
+        `seed` setting for each, or a random one each when it is -1). The settings apply to every prompt;
+        all images of the call count against the per-call pixel budget.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise SettingsError([f"prompts={shown(prompts)} is not valid: pass a list of prompts"])
+        problems: list[str] = []
+        checked = []
+        for index, prompt in enumerate(prompts):
+            try:
+                checked.append(_check_prompt(prompt))
+            except SettingsError as exc:
+                problems += [f"prompts[{index}]: {problem}" if len(prompts) > 1 else problem
+                             for problem in exc.problems]
+        if not prompts:
+            problems.append("prompts is empty: pass at least one prompt")
         check_callbacks(on_progress, cancel)
         settings = self.call_settings(overrides)
+        first_seeds = self._first_seeds(settings, len(prompts), seeds, problems)
+        if problems:
+            raise SettingsError(problems)
+        count = settings.num_images_per_prompt
+        check_pixel_budget(settings.width, settings.height, count * len(checked))
         engine = self.engine
-        first_seed = settings.seed if settings.seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE)
-        seeds = [first_seed + k for k in range(settings.num_images_per_prompt)]
-        output = engine.generate(prompt, settings, seeds, on_progress=on_progress, cancel=cancel)
+        groups = [[first + k for k in range(count)] for first in first_seeds]
+        outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
         located = engine.located
-        chosen = settings.model_dump(exclude={"device", "num_images_per_prompt", *LOAD_SETTINGS})
-        for index, (image, seed) in enumerate(zip(output.images, seeds)):
-            attach(image, {
-                "prompt": prompt, **chosen, "seed": seed, "model_name": self.settings["checkpoint"].model_name,
-                "model_revision": located.revision if located else None,
-                "base_revision": located.base_revision if located else None,
-                "dtype": dtype_name(engine.dtype), "device": str(engine.device),
-                "batch_index": index, "batch_seed": first_seed, "batch_size": len(seeds),
-                "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
-                "version": __version__,
-            })
-        return output.images
+        chosen = settings.model_dump(exclude={"num_images_per_prompt", *LOAD_SETTINGS, *PLACEMENT_SETTINGS})
+        for prompt, group, output in zip(checked, groups, outputs):
+            for index, (image, seed) in enumerate(zip(output.images, group)):
+                attach(image, {
+                    "prompt": prompt, **chosen, "seed": seed, "model_name": self.settings["checkpoint"].model_name,
+                    "model_revision": located.revision if located else None,
+                    "base_revision": located.base_revision if located else None,
+                    "dtype": dtype_name(engine.dtype), "device": str(engine.device),
+                    "batch_index": index, "batch_seed": group[0], "batch_size": len(group),
+                    "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
+                    "version": __version__,
+                })
+        return [output.images for output in outputs]
+
+    @staticmethod
+    def _first_seeds(settings: Settings, count: int, seeds: Optional[Sequence[int]], problems: list[str]) -> list[int]:
+        if seeds is None:
+            return [settings.seed if settings.seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE)
+                    for _ in range(count)]
+        if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
+            problems.append(f"seeds={shown(seeds)} is not valid: pass one first seed per prompt ({count})")
+            return []
+        last = MAX_SEED - settings.num_images_per_prompt + 1
+        for index, seed in enumerate(seeds):
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
+                problems.append(f"seeds[{index}]={shown(seed)} is not valid: it must be an integer from 0 to {last}")
+        return list(seeds)

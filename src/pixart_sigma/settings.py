@@ -19,6 +19,16 @@ from .errors import SettingsError
 DEFAULT_MODEL = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
+# Where the weights live between uses, as diffusers users know it (ComfyUI: high/normal/low VRAM).
+# No mode changes a pixel: each runs the same kernels in the same dtype on the same device.
+MEMORY_MODES = {
+    "auto": "picks the first of the modes below that fits the device's free memory (resident on the CPU)",
+    "resident": "every part stays on the device: fastest",
+    "text-offload": "the T5 encoder goes to the device only to encode a new prompt (cached prompts skip it)",
+    "model-offload": "each part (T5, transformer, VAE) is on the device only while it runs",
+    "sequential-offload": "weights stream to the device block by block: the least memory, the slowest",
+}
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -44,7 +54,10 @@ SCHEDULERS = tuple(SAMPLERS)
 
 # Settings that pick the weights and where they live: changing one means another load. Every
 # other setting can be given per call of `generate`.
-LOAD_SETTINGS = ("model_name", "device", "dtype")
+LOAD_SETTINGS = ("model_name", "device", "dtype", "memory")
+# Settings that decide where and how the work runs, never which image comes out: they are left out of
+# the image's record and of the batch's file names.
+PLACEMENT_SETTINGS = ("device", "memory")
 MAX_MODEL_NAME_CHARS = 1024
 MAX_DEVICE_CHARS = 200
 
@@ -170,8 +183,17 @@ class Settings(BaseModel):
         1, title="Images per prompt", ge=1, le=MAX_IMAGES, description="Images generated from the prompt in one batch."
     )
     dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
-        "auto", title="Number format", description="Number format: auto = bfloat16 on GPUs with native bfloat16, float16 on older GPUs (T4, V100), "
-        "float32 on CPU and mps."
+        "auto", title="Number format", description="Number format: auto = bfloat16 on GPUs and CPUs with native bfloat16 "
+        "(AVX512-BF16, AMX), float16 on older GPUs (T4, V100), float32 on other CPUs (with the T5 encoder in bfloat16, "
+        "half the RAM) and mps."
+    )
+    memory: Literal[tuple(MEMORY_MODES)] = Field(  # type: ignore[valid-type]
+        "auto", title="Memory mode", description="Where the weights wait between uses; no mode changes the image. "
+        + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + "."
+    )
+    vae_tiling: bool = Field(
+        False, title="Tiled VAE decode", description="Decode the image in overlapping tiles: far less memory at 2048² "
+        "and on small cards; seams are blended, pixels differ slightly from the whole decode."
     )
     scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
         "dpm-solver++", title="Sampler", description="Sampler; dpm-solver++ is what the checkpoint ships."

@@ -38,11 +38,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_models(model_names: list[str], device: str, dtype: str) -> dict[str, PixArtSigmaModel]:
+def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto") -> dict[str, PixArtSigmaModel]:
     """Each served model, loaded and warmed by one small generation (kernels chosen, caches filled)."""
     models = {}
     for name in model_names:
-        model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype)
+        model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype, memory=memory)
         model.generate("warm-up", num_inference_steps=1, width=64, height=64, num_images_per_prompt=1, seed=0)
         models[name] = model
     return models
@@ -59,8 +59,8 @@ def check_models_fit(models: dict[str, PixArtSigmaModel]) -> None:
                              f"serve fewer, or raise {MEMORY_BUDGET_ENV}"])
 
 
-def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", host: str = "127.0.0.1",
-          port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
+def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", memory: str = "auto",
+          host: str = "127.0.0.1", port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
           api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0) -> int:
     import uvicorn
 
@@ -85,7 +85,7 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", hos
     names = list(dict.fromkeys(model_names)) or [PixArtSigmaModel.get_schema()["properties"]["model_name"]["default"]]
     store = JobStore(data_dir)
     print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
-    models = load_models(names, device, dtype)
+    models = load_models(names, device, dtype, memory)
     check_models_fit(models)
     service = Service(models, store, queue_size, keep_jobs)
     app = create_app(service, api_key, loopback=is_loopback(host))

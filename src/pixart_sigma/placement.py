@@ -1,0 +1,108 @@
+"""Memory modes: where the T5 encoder, the transformer and the VAE wait between uses.
+
+The modes (settings.MEMORY_MODES) only move weights; every part still runs on the chosen device
+in the chosen dtype, so no mode changes a pixel. `auto` is decided once, when a model loads, from
+the device's free memory and the parts' sizes (read from the safetensors headers, no weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_DEVICE = torch.device("cpu")
+# Activations on top of the weights, with the VAE decode: at 1024² in bfloat16 the H200 measured
+# 12.6 GiB peak for 10.9 GiB of weights; 2048² needs more (use vae_tiling there on small cards).
+ACTIVATION_RESERVE = 3 << 30
+PARTS = ("text_encoder", "transformer", "vae")  # the parts with weights; tokenizer and scheduler have none
+# Which parts wait off the device in each mode (sequential-offload streams every part block by block).
+OFFLOADED = {
+    "resident": (),
+    "text-offload": ("text_encoder",),
+    "model-offload": PARTS,
+    "sequential-offload": PARTS,
+}
+
+
+@dataclass(frozen=True)
+class PartSizes:
+    """Bytes of each part's weights in the dtype it will be loaded in."""
+
+    text_encoder: int
+    transformer: int
+    vae: int
+
+
+def choose_mode(free_bytes: int, sizes: PartSizes, reserve: int = ACTIVATION_RESERVE) -> str:
+    """The fastest mode whose peak fits `free_bytes`: the peak of each mode, from what it holds at once."""
+    peaks = {
+        "resident": sizes.text_encoder + sizes.transformer + sizes.vae + reserve,
+        # T5 alone while encoding; then the transformer and the VAE with the activations.
+        "text-offload": max(sizes.text_encoder + sizes.transformer + sizes.vae,
+                            sizes.transformer + sizes.vae + reserve),
+        "model-offload": max(sizes.text_encoder, sizes.transformer + reserve, sizes.vae + reserve),
+    }
+    for mode, peak in peaks.items():
+        if peak <= free_bytes:
+            return mode
+    return "sequential-offload"
+
+
+def resolve_mode(mode: str, device: torch.device, sizes_of) -> str:
+    """`auto` made concrete for `device`; `sizes_of()` is called only when the free memory matters."""
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "resident"  # the CPU has nowhere else to put them; mps shares the RAM
+    free, _total = torch.cuda.mem_get_info(device)
+    chosen = choose_mode(free, sizes_of())
+    log.info("memory=auto chose %s for %.1f GiB free on %s", chosen, free / 2**30, device)
+    return chosen
+
+
+def load_device(mode: str, part: str, device: torch.device) -> torch.device:
+    """Where a part's weights are first put: off the device when this mode offloads it."""
+    return OFFLOAD_DEVICE if part in OFFLOADED[mode] else device
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return OFFLOAD_DEVICE
+
+
+def stream_blocks(module: torch.nn.Module, device: torch.device) -> None:
+    """Sequential offload: diffusers' group offloading moves one block at a time to `device` as it runs."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(module, onload_device=device, offload_device=OFFLOAD_DEVICE, offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=device.type == "cuda")
+
+
+class Placement:
+    """Puts each part on the device for the time it runs, as the engine's memory mode says."""
+
+    def __init__(self, mode: str, device: torch.device, parts: dict[str, torch.nn.Module]):
+        self.mode, self.device, self.parts = mode, device, parts
+
+    @contextmanager
+    def using(self, part: str) -> Iterator[torch.nn.Module]:
+        """The part on the device while the block runs; back off it afterwards if this mode offloads it."""
+        module = self.parts[part]
+        if self.mode == "sequential-offload":  # its hooks move the blocks
+            yield module
+            return
+        # Parts are shared between checkpoints whose engines may have other modes: look, then move.
+        if _device_of(module) != self.device:
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if part in OFFLOADED[self.mode] and self.device != OFFLOAD_DEVICE:
+                module.to(OFFLOAD_DEVICE)

@@ -1,0 +1,152 @@
+"""Memory modes, many prompts per call, VAE tiling: less memory or more throughput, the same images."""
+
+import numpy as np
+import pytest
+import torch
+
+from pixart_sigma import PixArtSigmaModel, SettingsError, read_settings
+from pixart_sigma.placement import PartSizes, Placement, choose_mode
+
+PROMPT = "a red circle on a blue background"
+GIB = 2**30
+# The release sizes in bfloat16: T5-XXL encoder 4.76 B, DiT-XL/2 0.61 B, SDXL VAE 84 M parameters.
+RELEASE = PartSizes(text_encoder=int(9.5 * GIB), transformer=int(1.2 * GIB), vae=int(0.16 * GIB))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("free_gib, mode", [
+    (139, "resident"),  # an H200
+    (14, "resident"),  # 9.5 + 1.2 + 0.16 + 3 GiB of activations = 13.9
+    (12, "text-offload"),  # T5 alone while it encodes (10.9 with the rest), 4.4 while denoising
+    (10, "model-offload"),  # at most T5 alone (9.5) on the card at any time
+    (6, "sequential-offload"),  # a 6-8 GB card: block by block
+])
+def test_auto_picks_the_fastest_mode_that_fits_the_free_memory(free_gib, mode):
+    assert choose_mode(int(free_gib * GIB), RELEASE) == mode
+
+
+class RecordingPart(torch.nn.Module):
+    """A part that records where it is sent (without moving: this machine may have no GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("resident", {"text_encoder": ["cuda:0"], "transformer": ["cuda:0"], "vae": ["cuda:0"]}),
+    ("text-offload", {"text_encoder": ["cuda:0", "cpu"], "transformer": ["cuda:0"], "vae": ["cuda:0"]}),
+    ("model-offload", {"text_encoder": ["cuda:0", "cpu"], "transformer": ["cuda:0", "cpu"], "vae": ["cuda:0", "cpu"]}),
+    ("sequential-offload", {"text_encoder": [], "transformer": [], "vae": []}),  # its hooks move blocks
+])
+def test_each_mode_puts_a_part_on_the_device_only_while_it_runs(mode, expected):
+    parts = {name: RecordingPart() for name in expected}
+    placement = Placement(mode, torch.device("cuda:0"), parts)
+    for name in ("text_encoder", "transformer", "vae"):
+        with placement.using(name) as module:
+            assert module is parts[name]
+            if mode != "sequential-offload":
+                assert module.moves[-1] == "cuda:0"  # on the device while it runs
+    assert {name: part.moves for name, part in parts.items()} == expected
+
+
+def test_a_part_goes_back_off_the_device_even_when_its_stage_fails():
+    part = RecordingPart()
+    placement = Placement("model-offload", torch.device("cuda:0"), {"text_encoder": part})
+    with pytest.raises(RuntimeError):
+        with placement.using("text_encoder"):
+            raise RuntimeError("out of memory")
+    assert part.moves == ["cuda:0", "cpu"]
+
+
+def test_every_memory_mode_gives_the_same_pixels(tiny):
+    # On the CPU the offload target is the device itself, but each mode's own code runs: sequential-offload
+    # drives diffusers' group-offloading hooks through T5, the transformer and the VAE.
+    images = {}
+    for memory in ("resident", "text-offload", "model-offload", "sequential-offload", "auto"):
+        model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=3, num_inference_steps=3, memory=memory)
+        assert model.engine.memory == ("resident" if memory == "auto" else memory)
+        images[memory] = model.generate(PROMPT, negative_prompt="green")[0]
+        assert "memory" not in read_settings(images[memory])  # where it ran is no part of the image's record
+    for memory, image in images.items():
+        assert np.array_equal(pixels(image), pixels(images["resident"])), memory
+
+
+def test_streamed_parts_are_not_shared_with_engines_that_move_whole_parts(tiny):
+    streamed = PixArtSigmaModel(model_name=tiny, device="cpu", memory="sequential-offload").engine
+    resident = PixArtSigmaModel(model_name=tiny, device="cpu", memory="resident").engine
+    whole = PixArtSigmaModel(model_name=tiny, device="cpu", memory="model-offload").engine
+    assert streamed.pipeline.text_encoder is not resident.pipeline.text_encoder
+    assert whole.pipeline.text_encoder is resident.pipeline.text_encoder  # same weights, moved as a whole
+
+
+def test_memory_is_chosen_at_load_not_per_call(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2)
+    with pytest.raises(SettingsError, match="memory cannot change per call"):
+        model.generate(PROMPT, memory="model-offload")
+    with pytest.raises(SettingsError, match="memory='tiny-vram' is not valid: choose one of"):
+        PixArtSigmaModel(model_name=tiny, memory="tiny-vram")
+
+
+# -- many prompts per call ------------------------------------------------------------------------
+def test_many_prompts_in_one_batch_give_each_prompt_its_own_images(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=3, num_images_per_prompt=2)
+    prompts = ["a red circle", "a blue square on green", "a red circle"]
+    batched = model.generate_many(prompts, seeds=[10, 20, 30])
+    assert [len(images) for images in batched] == [2, 2, 2]
+    for prompt, first, images in zip(prompts, [10, 20, 30], batched):
+        alone = model.generate(prompt, seed=first)
+        for image, single in zip(images, alone):
+            assert read_settings(image) | {"version": None} == read_settings(single) | {"version": None}
+            # One batch or one call each: the same pixels (the same kernels, rows computed independently).
+            assert np.abs(pixels(image) - pixels(single)).max() <= 1
+    assert [read_settings(image)["seed"] for image in batched[1]] == [20, 21]
+    assert not np.array_equal(pixels(batched[0][0]), pixels(batched[1][0]))
+
+
+def test_many_prompts_with_a_fixed_seed_each_start_from_it(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2, seed=5)
+    images = model.generate_many(["a fox", "a cat"])
+    assert [read_settings(group[0])["seed"] for group in images] == [5, 5]
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda m: m.generate_many("a fox"), "pass a list of prompts"),
+    (lambda m: m.generate_many([]), "prompts is empty"),
+    (lambda m: m.generate_many(["a fox", ""]), "prompts[1]: prompt is empty"),
+    (lambda m: m.generate_many(["a fox", "a cat"], seeds=[1]), "one first seed per prompt (2)"),
+    (lambda m: m.generate_many(["a fox"], seeds=[-1]), "seeds[0]=-1 is not valid"),
+    (lambda m: m.generate_many(["a fox"], seeds=[True]), "seeds[0]=True is not valid"),
+    (lambda m: m.generate_many(["a fox"] * 17, width=1024, height=1024), "over the budget"),
+])
+def test_many_prompts_are_checked_before_any_work(tiny, call, fragment):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2)
+    calls = model.engine.text_encoder_calls
+    with pytest.raises(SettingsError) as info:
+        call(model)
+    assert fragment in str(info.value)
+    assert model.engine.text_encoder_calls == calls
+
+
+# -- VAE tiling -----------------------------------------------------------------------------------
+def test_vae_tiling_decodes_large_images_in_tiles_close_to_the_whole_decode(tiny):
+    # The tiny VAE tiles above 64 px (its sample_size), as the SDXL VAE does above 1024 px.
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=2, num_inference_steps=3,
+                             width=192, height=128)
+    whole = model.generate(PROMPT)[0]
+    tiled = model.generate(PROMPT, vae_tiling=True)[0]
+    assert tiled.size == whole.size == (192, 128)
+    assert read_settings(tiled)["vae_tiling"] is True and read_settings(whole)["vae_tiling"] is False
+    difference = pixels(tiled) - pixels(whole)
+    assert np.abs(difference).max() > 0  # it really decoded in tiles
+    mse = float(np.mean(difference.astype(np.float64) ** 2))
+    assert 10 * np.log10(255**2 / mse) > 20  # seams blended: close to the whole decode
+    assert np.array_equal(pixels(model.generate(PROMPT)[0]), pixels(whole))  # switched off again after the call
