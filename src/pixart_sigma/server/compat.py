@@ -39,7 +39,7 @@ import base64
 import json
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -98,6 +98,16 @@ A1111_REFUSED = {
 OURS = frozenset(Settings.field_names())
 
 
+class Served(Protocol):
+    """What the translations need of a server: its models (name -> an object whose `settings` hold the
+    native width and height), the default name, and the library's check of a body (`Service.validate`)."""
+
+    models: Mapping[str, Any]
+    default_model: str
+
+    def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]: ...
+
+
 class _Problems(Exception):
     """Problems found while translating; reported with the library's problems in one error."""
 
@@ -120,7 +130,7 @@ def _renamer(names: dict[str, str], size: Optional[str] = None) -> Callable[[str
     return rename
 
 
-def _refusal(problems: list[str], status: int, service: Service, body: dict[str, Any],
+def _refusal(problems: list[str], status: int, service: Served, body: dict[str, Any],
              rename: Callable[[str], str]) -> JSONResponse:
     """One error with the translation's problems and the library's problems for the rest of the body."""
     problems = list(problems)
@@ -177,7 +187,36 @@ def _infotexts(service: Service, names: list[str]) -> list[str]:
 
 # -- OpenAI's Images API ---------------------------------------------------------------------------
 
-def _openai_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, Any], list[str], Callable, dict]:
+def translate_openai(raw: Any, served: Served) -> tuple[Optional[JSONResponse], dict[str, Any], Callable, dict]:
+    """An OpenAI images request in our words: (the 400 to answer instead, or None; our body; renamer; how to answer).
+
+    The body still goes through `served.validate` (or `Service.submit`); refuse what that raises with
+    `openai_refusal(exc, renamer)`.
+    """
+    if not isinstance(raw, dict):
+        return error_response(400, f"the request body must be a JSON object, not {type(raw).__name__}",
+                              code="invalid_request"), {}, _renamer({}), {}
+    body, problems, rename, answer = _openai_translate(raw, served)
+    if problems:
+        return _refusal(problems, 400, served, body, rename), body, rename, answer
+    return None, body, rename, answer
+
+
+def openai_refusal(exc: SettingsError, rename: Callable[[str], str]) -> JSONResponse:
+    """The library's refusal of a translated body, in the client's words, as OpenAI's 400."""
+    return settings_error(_renamed(exc, rename), 400)
+
+
+def openai_content(created: float, items: list[dict[str, Any]], prompt: str, seeds: list[int], width: int,
+                   height: int, model_name: str, **extra: Any) -> dict[str, Any]:
+    """OpenAI's images response: `items` ({"b64_json"} or {"url"} each) with their prompt and seed."""
+    for item, seed in zip(items, seeds):
+        item.update(revised_prompt=prompt, seed=seed)
+    return {"created": int(created), "data": items, "background": "opaque", "output_format": "png",
+            "size": f"{width}x{height}", "model": model_name, **extra}
+
+
+def _openai_translate(raw: dict[str, Any], service: Served) -> tuple[dict[str, Any], list[str], Callable, dict]:
     """(our body, problems, renamer, how to answer) for an OpenAI images request."""
     values = dict(raw)
     body: dict[str, Any] = {}
@@ -444,17 +483,13 @@ def install(app, service: Service) -> None:
               responses=errors(400, 401, 409, 413, 415, 429, 500, 503),
               summary="OpenAI's Images API: make images and answer with them (waits for the job)")
     async def openai_generate(request: Request):
-        raw = await read_json(request)
-        if not isinstance(raw, dict):
-            return error_response(400, f"the request body must be a JSON object, not {type(raw).__name__}",
-                                  code="invalid_request")
-        body, problems, rename, answer = _openai_translate(raw, service)
-        if problems:
-            return _refusal(problems, 400, service, body, rename)
+        refusal, body, rename, answer = translate_openai(await read_json(request), service)
+        if refusal is not None:
+            return refusal
         try:
             job, new = service.submit(body, request.headers.get("idempotency-key"))
         except SettingsError as exc:
-            return settings_error(_renamed(exc, rename), 400)
+            return openai_refusal(exc, rename)
         except Rejected as exc:
             return rejected(exc)
         job, instead = await _wait(service, job.id, request)
@@ -468,11 +503,8 @@ def install(app, service: Service) -> None:
         else:
             base = str(request.base_url).rstrip("/")
             items = [{"url": f"{base}/v1/images/{name}"} for name in job.images]
-        for item, seed in zip(items, job.seeds):
-            item.update(revised_prompt=job.prompt, seed=seed)
-        content = {"created": int(job.created), "data": items, "background": "opaque", "output_format": "png",
-                   "size": f"{job.settings['width']}x{job.settings['height']}",
-                   "model": job.model_name, "job_id": job.id}
+        content = openai_content(job.created, items, job.prompt, job.seeds, job.settings["width"],
+                                 job.settings["height"], job.model_name, job_id=job.id)
         return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
 
     @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service))), tags=["A1111-compatible"],
@@ -594,4 +626,5 @@ def install(app, service: Service) -> None:
                 for name in served]
 
 
-__all__ = ["install", "job_error", "openai_schema", "a1111_schema"]
+__all__ = ["install", "job_error", "openai_schema", "a1111_schema", "translate_openai", "openai_refusal",
+           "openai_content", "Served"]

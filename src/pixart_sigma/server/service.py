@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -156,34 +156,7 @@ class Service:
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
         """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise."""
-        if not isinstance(body, dict):
-            raise SettingsError([f"settings must be a JSON object (the request body), not {type(body).__name__}"])
-        values = dict(body)
-        problems = []
-        fixed = sorted(name for name in LOAD_SETTINGS if name != "model_name" and name in values)
-        for name in fixed:
-            problems.append(f"{name} is set by the server (pixart-sigma serve --{name.replace('_', '-')}); "
-                            "leave it out of the request")
-            values.pop(name)
-        model_name = values.pop("model_name", None)
-        if model_name is None:
-            model_name = self.default_model
-        elif not isinstance(model_name, str) or model_name not in self.models:
-            problems.append(f"model_name={shown(model_name)} is not served here: choose one of "
-                            f"{', '.join(self.models)}")
-            model_name = self.default_model
-        missing_prompt = "prompt" not in values
-        if missing_prompt:
-            problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
-        prompt = values.pop("prompt", "a placeholder, so that only the settings are checked")
-        try:
-            prompt, settings = self.models[model_name].validate_call(prompt, **values)
-        except SettingsError as exc:
-            problems += exc.problems
-            settings = None
-        if problems:
-            raise SettingsError(problems)
-        return model_name, prompt, settings
+        return validate_request(self.models, self.default_model, body)
 
     def submit(self, body: Any, idempotency_key: Optional[str] = None) -> tuple[Job, bool]:
         """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key."""
@@ -394,6 +367,42 @@ class Service:
             "error": job.error,
             "links": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
         }
+
+
+def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
+                     set_by: str = "pixart-sigma serve --{flag}") -> tuple[str, str, dict[str, Any]]:
+    """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise.
+
+    `models`: each served name and what checks a call for it (`validate_call`, as PixArtSigmaModel's);
+    `set_by` says where the server's own settings (device, dtype) are chosen.
+    """
+    if not isinstance(body, dict):
+        raise SettingsError([f"settings must be a JSON object (the request body), not {type(body).__name__}"])
+    values = dict(body)
+    problems = []
+    fixed = sorted(name for name in LOAD_SETTINGS if name != "model_name" and name in values)
+    for name in fixed:
+        where = set_by.format(flag=name.replace("_", "-"), name=name)
+        problems.append(f"{name} is set by the server ({where}); leave it out of the request")
+        values.pop(name)
+    model_name = values.pop("model_name", None)
+    if model_name is None:
+        model_name = default_model
+    elif not isinstance(model_name, str) or model_name not in models:
+        problems.append(f"model_name={shown(model_name)} is not served here: choose one of {', '.join(models)}")
+        model_name = default_model
+    missing_prompt = "prompt" not in values
+    if missing_prompt:
+        problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
+    prompt = values.pop("prompt", "a placeholder, so that only the settings are checked")
+    try:
+        prompt, settings = models[model_name].validate_call(prompt, **values)
+    except SettingsError as exc:
+        problems += exc.problems
+        settings = None
+    if problems:
+        raise SettingsError(problems)
+    return model_name, prompt, settings
 
 
 def _request_hash(body: Any) -> str:
