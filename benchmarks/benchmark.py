@@ -3,7 +3,10 @@
 Builds the release architecture with random weights (DiT-XL/2 611 M, T5-XXL encoder 4.76 B,
 SDXL VAE) -- the same compute as the real checkpoint -- and times, per resolution:
 end to end (ours with a cold and a warm prompt cache, diffusers), T5 encode, one DiT step
-(CFG batch), VAE decode, and peak GPU memory. Prints a Markdown table; --json writes rows.
+(CFG batch), VAE decode, peak GPU memory, and our images' drift (PSNR) from diffusers'. The
+baseline runs in --dtype; ours in what dtype=auto picks (on a CPU with native bfloat16: bfloat16).
+Then images/s with several prompts per call, each memory mode (time, peak, same pixels), and
+VAE tiling at the largest size. Prints Markdown tables; --json writes the rows.
 
     python benchmarks/benchmark.py                       # GPU: 512, 1024, 2048 at 20 steps (2 min on an H200)
     python benchmarks/benchmark.py --preset cpu-small    # CPU: 2-layer DiT and T5 at full width, 256 px
@@ -12,7 +15,10 @@ end to end (ours with a cold and a warm prompt cache, diffusers), T5 encode, one
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import resource
 import statistics
 import sys
 import time
@@ -55,6 +61,8 @@ def build_pipeline(dit_layers: int, t5_layers: int, dtype: torch.dtype, device: 
                 layers_per_block=2, sample_size=1024, scaling_factor=0.13025)
     finally:
         torch.set_default_dtype(previous)
+    for module in (transformer, text_encoder, vae):
+        module.eval()  # as from_pretrained leaves them: a new module is in training mode (T5's dropout on)
     pipe = PixArtSigmaPipeline(tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)
@@ -83,6 +91,15 @@ def timed(device, fn, repeats):
     return statistics.median(times), peak
 
 
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB (inf when identical)."""
+    import numpy as np
+
+    x, y = (np.asarray(image.convert("RGB"), dtype=np.float64) for image in (a, b))
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
 def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: int, device) -> dict:
     engine = model.engine
     call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
@@ -90,37 +107,149 @@ def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: in
 
     def ours_cold():
         engine.text.clear()
-        model.generate(PROMPT, **call)
+        return model.generate(PROMPT, **call)
 
     def theirs():
-        pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
-             generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False, clean_caption=False)
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                    generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False,
+                    clean_caption=False).images
 
     row = {"size": size, "steps": steps}
     row["diffusers_s"], row["diffusers_peak_gib"] = timed(device, theirs, repeats)
     row["ours_cold_s"], row["ours_peak_gib"] = timed(device, ours_cold, repeats)
-    row["ours_warm_s"], _ = timed(device, lambda: model.generate(PROMPT, **call), repeats)
+    row["ours_warm_s"], row["ours_warm_peak_gib"] = timed(device, lambda: model.generate(PROMPT, **call), repeats)
+    # Drift of our images (in our dtype) from diffusers' (in the baseline's): inf when identical.
+    row["psnr_db"] = psnr(model.generate(PROMPT, **call)[0], theirs()[0])
 
+    text_encoder = engine.pipeline.text_encoder
     with torch.inference_mode():
         row["t5_ms"] = timed(device, lambda: engine.encode(PROMPT, 300, use_cache=False), repeats)[0] * 1e3
         text, negative = engine.encode(PROMPT, 300), engine.encode("", 300)
-        embeds = torch.cat([negative.embeds, text.embeds])
+        embeds = torch.cat([negative.embeds, text.embeds]).to(engine.dtype)
         mask = torch.cat([negative.mask, text.mask])
         latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=engine.dtype)
         timestep = torch.tensor([500, 500], device=device)
-        row["dit_step_ms"] = timed(device, lambda: pipe.transformer(
+        transformer = engine.pipeline.transformer
+        row["dit_step_ms"] = timed(device, lambda: transformer(
             latents, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False), repeats)[0] * 1e3
         row["vae_ms"] = timed(device, lambda: engine.decode(latents[:1]), repeats)[0] * 1e3
     row["speedup"] = row["diffusers_s"] / row["ours_cold_s"]
+    row["text_encoder_dtype"] = str(text_encoder.dtype)
     return row
+
+
+def bench_batching(model: PixArtSigmaModel, size: int, steps: int, repeats: int, device, batches) -> list[dict]:
+    """Images per second with several prompts denoised together (generate_many), prompts cached."""
+    prompts = [f"{PROMPT}, variation {k}" for k in range(max(batches))]
+    call = dict(num_inference_steps=steps, guidance_scale=4.5, width=size, height=size, use_resolution_binning=False)
+    rows = []
+    for batch in batches:
+        seconds, peak = timed(device, lambda: model.generate_many(prompts[:batch], seeds=list(range(batch)), **call),
+                              repeats)
+        rows.append({"size": size, "batch": batch, "images_per_s": batch / seconds, "s": seconds, "peak_gib": peak})
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["vs_batch_1"] = row["images_per_s"] / base
+    return rows
+
+
+def bench_memory_modes(pipe, size: int, steps: int, repeats: int, device) -> list[dict]:
+    """Each memory mode on the same modules: time with a new and a cached prompt, peak memory, same pixels."""
+    call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                use_resolution_binning=False)
+    rows, reference = [], None
+    for mode in ("resident", "text-offload", "model-offload", "sequential-offload"):  # sequential last: its hooks stay
+        if mode != "sequential-offload":
+            pipe.to(device)
+        model = PixArtSigmaModel.from_pipeline(pipe, memory=mode)
+        engine = model.engine
+
+        def cold():
+            engine.text.clear()
+            return model.generate(PROMPT, **call)
+
+        row = {"mode": mode, "size": size}
+        row["new_prompt_s"], row["new_prompt_peak_gib"] = timed(device, cold, repeats)
+        row["cached_prompt_s"], row["cached_prompt_peak_gib"] = timed(device, lambda: model.generate(PROMPT, **call),
+                                                                      repeats)
+        image = model.generate(PROMPT, **call)[0]
+        reference = reference or image
+        row["same_pixels"] = psnr(image, reference) == float("inf")
+        rows.append(row)
+    return rows
+
+
+def bench_compile(model: PixArtSigmaModel, size: int, steps: int, repeats: int, device) -> dict:
+    """compile=True against the eager run: the first image (compiling), then steady state, and the drift."""
+    call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                use_resolution_binning=False)
+    row = {"size": size}
+    row["eager_s"], row["eager_peak_gib"] = timed(device, lambda: model.generate(PROMPT, **call), repeats)
+    sync(device)
+    start = time.perf_counter()
+    fast = model.generate(PROMPT, compile=True, **call)[0]
+    sync(device)
+    row["first_image_s"] = time.perf_counter() - start
+    row["compiled_s"], row["compiled_peak_gib"] = timed(device, lambda: model.generate(PROMPT, compile=True, **call),
+                                                        repeats)
+    row["speedup"] = row["eager_s"] / row["compiled_s"]
+    row["psnr_db"] = psnr(fast, model.generate(PROMPT, **call)[0])
+    return row
+
+
+def bench_vae_tiling(model: PixArtSigmaModel, size: int, steps: int, device) -> dict:
+    call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                use_resolution_binning=False)
+    row = {"size": size}
+    for tiled in (False, True):
+        seconds, peak = timed(device, lambda: model.generate(PROMPT, vae_tiling=tiled, **call), 1)
+        row[f"{'tiled' if tiled else 'whole'}_s"], row[f"{'tiled' if tiled else 'whole'}_peak_gib"] = seconds, peak
+    row["psnr_db"] = psnr(model.generate(PROMPT, vae_tiling=True, **call)[0], model.generate(PROMPT, **call)[0])
+    return row
+
+
+def ours_pipeline(pipe, device):
+    """The baseline's modules in the dtypes our dtype=auto picks on this device (a copy when they differ)."""
+    from pixart_sigma.devices import resolve_dtype, text_encoder_dtype
+
+    dtype = resolve_dtype("auto", device)
+    text_dtype = text_encoder_dtype("auto", device, dtype)
+    if pipe.transformer.dtype == dtype and pipe.text_encoder.dtype == text_dtype:
+        return pipe
+    ours = copy.deepcopy(pipe)
+    ours.transformer.to(dtype)
+    ours.vae.to(torch.float32 if dtype == torch.float16 else dtype)
+    ours.text_encoder.to(text_dtype)
+    return ours
+
+
+def weight_gib(pipe) -> float:
+    return sum(t.numel() * t.element_size() for part in (pipe.transformer, pipe.text_encoder, pipe.vae)
+               for t in part.parameters()) / 2**30
+
+
+def table(rows: list[dict], columns: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row[key]
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="full" if torch.cuda.is_available() else "cpu-small")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--dtype", default=None, help="the baseline's dtype (default: bfloat16 on GPU, float32 on CPU); "
+                        "ours uses what dtype=auto picks on this device")
     parser.add_argument("--sizes", type=int, nargs="*", help="override the preset's resolutions")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="prompts per call for the batching rows")
+    parser.add_argument("--no-extras", action="store_true", help="only the ours-against-diffusers rows")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                        help="also time compile=True (default: on a GPU; about a minute of compiling per size)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -130,25 +259,64 @@ def main() -> None:
 
     start = time.perf_counter()
     pipe = build_pipeline(preset["dit_layers"], preset["t5_layers"], dtype, device)
-    model = PixArtSigmaModel.from_pipeline(pipe)  # the very same modules as the baseline
-    print(f"# {name}, preset {args.preset}, {dtype}, built in {time.perf_counter() - start:.1f} s", flush=True)
+    mine = ours_pipeline(pipe, device)
+    model = PixArtSigmaModel.from_pipeline(mine)  # the very same weights as the baseline, in our dtypes
+    print(f"# {name}, preset {args.preset}, baseline {dtype}, ours {model.engine.dtype} (T5 "
+          f"{mine.text_encoder.dtype}), weights {weight_gib(pipe):.2f} / {weight_gib(mine):.2f} GiB, built in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
 
-    rows = []
-    for size in args.sizes or preset["sizes"]:
-        rows.append(bench_size(model, pipe, size, preset["steps"], preset["repeats"], device))
-        print(json.dumps(rows[-1]), flush=True)
+    sizes = args.sizes or preset["sizes"]
+    report = {"device": name, "preset": args.preset, "dtype": str(dtype), "ours_dtype": str(model.engine.dtype),
+              "rows": []}
+    for size in sizes:
+        report["rows"].append(bench_size(model, pipe, size, preset["steps"], preset["repeats"], device))
+        print(json.dumps(report["rows"][-1]), flush=True)
+    if not args.no_extras:
+        middle = 1024 if 1024 in sizes else sizes[0]
+        report["batching"] = bench_batching(model, middle, preset["steps"], preset["repeats"], device, args.batches)
+        print(json.dumps(report["batching"]), flush=True)
+        if device.type == "cuda" and max(sizes) >= 2048:
+            report["vae_tiling"] = bench_vae_tiling(model, max(sizes), preset["steps"], device)
+            print(json.dumps(report["vae_tiling"]), flush=True)
+        if args.compile:
+            report["compile"] = [bench_compile(model, size, preset["steps"], preset["repeats"], device)
+                                 for size in sizes]
+            print(json.dumps(report["compile"]), flush=True)
+        report["memory_modes"] = bench_memory_modes(mine, middle, preset["steps"], preset["repeats"], device)
+        print(json.dumps(report["memory_modes"]), flush=True)
+    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    print(f"\n| size | steps | diffusers s | ours s (cold cache) | ours s (warm cache) | speed-up | T5 ms | "
-          f"DiT step ms | VAE ms | peak GiB diffusers / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['size']}² | {r['steps']} | {r['diffusers_s']:.3f} | {r['ours_cold_s']:.3f} | {r['ours_warm_s']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['t5_ms']:.1f} | {r['dit_step_ms']:.1f} | {r['vae_ms']:.1f} | "
-              f"{r['diffusers_peak_gib']:.1f} / {r['ours_peak_gib']:.1f} |")
+    print()
+    print(table(report["rows"], {"size": "size", "steps": "steps", "diffusers_s": "diffusers s",
+                                 "ours_cold_s": "ours s (cold cache)", "ours_warm_s": "ours s (warm cache)",
+                                 "speedup": "speed-up (cold)", "psnr_db": "PSNR vs diffusers dB", "t5_ms": "T5 ms",
+                                 "dit_step_ms": "DiT step ms", "vae_ms": "VAE ms",
+                                 "diffusers_peak_gib": "peak GiB diffusers", "ours_peak_gib": "peak GiB ours",
+                                 "ours_warm_peak_gib": "peak GiB ours (cached prompt)"}))
+    if "batching" in report:
+        print()
+        print(table(report["batching"], {"size": "size", "batch": "prompts per call", "images_per_s": "images/s",
+                                         "vs_batch_1": "vs 1 per call", "peak_gib": "peak GiB"}))
+        print()
+        print(table(report["memory_modes"], {"mode": "memory", "size": "size", "new_prompt_s": "s (new prompt)",
+                                             "new_prompt_peak_gib": "peak GiB (new prompt)",
+                                             "cached_prompt_s": "s (cached prompt)",
+                                             "cached_prompt_peak_gib": "peak GiB (cached prompt)",
+                                             "same_pixels": "same pixels as resident"}))
+    if "compile" in report:
+        print()
+        print(table(report["compile"], {"size": "size", "eager_s": "eager s", "first_image_s": "first image s (compiling)",
+                                        "compiled_s": "compiled s", "speedup": "speed-up",
+                                        "psnr_db": "PSNR vs eager dB", "compiled_peak_gib": "peak GiB"}))
+    if "vae_tiling" in report:
+        print()
+        print(table([report["vae_tiling"]], {"size": "size", "whole_s": "whole s", "whole_peak_gib": "whole peak GiB",
+                                             "tiled_s": "tiled s", "tiled_peak_gib": "tiled peak GiB",
+                                             "psnr_db": "PSNR tiled vs whole dB"}))
+    print(f"\npeak RSS of the process {report['peak_rss_gib']:.2f} GiB (GPU peaks are 0 on the CPU: not measured)")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "preset": args.preset, "dtype": str(dtype), "rows": rows},
-                                        indent=2))
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+        args.json.write_text(json.dumps(report, indent=2))
+    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

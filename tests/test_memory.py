@@ -150,3 +150,49 @@ def test_vae_tiling_decodes_large_images_in_tiles_close_to_the_whole_decode(tiny
     mse = float(np.mean(difference.astype(np.float64) ** 2))
     assert 10 * np.log10(255**2 / mse) > 20  # seams blended: close to the whole decode
     assert np.array_equal(pixels(model.generate(PROMPT)[0]), pixels(whole))  # switched off again after the call
+
+
+def test_a_pipeline_the_user_has_can_be_offloaded_too(tiny):
+    from diffusers import PixArtSigmaPipeline
+
+    pipe = PixArtSigmaPipeline.from_pretrained(tiny)
+    resident = PixArtSigmaModel.from_pipeline(pipe, seed=4, num_inference_steps=2).generate(PROMPT)[0]
+    streamed = PixArtSigmaModel.from_pipeline(pipe, memory="sequential-offload", seed=4, num_inference_steps=2)
+    assert streamed.engine.memory == "sequential-offload"
+    assert np.array_equal(pixels(streamed.generate(PROMPT)[0]), pixels(resident))
+    with pytest.raises(SettingsError, match="name the mode"):
+        PixArtSigmaModel.from_pipeline(pipe, memory="auto")
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compile_gives_the_eager_images_within_a_level_and_keeps_its_code_on_disk(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", dtype="float32", seed=6, num_inference_steps=3)
+    eager = model.generate(PROMPT)[0]
+    fast = model.generate(PROMPT, compile=True)[0]  # compiles here (about a minute on 2 cores)
+    assert read_settings(fast)["compile"] is True and read_settings(eager)["compile"] is False
+    assert np.abs(pixels(fast) - pixels(eager)).max() <= 1
+    assert np.array_equal(pixels(model.generate(PROMPT, compile=True)[0]), pixels(fast))  # reused, same pixels
+    assert any((tmp_path / "compiled").rglob("*.py")), "the compiled code should be on disk for the next process"
+    timed = model.engine.denoiser(True)
+    assert len(timed.first_call_seconds) == 1  # one input shape, compiled once
+
+
+def test_compile_refuses_the_mode_that_streams_weights(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2, memory="sequential-offload")
+    with pytest.raises(SettingsError, match="compile=True cannot be used with memory='sequential-offload'"):
+        model.generate(PROMPT, compile=True)
+
+
+def test_cuda_graphs_only_where_the_weights_stay_put(monkeypatch, tmp_path):
+    from pixart_sigma.compiling import cache_dir, compile_mode
+
+    assert compile_mode(torch.device("cuda:0"), resident=True) == "reduce-overhead"
+    assert compile_mode(torch.device("cuda:0"), resident=False) == "default"  # moved weights: stale graph addresses
+    assert compile_mode(torch.device("cpu"), resident=True) == "default"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "pixart-sigma" / "torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"  # torch's own variable wins

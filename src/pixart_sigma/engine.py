@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from .errors import Cancelled, GenerationError, SettingsError
-from .placement import PARTS, PartSizes, Placement, load_device, resolve_mode, stream_blocks
+from .placement import OFFLOADED, PARTS, PartSizes, Placement, load_device, resolve_mode, stream_blocks
 from .settings import SAMPLERS, Settings, check_pixel_budget
 from .sizes import fit_to_size, plan_size
 
@@ -179,6 +179,18 @@ class Engine:
         self.placement = Placement(memory, device, {part: getattr(pipeline, part) for part in PARTS})
         self.pipeline.set_progress_bar_config(disable=True)
         self.text = text or TextEncoder(pipeline.tokenizer, pipeline.text_encoder, device)
+        self._compiled_transformer = None  # made on the first call with compile=True
+
+    def denoiser(self, compile: bool):
+        """The transformer, or its torch.compile wrapper (built once, then reused for every size)."""
+        if not compile:
+            return self.pipeline.transformer
+        if self._compiled_transformer is None:
+            from .compiling import CompiledDenoiser
+
+            resident = "transformer" not in OFFLOADED[self.memory]
+            self._compiled_transformer = CompiledDenoiser(self.pipeline.transformer, self.device, resident)
+        return self._compiled_transformer
 
     @property
     def text_encoder_calls(self) -> int:
@@ -243,6 +255,9 @@ class Engine:
             raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
                                  f"prompt(s) and {len(seeds)} seed list(s)"])
         check_pixel_budget(settings.width, settings.height, sum(len(group) for group in seeds))
+        if settings.compile and self.memory == "sequential-offload":
+            raise SettingsError(["compile=True cannot be used with memory='sequential-offload' (its hooks stream "
+                                 "the weights block by block): use model-offload, text-offload or resident"])
         with _DeviceTurn(self.device, cancel), torch.inference_mode():
             return self._generate(prompts, settings, seeds, on_progress, cancel)
 
@@ -281,8 +296,8 @@ class Engine:
 
         total = len(scheduler.timesteps)
         with self.placement.using("transformer"):
-            latents = self._denoise(latents, embeds, mask, scheduler, step_kwargs, s.guidance_scale if guided else None,
-                                    learned_sigma, on_progress, cancel)
+            latents = self._denoise(self.denoiser(s.compile), latents, embeds, mask, scheduler, step_kwargs,
+                                    s.guidance_scale if guided else None, learned_sigma, on_progress, cancel)
 
         if not torch.isfinite(latents).all():
             raise GenerationError(
@@ -298,9 +313,8 @@ class Engine:
             start += len(group)
         return outputs
 
-    def _denoise(self, latents, embeds, mask, scheduler, step_kwargs, guidance: Optional[float], learned_sigma: bool,
-                 on_progress, cancel):
-        transformer = self.pipeline.transformer
+    def _denoise(self, transformer, latents, embeds, mask, scheduler, step_kwargs, guidance: Optional[float],
+                 learned_sigma: bool, on_progress, cancel):
         conditions = {"resolution": None, "aspect_ratio": None}
         guided = guidance is not None
         timesteps = scheduler.timesteps

@@ -80,12 +80,18 @@ class PixArtSigmaModel:
         self.engine  # load (or find warm) now, not at the first generate
 
     @classmethod
-    def from_pipeline(cls, pipeline, **kwargs: Any) -> "PixArtSigmaModel":
+    def from_pipeline(cls, pipeline, memory: str = "resident", **kwargs: Any) -> "PixArtSigmaModel":
         """Wrap a diffusers `PixArtSigmaPipeline` you already have (your quantization, your compile, your device).
 
-        The pipeline is used as it is: not moved, not cast, not cached. `kwargs` are the per-call settings
-        (model_name, device and dtype come from the pipeline).
+        The pipeline is used as it is: not cast, not cached, and not moved unless `memory` names an offload
+        mode (then its parts wait on the CPU between uses; sequential-offload adds diffusers' offloading
+        hooks to them). `kwargs` are the per-call settings (model_name, device and dtype come from the
+        pipeline: the device is where its transformer is now).
         """
+        mode = parse_settings({"memory": memory}).memory
+        if mode == "auto":
+            raise SettingsError(["memory='auto' is not valid with from_pipeline: name the mode (resident keeps the "
+                                 "pipeline as it is)"])
         given = sorted(set(kwargs) & set(LOAD_SETTINGS))
         if given:
             raise SettingsError([f"{', '.join(given)} cannot be given with from_pipeline: they come from the pipeline"])
@@ -97,11 +103,15 @@ class PixArtSigmaModel:
         settings = parse_settings(kwargs)
         values = settings.model_dump()
         transformer = pipeline.transformer
-        engine = Engine(pipeline, transformer.device, transformer.dtype, move=False)
+        for part in (pipeline.transformer, pipeline.text_encoder, pipeline.vae):
+            part.eval()  # a module built in code starts in training mode: T5's dropout would make images random
+        engine = Engine(pipeline, transformer.device, transformer.dtype, move=False, memory=mode)
+        if mode != "resident":
+            engine.placement.settle()
         name = str(getattr(pipeline, "name_or_path", "") or getattr(transformer.config, "_name_or_path", "")
                    or "from_pipeline")
         _fill_size(values, engine.native_size)
-        values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype),
+        values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype), memory=mode,
                       checkpoint=Checkpoint(name, name, None, engine.native_size), torch_device=engine.device,
                       torch_dtype=engine.dtype, text_encoder_dtype=pipeline.text_encoder.dtype)
         model = cls.__new__(cls)

@@ -91,6 +91,14 @@ class Placement:
     def __init__(self, mode: str, device: torch.device, parts: dict[str, torch.nn.Module]):
         self.mode, self.device, self.parts = mode, device, parts
 
+    def settle(self) -> None:
+        """Put each part where this mode keeps it between uses (for a pipeline the user hands over)."""
+        for name, module in self.parts.items():
+            if self.mode == "sequential-offload":
+                stream_blocks(module.to(OFFLOAD_DEVICE), self.device)
+            else:
+                module.to(load_device(self.mode, name, self.device))
+
     @contextmanager
     def using(self, part: str) -> Iterator[torch.nn.Module]:
         """The part on the device while the block runs; back off it afterwards if this mode offloads it."""
