@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[server]"
 	touch $(STAMP)
 
-# DashAI for the plugin tests: the real package without its (huge) dependency tree; pip then
-# reports dashai's other requirements as missing, which these tests do not need.
+# The ray extra for the Ray tests (about 750 MB, a minute). DashAI for the plugin tests: the real package
+# without its (huge) dependency tree; pip then reports dashai's other requirements as missing, which these
+# tests do not need.
 $(TEST_STAMP): $(STAMP) requirements-dashai-test.txt
 	test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
-	$(PY) -m pip install --quiet -e ".[server,test]"
+	$(PY) -m pip install --quiet -e ".[server,test,ray]"
 	$(PY) -m pip install --quiet --no-deps dashai==0.10.0
 	$(PY) -m pip install --quiet -r requirements-dashai-test.txt
 	touch $(TEST_STAMP)

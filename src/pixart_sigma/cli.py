@@ -151,8 +151,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from . import check_output_dir, save_image
     from .batch import plan_batch, read_prompt_file
 
+    if not args.ray and (args.ray_address or args.workers):
+        raise _UsageError("--ray-address and --workers are for runs on Ray: add --ray")
     prompts = read_prompt_file(args.prompts_file)  # every line is checked before the first image
     output_dir = check_output_dir(args.output_dir)
+    if args.ray:
+        return _batch_on_ray(args, prompts, output_dir)
     model = _load(_given_settings(args), args.quiet)
     items = plan_batch(prompts, model.settings)
     done = skipped = 0
@@ -175,6 +179,43 @@ def cmd_batch(args: argparse.Namespace) -> int:
         done += 1
     print(f"{done} prompt(s) generated, {skipped} already done, images in {output_dir}", file=sys.stderr)
     return 0
+
+
+def _batch_on_ray(args: argparse.Namespace, prompts: list[tuple[int, str]], output_dir: Path) -> int:
+    """The same batch on Ray: every input checked and every name and seed fixed here, before Ray starts."""
+    try:
+        import ray
+
+        from .integrations.ray import batch as on_ray
+        from .settings import DEFAULT_MODEL
+    except ImportError as exc:
+        raise _UsageError(f"--ray needs the ray extra: pip install \"pixart-sigma[ray]\" ({exc})") from None
+    _quiet_libraries()
+    settings = _given_settings(args)
+    lines = [line for line, _ in prompts]
+    checked = on_ray.check_rows([prompt for _, prompt in prompts], settings, numbers=lines)
+    plan = on_ray.plan(checked, settings, output_dir, lines=lines)
+    skipped = sum(1 for unit in plan.work if not unit.missing)
+    if not args.quiet and skipped < len(plan.work):
+        print(f"on Ray ({args.ray_address or 'a local Ray for this run'}): {len(plan.work) - skipped} prompt(s) "
+              f"of {settings.get('model_name', DEFAULT_MODEL)}", file=sys.stderr, flush=True)
+    try:
+        on_ray.run(plan, workers=args.workers, address=args.ray_address, progress=not args.quiet,
+                   on_image=lambda row, index, path: print(path, flush=True))
+    except ray.exceptions.RayError as exc:  # the library's own refusals come back as themselves, not as these
+        print(f"error: the run on Ray failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); what was "
+              "written stays, and the same command makes the rest", file=sys.stderr)
+        return 1
+    print(f"{len(plan.work) - skipped} prompt(s) generated, {skipped} already done, images in {output_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid: it must be a whole number from 1")
+    return value
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -251,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("prompts_file", metavar="PROMPTS.txt")
     batch.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="folder for the PNG files (default: outputs)")
     batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ray_flags = batch.add_argument_group("on Ray (the ray extra: pip install \"pixart-sigma[ray]\")")
+    ray_flags.add_argument("--ray", action="store_true",
+                           help="run the batch on Ray: the same files (names, and for a fixed seed, pixels), made by "
+                                "workers that each keep a warm model; images come back to this machine to be written")
+    ray_flags.add_argument("--ray-address", metavar="ADDR",
+                           help="the cluster to use (e.g. ray://head:10001, or auto); default: a local Ray for the run")
+    ray_flags.add_argument("--workers", type=_count, metavar="N",
+                           help="workers, each with its own model (default: one per GPU of the cluster, else as many "
+                                "as its CPUs hold at this machine's thread count)")
     _add_setting_flags(batch)
     batch.set_defaults(handler=cmd_batch)
 

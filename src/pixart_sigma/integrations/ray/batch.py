@@ -1,0 +1,376 @@
+"""Batch generation on Ray Data: the local batch's output (same names, same pixels), over many workers.
+
+The driver does everything that decides the output: it reads and checks every prompt and setting,
+names each prompt's images as the local batch does (`plan_batch`), leaves out what an earlier run
+finished, and draws the random seeds (so a batch Ray runs again after a worker died makes the same
+images). Workers only generate: one Ray actor per worker keeps one warm model and answers each
+prompt with PNG bytes that carry the image's settings. The driver writes those bytes atomically,
+never over an existing file, so a cluster needs no shared file system, and an image that arrives
+twice (Ray retries a failed batch whole) is written once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from ... import PixArtSigmaError, PixArtSigmaModel, SettingsError, check_output_dir
+from ...batch import BatchItem, plan_batch
+from ...images import image_bytes, save_bytes
+from ...model import RANDOM_SEED_RANGE
+from ...settings import LOAD_SETTINGS, Settings, check_text, shown
+
+log = logging.getLogger(__name__)
+MAX_PROBLEMS = 20  # problems listed at once, as the prompt file's check does
+TASK_RETRIES = 3  # times one prompt is tried again after its worker died; then the run stops
+GPU_DEVICES = ("auto", "gpu", "cuda", "cuda:0")  # on Ray a worker sees only the one GPU it was given
+
+
+@dataclass
+class Work:
+    """One row of the input: its prompt and settings, and what is still to be made of it."""
+
+    row: int
+    label: str  # how messages name it: "row 3", or a prompt file's "line 7"
+    prompt: str
+    overrides: dict[str, Any]  # per-row settings, checked
+    item: Optional[BatchItem] = None  # the local batch's names, when writing to a folder
+    missing: list[int] = field(default_factory=list)
+    seed: Optional[int] = None  # first seed: given, drawn here, or the one an earlier run drew
+
+
+@dataclass
+class Plan:
+    work: list[Work]
+    settings: dict[str, Any]  # the run's settings, as given (each worker validates and resolves them itself)
+    output_dir: Optional[Path]
+
+
+# -- checking and planning, before Ray starts ------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """A Dataset's numpy scalar as the Python value the library's checks expect."""
+    return value.item() if hasattr(value, "item") and getattr(value, "shape", None) == () else value
+
+
+def _row_values(row: Any, number: int) -> tuple[Any, dict[str, Any], list[str]]:
+    """(prompt, per-row settings, problems) of one input row: a prompt, or a mapping with "prompt" and settings."""
+    if isinstance(row, str):
+        return row, {}, []
+    if not isinstance(row, dict):
+        return None, {}, [f"row {number}: {shown(row)} is not valid: give a prompt, or a mapping with \"prompt\" "
+                          "and settings"]
+    values = {key: _plain(value) for key, value in row.items() if _plain(value) is not None}  # None: not set
+    problems = []
+    if "prompt" not in values:
+        problems.append(f"row {number}: prompt is missing: every row needs one")
+    run_wide = sorted(set(values) & set(LOAD_SETTINGS))
+    problems += [f"row {number}: {name} is the same for the whole run (each worker keeps one model): pass it "
+                 f"once, e.g. {name}=..." for name in run_wide]
+    unknown = sorted(set(values) - set(Settings.field_names()) - {"prompt"})
+    if unknown:
+        problems.append(f"row {number}: {', '.join(map(str, unknown))} {'is' if len(unknown) == 1 else 'are'} not a "
+                        f"setting: per-row settings are {', '.join(Settings.per_call_names())}")
+    overrides = {key: value for key, value in values.items() if key in Settings.per_call_names()}
+    return values.get("prompt"), overrides, problems
+
+
+def check_rows(rows: Iterable[Any], settings: dict[str, Any], numbers: Optional[Sequence[int]] = None
+               ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(prompt, per-row settings, validated settings) for every row, or one SettingsError naming each bad row.
+
+    The run's settings are checked once, each distinct per-row combination once, by the library's rules.
+    `numbers` are how the rows are called in messages (a prompt file's line numbers); default 0, 1, ...
+    """
+    rows = list(rows)
+    numbers = list(numbers) if numbers is not None else list(range(len(rows)))
+    # The run's own settings first: a problem there is said once, not once a row.
+    checked: dict[str, Any] = {"{}": PixArtSigmaModel.validate_and_transform(settings)}
+    out, problems = [], []
+    for number, row in zip(numbers, rows):
+        prompt, overrides, row_problems = _row_values(row, number)
+        if prompt is not None:
+            try:
+                prompt = check_text("prompt", prompt, required=True)
+            except SettingsError as exc:
+                row_problems += [f"row {number}: {problem}" for problem in exc.problems]
+        key = json.dumps(overrides, sort_keys=True, default=repr)
+        if key not in checked:
+            try:
+                checked[key] = PixArtSigmaModel.validate_and_transform({**settings, **overrides})
+            except SettingsError as exc:
+                checked[key] = exc
+        if isinstance(checked[key], SettingsError):
+            row_problems += [f"row {number}: {problem}" for problem in checked[key].problems]
+        problems += row_problems
+        if not row_problems:
+            out.append((prompt, overrides, checked[key]))
+    if problems:
+        more = [f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else []
+        raise SettingsError(problems[:MAX_PROBLEMS] + more)
+    return out
+
+
+def plan(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], settings: dict[str, Any],
+         output_dir: Optional[Path], lines: Optional[Sequence[int]] = None) -> Plan:
+    """Name every row's images as the local batch does, leave out what is done, and fix every seed now."""
+    labels = [f"line {line}" for line in lines] if lines is not None else [f"row {row}" for row in range(len(rows))]
+    lines = list(lines) if lines is not None else list(range(len(rows)))
+    work = [Work(row, labels[row], prompt, overrides) for row, (prompt, overrides, _) in enumerate(rows)]
+    groups: dict[str, list[int]] = {}  # rows with the same settings are one local batch: names as plan_batch gives
+    for index, (_, overrides, _) in enumerate(rows):
+        groups.setdefault(json.dumps(overrides, sort_keys=True, default=repr), []).append(index)
+    for members in groups.values():
+        values = rows[members[0]][2]
+        items = plan_batch([(lines[i], rows[i][0]) for i in members], values)
+        for index, item in zip(members, items):
+            unit = work[index]
+            unit.item = item
+            unit.missing = item.missing(output_dir) if output_dir is not None else list(range(len(item.names)))
+            unit.seed = values["seed"]
+            if unit.seed == -1 and unit.missing:
+                if output_dir is not None and len(unit.missing) < len(item.names):
+                    unit.seed = item.earlier_seed(output_dir)  # complete the batch an earlier run drew
+                if unit.seed in (-1, None):
+                    unit.seed = secrets.randbelow(RANDOM_SEED_RANGE)  # drawn once: a retried batch makes the same images
+    return Plan(work, settings, output_dir)
+
+
+# -- the workers --------------------------------------------------------------------------------------
+
+class Worker:
+    """One Ray actor of the pool: a warm model, and PNG bytes (settings inside) for each prompt it is given.
+
+    What the library refuses (a checkpoint missing on this node, a NaN image) comes back to the driver
+    as a row naming the error, not as a crash: Ray would only try it again, and hide the message.
+    """
+
+    def __init__(self, settings: dict[str, Any], threads: Optional[int]):
+        import torch
+
+        if threads:  # on the CPU the thread count changes float rounding: the driver says how many, for its pixels
+            torch.set_num_threads(threads)
+        _quiet_libraries()
+        self.model: Optional[PixArtSigmaModel] = None
+        self.refused: Optional[PixArtSigmaError] = None
+        try:
+            self.model = PixArtSigmaModel(**settings)
+        except PixArtSigmaError as exc:  # said at the first prompt
+            self.refused = exc
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"row": [], "image": [], "png": [], "error": []}
+        for row, prompt, overrides, seed, missing in zip(batch["row"], batch["prompt"], batch["overrides"],
+                                                         batch["seed"], batch["missing"]):
+            try:
+                if self.refused is not None:
+                    raise self.refused
+                images = self.model.generate(str(prompt), **{**json.loads(overrides), "seed": int(seed)})
+            except PixArtSigmaError as exc:
+                problems = getattr(exc, "problems", None) or [str(exc)]
+                error = json.dumps({"kind": type(exc).__name__, "problems": problems})
+                _add(out, int(row), -1, error=error)
+                continue
+            for index in json.loads(missing):
+                _add(out, int(row), index, png=image_bytes(images[index]))
+        return out
+
+
+def _add(out: dict[str, list], row: int, image: int, png: bytes = b"", error: str = "") -> None:
+    for key, value in (("row", row), ("image", image), ("png", png), ("error", error)):
+        out[key].append(value)
+
+
+def _raised(error: str, unit: Work) -> PixArtSigmaError:
+    """A worker's refusal, again as the library's error, naming the prompt."""
+    from ... import errors
+
+    data = json.loads(error)
+    where = f"{unit.label} ({shown(unit.prompt, 60)}), on a Ray worker"
+    if data["kind"] == "SettingsError":
+        return SettingsError([f"{where}: {problem}" for problem in data["problems"]])
+    kind = getattr(errors, data["kind"], None)
+    if not (isinstance(kind, type) and issubclass(kind, PixArtSigmaError)):
+        kind = PixArtSigmaError
+    return kind(f"{where}: " + "\n".join(data["problems"]))
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        library.utils.logging.set_verbosity_error()
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+QUIET = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
+
+
+def start_local_ray(cpus: int, **options: Any) -> None:
+    """A Ray on this machine's loopback alone, without its dashboard; `options` go to `ray.init`."""
+    import ray
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=cpus, **{**QUIET, **options})
+
+
+@dataclass
+class Session:
+    """The Ray this run uses: one already started in this process, a local one, or a cluster's."""
+
+    started: bool  # ours to shut down at the end
+
+    @classmethod
+    def open(cls, address: Optional[str], cpus: int) -> "Session":
+        import ray
+
+        if ray.is_initialized():
+            return cls(started=False)
+        if address:
+            ray.init(address=address, **QUIET)
+        else:
+            start_local_ray(cpus)
+        return cls(started=True)
+
+    def close(self) -> None:
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+
+def _placement(settings: dict[str, Any], workers: Optional[int], threads: int) -> tuple[int, dict[str, Any], Optional[int]]:
+    """(workers, the actors' resources, CPU threads per worker) for the cluster Ray is connected to."""
+    import ray
+
+    resources = ray.cluster_resources()
+    device = str(settings.get("device", "auto")).strip().lower()
+    if resources.get("GPU", 0) >= 1 and device != "cpu":
+        if device not in GPU_DEVICES:
+            raise SettingsError([f"device={settings['device']!r} cannot be used on Ray: each worker is given one GPU of "
+                                 f"its own; use device auto, gpu or cuda (or cpu)"])
+        count = workers or int(resources["GPU"])
+        return count, {"num_gpus": 1, "num_cpus": 1}, None
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    threads = max(1, min(threads, int(max(nodes, default=threads))))  # a worker must fit on one node
+    count = workers or max(1, int(resources.get("CPU", threads) // threads))
+    return count, {"num_cpus": threads}, threads
+
+
+def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = None, progress: bool = True,
+        on_image: Optional[Callable[[int, int, Union[Path, Any]], None]] = None) -> dict[tuple[int, int], Any]:
+    """Generate what `plan_` still needs on Ray; {(row, image index): Path written, or PIL image}.
+
+    `workers`: actors, each with a warm model (default: one per GPU, else as many as the CPUs hold);
+    `address`: a cluster's (default: a local Ray started for the run, unless this process has one).
+    """
+    import torch
+
+    todo = [unit for unit in plan_.work if unit.missing]
+    results: dict[tuple[int, int], Any] = {}
+    if not todo:
+        return results
+    threads = torch.get_num_threads()  # what a local run in this process uses
+    session = Session.open(address, cpus=max(os.cpu_count() or 1, (workers or 1) * threads))
+    try:
+        import ray
+
+        count, resources, worker_threads = _placement(plan_.settings, workers, threads)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        rows = [{"row": unit.row, "prompt": unit.prompt, "overrides": json.dumps(unit.overrides), "seed": unit.seed,
+                 "missing": json.dumps(unit.missing)} for unit in todo]
+        with warnings.catch_warnings():
+            # max_task_retries has no named parameter in Ray 2.60 (the extra pins it): without it a prompt that
+            # kills its worker each time would be retried for ever.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                Worker, fn_constructor_kwargs={"settings": plan_.settings, "threads": worker_threads},
+                compute=ray.data.ActorPoolStrategy(size=min(count, len(rows))), batch_size=1, batch_format="numpy",
+                max_task_retries=TASK_RETRIES, **resources)
+        _collect(dataset, todo, plan_.output_dir, results, progress, on_image)
+    finally:
+        session.close()
+    return results
+
+
+def _collect(dataset, todo: list[Work], output_dir: Optional[Path], results: dict, progress: bool,
+             on_image: Optional[Callable]) -> None:
+    """Write (or keep) each image as it arrives, once; a bar over the prompts on the driver."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    by_row = {unit.row: unit for unit in todo}
+    left = {unit.row: len(unit.missing) for unit in todo}
+    with tqdm(total=len(todo), desc="prompts", unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for record in dataset.iter_rows():
+            row, index = int(record["row"]), int(record["image"])
+            if record["error"]:
+                raise _raised(record["error"], by_row[row])
+            if (row, index) in results or index not in by_row[row].missing:
+                continue  # sent again by a retried batch: the same image, already taken
+            data = bytes(record["png"])
+            if output_dir is None:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                results[row, index] = image
+            else:
+                path = output_dir / by_row[row].item.names[index]
+                try:
+                    results[row, index] = save_bytes(data, path, overwrite=False)
+                except FileExistsError:  # another run wrote it meanwhile: keep theirs
+                    results[row, index] = path
+            if on_image is not None:
+                on_image(row, index, results[row, index])
+            left[row] -= 1
+            if left[row] == 0:
+                bar.update(1)
+
+
+# -- the Python entry -------------------------------------------------------------------------------
+
+def generate(prompts: Any, output_dir: Union[str, os.PathLike, None] = None, *, workers: Optional[int] = None,
+             address: Optional[str] = None, progress: bool = True, **settings: Any) -> list[list[Any]]:
+    """Generate for many prompts on Ray; for each prompt (in order), its images, or their files in `output_dir`.
+
+    `prompts`: a list of prompts, of mappings (`{"prompt": ..., "seed": 7, ...}`: per-row settings), or
+    a Ray Dataset with a "prompt" column and optional columns named as settings (null: not set). Every
+    row is checked by the library's rules before any worker starts; errors name the row.
+    `settings`: for the whole run (model_name, device, dtype and the defaults of the rest).
+    `output_dir`: write the files as `pixart-sigma batch` names them, skip what is there already
+    (resumable), return their paths; without it the images come back as PIL images.
+    `workers`, `address`: as for `run`.
+    """
+    rows = _input_rows(prompts)
+    checked = check_rows(rows, settings)
+    folder = check_output_dir(output_dir) if output_dir is not None else None
+    plan_ = plan(checked, settings, folder)
+    made = run(plan_, workers=workers, address=address, progress=progress)
+    return [[made.get((unit.row, index), folder / name if folder is not None else None)
+             for index, name in enumerate(unit.item.names)] for unit in plan_.work]
+
+
+def _input_rows(prompts: Any) -> list[Any]:
+    if isinstance(prompts, (str, bytes)):
+        raise SettingsError([f"prompts={shown(prompts)} is not valid: pass a list of prompts (or a Ray Dataset)"])
+    if hasattr(prompts, "take_all") and hasattr(prompts, "map_batches"):  # a Ray Dataset: its rows, in its order
+        return prompts.take_all()
+    try:
+        rows = list(prompts)
+    except TypeError:
+        raise SettingsError([f"prompts={shown(prompts)} is not valid: pass a list of prompts (or a Ray Dataset)"]) from None
+    if not rows:
+        raise SettingsError(["prompts is empty: pass at least one prompt"])
+    return rows

@@ -1,0 +1,334 @@
+"""Ray Serve: `serve run pixart_sigma.integrations.ray:app model_name=demo [replicas=N | min_replicas=A max_replicas=B] ...`
+
+Two deployments:
+- `Generator`: the replicas, each with one warm model, one generation at a time
+  (`max_ongoing_requests=1`: GPU work is serial), behind a bounded queue (`max_queued_requests`).
+  `check_health` proves the model can still generate (a tiny generation when it is idle), so Serve
+  replaces a replica whose device has failed.
+- `Gateway`: the HTTP routes, the synchronous ones of `pixart-sigma serve` that apply here:
+  `POST /v1/images/generations` (OpenAI's Images API, the same translation and messages),
+  `GET /v1/schema`, `GET /healthz`. Every request is checked by the library's rules here, so bad
+  input never reaches a replica; a random seed is drawn here too. It calls the replicas through a
+  handle, so a full queue surfaces as `BackPressureError` and is answered with 429 and Retry-After
+  in OpenAI's error shape (Serve's own answer would be a bare 503); a replica that dies mid-request
+  is a 503 with Retry-After, which OpenAI's client retries by itself.
+
+Images come back as `b64_json`: nothing is stored, so there is no URL to give (`response_format=url`
+is refused with a message saying so).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) as objects.
+import asyncio
+import base64
+import math
+import secrets
+import threading
+import time
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from ... import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, __version__, read_settings
+from ...images import image_bytes
+from ...model import RANDOM_SEED_RANGE
+from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, Settings, check_text, parse_settings, shown
+from ...server.app import MAX_BODY_BYTES, BadRequest, BodyLimit, error_response, read_json, request_schema
+from ...server.compat import openai_content, openai_refusal, translate_openai
+from ...server.service import validate_request
+
+IMPORT_PATH = "pixart_sigma.integrations.ray:app"
+PROBE = {"num_inference_steps": 1, "width": 64, "height": 64, "num_images_per_prompt": 1, "seed": 0}
+PROBE_EVERY_SECONDS = 60.0  # an idle replica proves itself at most this often; a failure makes it prove itself at once
+FIRST_RETRY_AFTER = 5  # seconds, before any generation has been timed
+
+
+# -- the replicas ------------------------------------------------------------------------------------
+
+class Generator:
+    """One replica: one warm model, one generation at a time (Serve sends one request at a time)."""
+
+    def __init__(self, load: dict[str, Any], threads: Optional[int] = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from .batch import _quiet_libraries
+
+        _quiet_libraries()
+        self.model = PixArtSigmaModel(**load)
+        self.model.generate("warm-up", **PROBE)  # kernels chosen, caches filled: the first request is not slower
+        self._busy = threading.Lock()
+        self._proven = time.monotonic()
+        self._failed: Optional[str] = None  # the last unexpected failure, until a probe succeeds
+
+    async def generate(self, prompt: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """PNG bytes (settings inside) and seeds of `prompt`'s images; `settings` were checked by the gateway."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate, prompt, settings, cancel)
+        except asyncio.CancelledError:  # the client went away: stop at the next step
+            cancel.set()
+            raise
+
+    def _generate(self, prompt: str, settings: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        with self._busy:
+            started = time.monotonic()
+            try:
+                images = self.model.generate(prompt, cancel=cancel, **settings)
+            except (SettingsError, Cancelled):
+                raise
+            except Exception as exc:
+                self._failed = f"{type(exc).__name__}: {exc}"[:500]
+                raise
+            self._proven, self._failed = time.monotonic(), None
+            return {"images": [image_bytes(image) for image in images],
+                    "seeds": [read_settings(image)["seed"] for image in images],
+                    "seconds": time.monotonic() - started}
+
+    async def check_health(self) -> None:
+        """Raise when the model cannot generate: Serve then replaces this replica."""
+        if self._failed is None and time.monotonic() - self._proven < PROBE_EVERY_SECONDS:
+            return
+        await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return  # generating right now: the request in progress proves or disproves it
+        try:
+            self.model.generate("health check", **PROBE)
+        except Exception as exc:
+            self._failed = f"{type(exc).__name__}: {exc}"[:500]
+            raise RuntimeError(f"the model cannot generate: {self._failed}") from None
+        finally:
+            self._busy.release()
+        self._proven, self._failed = time.monotonic(), None
+
+
+# -- the gateway -------------------------------------------------------------------------------------
+
+class Checker:
+    """What the gateway knows of the served model: its settings and the library's checks, without weights."""
+
+    def __init__(self, load: dict[str, Any]):
+        self.load = {"model_name": load["model_name"]}
+        # On this machine's CPU: only the checkpoint's native size matters here, the replicas resolve the device.
+        self.settings = PixArtSigmaModel.validate_and_transform({**self.load, "device": "cpu"})
+
+    def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
+        """The checked prompt and per-call settings, as `PixArtSigmaModel.validate_call` gives them."""
+        problems: list[str] = []
+        values = None
+        try:
+            prompt = check_text("prompt", prompt, required=True)
+        except SettingsError as exc:
+            problems += exc.problems
+        try:
+            values = PixArtSigmaModel.validate_and_transform({**overrides, **self.load, "device": "cpu"})
+        except SettingsError as exc:
+            problems += exc.problems
+        if problems:
+            raise SettingsError(problems)
+        return prompt, {name: values[name] for name in Settings.per_call_names()}
+
+
+class Catalog:
+    """The served model for the OpenAI translation (server.compat's `Served`)."""
+
+    def __init__(self, load: dict[str, Any]):
+        self.default_model = load["model_name"]
+        self.models = {self.default_model: Checker(load)}
+
+    def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
+        return validate_request(self.models, self.default_model, body, set_by=f"serve run {IMPORT_PATH} {{name}}=...")
+
+
+api = FastAPI(title="pixart-sigma on Ray Serve", version=__version__,
+              description="PixArt-Sigma text-to-image generation on Ray Serve: OpenAI's Images API.")
+api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest):
+    return error_response(400, str(exc), code="invalid_json")
+
+
+@api.exception_handler(404)
+async def _missing(request: Request, exc):
+    return error_response(404, f"no route {request.url.path[:100]}: this deployment serves POST "
+                          "/v1/images/generations, GET /v1/schema and GET /healthz", code="not_found")
+
+
+@api.exception_handler(405)
+async def _method(request: Request, exc):
+    return error_response(405, f"{request.method} is not allowed on {request.url.path[:100]}", code="method_not_allowed")
+
+
+@serve.ingress(api)
+class Gateway:
+    """The HTTP routes; every request checked here, then generated by a `Generator` replica."""
+
+    def __init__(self, generator, load: dict[str, Any], replicas: int, request_timeout_s: float):
+        self.generator = generator
+        self.catalog = Catalog(load)
+        self.replicas = replicas
+        self.timeout = request_timeout_s
+        self.seconds: Optional[float] = None  # a running average of one generation, for Retry-After
+
+    def retry_after(self, waiting: int = 1) -> int:
+        each = self.seconds if self.seconds is not None else FIRST_RETRY_AFTER
+        return max(1, math.ceil(each * max(1, waiting) / max(1, self.replicas)))
+
+    @api.post("/v1/images/generations", summary="OpenAI's Images API: make images and answer with them")
+    async def images(self, request: Request):
+        raw = await read_json(request)
+        refusal, body, rename, answer = translate_openai(raw, self.catalog)
+        if refusal is not None:
+            return refusal
+        if raw.get("response_format") == "url":
+            return error_response(400, "response_format='url' is not available here: this deployment keeps no "
+                                  "images to link to; ask for 'b64_json' (the default here)",
+                                  param="response_format", code="invalid_settings")
+        try:
+            model_name, prompt, settings = self.catalog.validate(body)
+        except SettingsError as exc:
+            return openai_refusal(exc, rename)
+        if settings["seed"] == -1:  # drawn here, so a retried request makes the same images
+            settings["seed"] = secrets.randbelow(RANDOM_SEED_RANGE)
+        try:
+            result = await asyncio.wait_for(self.generator.generate.remote(prompt, settings), self.timeout)
+        except BackPressureError as exc:
+            waiting = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 1
+            return error_response(429, f"the queue is full ({shown(waiting)} requests waiting for "
+                                  f"{self.replicas} replica(s)); retry later", kind="rate_limit_error",
+                                  code="queue_full", headers={"Retry-After": str(self.retry_after(waiting))})
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+            return error_response(503, "the replica making these images stopped before it finished "
+                                  f"({type(exc).__name__}); Serve is replacing it: retry", kind="server_error",
+                                  code="replica_died", headers={"Retry-After": str(self.retry_after())})
+        except asyncio.TimeoutError:
+            return error_response(504, f"no answer in {self.timeout:g} s: the request was cancelled; retry, or ask "
+                                  "for fewer or smaller images", kind="server_error", code="timeout",
+                                  headers={"x-should-retry": "false"})
+        except PixArtSigmaError as exc:  # raised by the model (Serve re-raises it here as the same class)
+            return error_response(500, f"generation failed: {str(exc).splitlines()[0][:500]}", kind="server_error",
+                                  code="generation_failed", headers={"x-should-retry": "false"})
+        self.seconds = result["seconds"] if self.seconds is None else 0.8 * self.seconds + 0.2 * result["seconds"]
+        items = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result["images"]]
+        return JSONResponse(openai_content(time.time(), items, prompt, result["seeds"], settings["width"],
+                                           settings["height"], model_name))
+
+    @api.get("/v1/schema", summary="The settings' JSON Schema, as this deployment accepts them")
+    async def schema(self):
+        return request_schema(list(self.catalog.models))
+
+    @api.get("/healthz", summary="Alive")
+    async def healthz(self):
+        return {"status": "ok"}
+
+
+# -- the application builder --------------------------------------------------------------------------
+
+ARGUMENTS = {
+    **{name: f"the {name} setting of every replica's model (see `pixart-sigma schema`)" for name in LOAD_SETTINGS},
+    "replicas": "a fixed number of replicas (default 1); or autoscale with min_replicas and max_replicas",
+    "min_replicas": "autoscaling: the fewest replicas (0 lets the deployment scale to zero)",
+    "max_replicas": "autoscaling: the most replicas",
+    "target_ongoing_requests": "autoscaling: requests per replica (running and queued) it aims for (default 2)",
+    "max_queued_requests": "requests that may wait for a replica before the next is answered 429 (default 8)",
+    "num_gpus": "GPUs per replica (default 1 when the device is a GPU, or auto on a machine with one; else 0)",
+    "num_cpus": "CPUs per replica, and its torch threads on the CPU (default 1)",
+    "request_timeout_s": "seconds a request may take, queue included, before it is cancelled (default 300)",
+    "health_check_period_s": "seconds between Serve's health checks of each replica (default 10)",
+}
+
+
+def _number(args: dict[str, Any], name: str, kind: type, low: float, high: float, default: Any,
+            problems: list[str]) -> Any:
+    value = args.get(name, default)
+    if value is None:
+        return None
+    try:
+        number = kind(value) if not isinstance(value, bool) else None
+        if number is None or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        if kind is float and not math.isfinite(number):
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"{name}={shown(value)} is not valid: it must be {'a whole number' if kind is int else 'a number'}"
+                        f" from {low:g} to {high:g}")
+        return default
+    if not low <= number <= high:
+        problems.append(f"{name}={shown(value)} is not valid: it must be from {low:g} to {high:g}")
+        return default
+    return number
+
+
+def options(args: dict[str, Any]) -> dict[str, Any]:
+    """The builder's arguments, checked: every problem in one ValueError that names the argument and its rule."""
+    if not isinstance(args, dict):
+        raise ValueError(f"the application's arguments must be a mapping of name to value, not {type(args).__name__}")
+    problems: list[str] = []
+    unknown = sorted(set(args) - set(ARGUMENTS))
+    if unknown:
+        problems.append(f"{', '.join(map(str, unknown))}: not an argument of {IMPORT_PATH}; the arguments are:\n"
+                        + "\n".join(f"    {name}: {text}" for name, text in ARGUMENTS.items()))
+    load = {name: args[name] for name in LOAD_SETTINGS if name in args}
+    load.setdefault("model_name", DEFAULT_MODEL)
+    # The syntax of every setting here (each replica resolves device and dtype where it runs), and the
+    # checkpoint, without reading weights.
+    for check in (parse_settings, Checker):
+        try:
+            check(load)
+        except SettingsError as exc:
+            problems += [problem for problem in exc.problems if problem not in problems]
+    autoscale = "min_replicas" in args or "max_replicas" in args
+    if autoscale and "replicas" in args:
+        problems.append("replicas and min_replicas/max_replicas exclude each other: give a fixed number of "
+                        "replicas, or autoscaling bounds")
+    replicas = _number(args, "replicas", int, 1, 1000, 1, problems)
+    low = _number(args, "min_replicas", int, 0, 1000, 1, problems)
+    high = _number(args, "max_replicas", int, 1, 1000, max(low or 1, 1), problems)
+    if autoscale and low is not None and high is not None and low > high:
+        problems.append(f"min_replicas={low} is more than max_replicas={high}")
+    device = str(load.get("device", "auto")).strip().lower()
+    gpu_default = 0 if device == "cpu" else 1 if device != "auto" else int(_has_cuda())
+    found = {
+        "load": load, "autoscale": autoscale, "replicas": replicas, "min_replicas": low, "max_replicas": high,
+        "target_ongoing_requests": _number(args, "target_ongoing_requests", float, 0.1, 1000, 2.0, problems),
+        "max_queued_requests": _number(args, "max_queued_requests", int, 1, 100_000, 8, problems),
+        "num_gpus": _number(args, "num_gpus", float, 0, 16, gpu_default, problems),
+        "num_cpus": _number(args, "num_cpus", float, 0, 1024, 1, problems),
+        "request_timeout_s": _number(args, "request_timeout_s", float, 1, 86_400, 300.0, problems),
+        "health_check_period_s": _number(args, "health_check_period_s", float, 1, 3600, 10.0, problems),
+    }
+    if problems:
+        raise ValueError(f"{IMPORT_PATH} cannot start:\n" + "\n".join(f"  - {problem}" for problem in problems))
+    return found
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def app(args: dict[str, Any]):
+    """The Serve application: `serve run pixart_sigma.integrations.ray:app model_name=demo replicas=2`."""
+    found = options(args)
+    scaling = ({"autoscaling_config": {"min_replicas": found["min_replicas"], "max_replicas": found["max_replicas"],
+                                       "target_ongoing_requests": found["target_ongoing_requests"]}}
+               if found["autoscale"] else {"num_replicas": found["replicas"]})
+    threads = max(1, int(found["num_cpus"])) if not found["num_gpus"] else None
+    generator = serve.deployment(Generator, name="Generator").options(
+        max_ongoing_requests=1, max_queued_requests=found["max_queued_requests"],
+        health_check_period_s=found["health_check_period_s"],
+        ray_actor_options={"num_gpus": found["num_gpus"], "num_cpus": found["num_cpus"]}, **scaling,
+    ).bind(found["load"], threads)
+    replicas = found["max_replicas"] if found["autoscale"] else found["replicas"]
+    return serve.deployment(Gateway, name="Gateway").options(
+        num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0},
+    ).bind(generator, found["load"], replicas, found["request_timeout_s"])

@@ -1,0 +1,324 @@
+"""Ray: the batch on Ray Data (same files as the local batch, resumable, a worker killed mid-run) and the
+Serve application (OpenAI route, overload, a replica killed under load), on one local Ray on 127.0.0.1.
+
+One Ray session serves the whole module (started as `pixart-sigma batch --ray` starts its own); the
+batch tests run before Serve takes its share of the CPUs. The demo model, a few steps, 64x64.
+"""
+
+import base64
+import concurrent.futures
+import io
+import re
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402  (accelerate's dependency)
+
+from pixart_sigma import PixArtSigmaModel, SettingsError, read_settings  # noqa: E402
+from pixart_sigma.cli import main  # noqa: E402
+from pixart_sigma.images import safe_stem  # noqa: E402
+from pixart_sigma.integrations.ray import batch as on_ray  # noqa: E402
+from serving import free_port, wait_until  # noqa: E402
+
+STEPS = "3"
+PROMPTS = ["a red circle on a blue background", "a large yellow triangle at the top",
+           "a small green square at the left", "a red circle on a blue background",  # twice: two batches
+           "a blue circle at the bottom"]
+SETTINGS = ["--model-name", "demo", "--num-inference-steps", STEPS, "--seed", "7", "--num-images-per-prompt", "2"]
+RAY_CPUS = 6  # logical: two batch workers at this process's thread count, then the Serve replica
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    on_ray.start_local_ray(RAY_CPUS)
+    yield
+    if _serve_started:
+        from ray import serve
+
+        serve.shutdown()
+    ray.shutdown()
+
+
+_serve_started = []
+
+
+def _batch(capsys, prompts_file, out, *flags):
+    code = main(["batch", str(prompts_file), "-o", str(out), "-q", *SETTINGS, *flags])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# a comment\n" + "\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_output(prompts_file, tmp_path_factory):
+    """The local batch's files: what every Ray run must give, byte for byte."""
+    out = tmp_path_factory.mktemp("local")
+    assert main(["batch", str(prompts_file), "-o", str(out), "-q", *SETTINGS]) == 0
+    return _files(out)
+
+
+# -- batch -------------------------------------------------------------------------------------------
+
+def test_ray_batch_writes_the_local_batchs_files_byte_for_byte(prompts_file, local_output, tmp_path, capsys):
+    code, out, err = _batch(capsys, prompts_file, tmp_path, "--ray", "--workers", "2")
+    assert code == 0, err
+    assert _files(tmp_path) == local_output  # names and bytes (pixels and settings) alike, two workers or one
+    assert len(local_output) == 2 * len(PROMPTS)
+    assert sorted(line.rsplit("/", 1)[-1] for line in out.split()) == sorted(local_output)
+    assert f"{len(PROMPTS)} prompt(s) generated, 0 already done" in err
+
+
+def test_ray_batch_resumes_and_completes_a_random_seeds_batch_with_its_seed(prompts_file, tmp_path, capsys):
+    random = [flag if flag != "7" else "-1" for flag in SETTINGS]
+    assert main(["batch", str(prompts_file), "-o", str(tmp_path), "-q", "--ray", "--workers", "1", *random]) == 0
+    first = _files(tmp_path)
+    names = sorted(first)
+    (tmp_path / names[1]).unlink()  # half of one prompt's batch ...
+    for name in names[2:4]:  # ... and the whole of another
+        (tmp_path / name).unlink()
+    capsys.readouterr()
+    assert main(["batch", str(prompts_file), "-o", str(tmp_path), "-q", "--ray", "--workers", "1", *random]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(line.rsplit("/", 1)[-1] for line in out.split()) == names[1:4]  # only what was missing
+    assert f"2 prompt(s) generated, {len(PROMPTS) - 2} already done" in err
+    again = _files(tmp_path)
+    assert again[names[1]] == first[names[1]]  # the earlier run's seed: the same image again
+    assert sorted(again) == names and not any(name.startswith(".partial") for name in os.listdir(tmp_path))
+    capsys.readouterr()
+    assert main(["batch", str(prompts_file), "-o", str(tmp_path), "-q", "--ray", *random]) == 0
+    assert f"0 prompt(s) generated, {len(PROMPTS)} already done" in capsys.readouterr().err  # Ray not even needed
+
+
+def _kill_a_worker_when(started, done: threading.Event, killed: list):
+    """SIGKILL one batch worker's process as soon as `started()` is true (mid-run), once."""
+    def worker_processes():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::MapWorker")]
+
+    while not done.is_set():
+        if started():
+            victims = worker_processes()
+            if victims:
+                victims[0].send_signal(signal.SIGKILL)
+                killed.append(victims[0].pid)
+                return
+        time.sleep(0.02)
+
+
+def test_a_batch_worker_killed_mid_run_loses_nothing_and_doubles_nothing(local_output, tmp_path):
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_when,
+                              args=(lambda: any(tmp_path.glob("*.png")), done, killed))
+    killer.start()
+    try:
+        paths = on_ray.generate(PROMPTS, tmp_path, workers=2, progress=False, model_name="demo",
+                                num_inference_steps=int(STEPS), seed=7, num_images_per_prompt=2)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed: the run ended before the first image was written"
+    assert _files(tmp_path) == local_output  # every image once, whole, with the undisturbed run's pixels
+    names = [[path.name for path in row] for row in paths]  # each prompt's files, in the input's order
+    assert sorted(sum(names, [])) == sorted(local_output) and names[0] != names[3]
+    assert all(row[0].startswith(safe_stem(prompt, 32)) for row, prompt in zip(names, PROMPTS))
+
+
+def test_python_entry_takes_a_dataset_with_per_row_settings_and_returns_images():
+    rows = [{"prompt": "a red circle on a blue background", "seed": 5, "guidance_scale": None},
+            {"prompt": "a large yellow triangle at the top", "seed": None, "guidance_scale": 2.0}]
+    images = on_ray.generate(ray.data.from_items(rows), workers=1, progress=False, model_name="demo",
+                             num_inference_steps=int(STEPS), seed=11)
+    model = PixArtSigmaModel(model_name="demo", num_inference_steps=int(STEPS), seed=11)
+    expected = [model.generate(rows[0]["prompt"], seed=5), model.generate(rows[1]["prompt"], guidance_scale=2.0)]
+    for got, want in zip(images, expected):
+        assert len(got) == len(want) == 1
+        assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        assert read_settings(got[0]) == read_settings(want[0])
+    assert [read_settings(row[0])["seed"] for row in images] == [5, 11]
+
+
+def test_a_workers_refusal_comes_back_as_the_librarys_error(prompts_file, tmp_path, capsys):
+    # The checkpoint passes the driver's check (no weights are read there) but is not on the worker's node.
+    code, _, err = _batch(capsys, prompts_file, tmp_path, "--ray", "--workers", "1", "--model-name",
+                          "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS")
+    assert code == 2, err
+    assert re.search(r"error: line [0-9]+ \(", err) and "on a Ray worker: model_name='PixArt-alpha/PixArt-Sigma-XL-2-2K-MS' needs " \
+        "weights" in err and "hf download" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_ray_start(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was asked to start before the input was checked")
+
+    monkeypatch.setattr(on_ray.Session, "open", classmethod(refuse))
+
+
+def test_bad_input_is_refused_before_ray_starts(no_ray_start, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nbad \x07 bell\n", encoding="utf-8")
+    code, _, err = _batch(capsys, prompts, tmp_path / "out", "--ray")
+    assert code == 2 and f"{prompts}:2: prompt contains the control character U+0007" in err
+    code, _, err = _batch(capsys, prompts.with_name("missing.txt"), tmp_path / "out", "--ray")
+    assert code == 2 and "No such file" in err
+    prompts.write_text("a red circle\n", encoding="utf-8")
+    code, _, err = _batch(capsys, prompts, tmp_path / "out", "--ray", "--guidance-scale", "99")
+    assert code == 2 and "guidance_scale" in err
+    code, _, err = _batch(capsys, prompts, tmp_path / "out", "--workers", "2")
+    assert code == 2 and "add --ray" in err
+    with pytest.raises(SettingsError) as error:
+        on_ray.generate(["a red circle", {"prompt": "a square", "seed": -5, "colour": "red"}, {"seed": 1},
+                         {"prompt": "x", "model_name": "demo"}], model_name="demo")
+    message = str(error.value)
+    for expected in ("row 1: seed=-5", "row 1: colour is not a setting", "row 2: prompt is missing",
+                     "row 3: model_name is the same for the whole run"):
+        assert expected in message
+
+
+# -- Serve -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service():
+    """The Serve application on the demo model: one replica, a queue of 2, its proxy on 127.0.0.1."""
+    from ray import serve
+
+    from pixart_sigma.integrations.ray import app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _serve_started.append(True)
+    serve.run(app({"model_name": "demo", "device": "cpu", "max_queued_requests": "2",
+                   "health_check_period_s": "2"}), name="pixart", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client
+
+
+def _post(client, **body):
+    return client.post("/v1/images/generations", json=body)
+
+
+def test_serve_openai_route_makes_images_with_their_settings(service):
+    response = _post(service, prompt="a red circle on a blue background", n=2, size="64x64", seed=3,
+                     num_inference_steps=int(STEPS))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [item["seed"] for item in body["data"]] == [3, 4] and body["model"] == "demo" and body["size"] == "64x64"
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][1]["b64_json"])))
+    record = read_settings(image)
+    assert (record["prompt"], record["seed"], record["num_inference_steps"]) == (PROMPTS[0], 4, int(STEPS))
+    assert service.get("/healthz").json() == {"status": "ok"}
+    assert "num_inference_steps" in service.get("/v1/schema").json()["properties"]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"prompt": "", "size": "63x64"}, 400, "size"),
+    ({"prompt": "x", "device": "cuda"}, 400, "device"),
+    ({"prompt": "x", "n": 11}, 400, "n"),
+    ({"prompt": "x", "response_format": "url"}, 400, "response_format"),
+    ({"prompt": "x", "colour": "red"}, 400, None),
+])
+def test_serve_refuses_bad_input_in_openais_shape(service, body, status, field):
+    response = _post(service, **body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if field:
+        assert field in error["message"]
+    bad_json = service.post("/v1/images/generations", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+
+
+def _crowd(service, count, steps):
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda k: _post(service, prompt=f"a red circle {k}", num_inference_steps=steps,
+                                             seed=k), range(count)))
+
+
+def test_serve_overload_is_429_with_retry_after_in_openais_shape(service):
+    responses = _crowd(service, 8, 40)  # one runs, two wait, the rest are turned away at once
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 3, statuses
+    refused = next(response for response in responses if response.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "queue_full"
+
+
+def test_serve_replica_killed_under_load_fails_clearly_and_is_replaced(service):
+    from ray import serve
+
+    names = [actor for actor in ray.util.list_named_actors(all_namespaces=True) if "#Generator#" in actor["name"]]
+    assert len(names) == 1
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(_post, service, prompt=f"a blue square {k}", num_inference_steps=60, seed=k)
+                   for k in range(3)]
+        time.sleep(1.0)  # the first is generating, the others wait in the queue
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+        responses = [future.result(timeout=120) for future in waiting]  # nothing hangs
+    for response in responses:
+        assert response.status_code in (200, 503), response.text
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "replica_died" and response.headers["Retry-After"]
+    assert any(response.status_code == 503 for response in responses)  # the one in flight
+    fresh = wait_until(lambda: (r := _post(service, prompt="a red circle", num_inference_steps=1, seed=1))
+                       .status_code == 200 and r, timeout=90, interval=0.5)
+    assert fresh.json()["data"][0]["seed"] == 1
+    status = serve.status().applications["pixart"].deployments["Generator"]
+    assert status.status == "HEALTHY"
+
+
+# -- without Ray ----------------------------------------------------------------------------------
+
+def test_health_check_fails_when_the_model_cannot_generate(monkeypatch):
+    import asyncio
+
+    from pixart_sigma.integrations.ray.serve import Generator
+
+    generator = Generator({"model_name": "demo", "device": "cpu"})
+    asyncio.run(generator.check_health())  # just proven by its warm-up
+    real = generator.model.generate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    monkeypatch.setattr(generator.model, "generate", broken)
+    with pytest.raises(RuntimeError):
+        generator._generate("a red circle", {"seed": 1}, threading.Event())
+    with pytest.raises(RuntimeError, match="the model cannot generate: RuntimeError: CUDA error"):
+        asyncio.run(generator.check_health())
+    monkeypatch.setattr(generator.model, "generate", real)
+    asyncio.run(generator.check_health())  # recovered: proven again
+
+
+def test_serve_builder_refuses_bad_arguments_naming_each():
+    from pixart_sigma.integrations.ray.serve import options
+
+    with pytest.raises(ValueError) as error:
+        options({"model_name": "nope", "replicas": "two", "min_replicas": "3", "max_replicas": "2",
+                 "max_queued_requests": "0", "device": "x" * 300, "colour": "red"})
+    message = str(error.value)
+    for expected in ("colour: not an argument", "model_name='nope'", "replicas='two' is not valid",
+                     "min_replicas=3 is more than max_replicas=2", "max_queued_requests='0' is not valid",
+                     "replicas and min_replicas/max_replicas exclude each other", "device is 300 characters"):
+        assert expected in message, message
+    found = options({"model_name": "demo", "min_replicas": "0", "max_replicas": "4", "device": "cpu"})
+    assert (found["autoscale"], found["min_replicas"], found["max_replicas"], found["num_gpus"]) == (True, 0, 4, 0)
