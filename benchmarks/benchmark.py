@@ -29,19 +29,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pixart_sigma import PixArtSigmaModel  # noqa: E402
-from pixart_sigma.testing import PIXART_SCHEDULER_CONFIG, tiny_tokenizer  # noqa: E402
+from pixart_sigma.testing import PIXART_SCHEDULER_CONFIG, tiny_components, tiny_tokenizer  # noqa: E402
 
 PROMPT = "a photo of a red fox sitting in the snow at sunset, highly detailed"
 PRESETS = {
-    "full": dict(dit_layers=28, t5_layers=24, sizes=[512, 1024, 2048], steps=20, repeats=3),
-    "cpu-small": dict(dit_layers=2, t5_layers=2, sizes=[256], steps=4, repeats=2),
-    "smoke": dict(dit_layers=1, t5_layers=1, sizes=[64], steps=2, repeats=1),  # the test suite's check that it runs
+    "full": dict(dit_layers=28, t5_layers=24, sizes=[512, 1024, 2048], steps=20, repeats=3, batches=[1, 4, 8]),
+    "cpu-small": dict(dit_layers=2, t5_layers=2, sizes=[256], steps=4, repeats=2, batches=[1, 4]),
+    # the test suite's check that every section runs: its tiny test model (seconds, not minutes)
+    "smoke": dict(dit_layers=0, t5_layers=0, sizes=[64], steps=2, repeats=1, batches=[1, 2]),
 }
 
 
 def build_pipeline(dit_layers: int, t5_layers: int, dtype: torch.dtype, device: torch.device):
+    """The release architecture with `dit_layers` and `t5_layers`; 0 and 0: the test suite's tiny model."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
+
+    if not dit_layers and not t5_layers:
+        pipe = PixArtSigmaPipeline(**tiny_components()).to(device, dtype)
+        for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            module.eval()  # T5's dropout is on in a module built in code
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -246,7 +255,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="the baseline's dtype (default: bfloat16 on GPU, float32 on CPU); "
                         "ours uses what dtype=auto picks on this device")
     parser.add_argument("--sizes", type=int, nargs="*", help="override the preset's resolutions")
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8], help="prompts per call for the batching rows")
+    parser.add_argument("--batches", type=int, nargs="*", help="prompts per call for the batching rows (default: the "
+                        "preset's; full: 1 4 8)")
     parser.add_argument("--no-extras", action="store_true", help="only the ours-against-diffusers rows")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="also time compile=True (default: on a GPU; about a minute of compiling per size)")
@@ -273,15 +283,16 @@ def main() -> None:
         print(json.dumps(report["rows"][-1]), flush=True)
     if not args.no_extras:
         middle = 1024 if 1024 in sizes else sizes[0]
-        report["batching"] = bench_batching(model, middle, preset["steps"], preset["repeats"], device, args.batches)
+        report["batching"] = bench_batching(model, middle, preset["steps"], preset["repeats"], device,
+                                           args.batches or preset["batches"])
         print(json.dumps(report["batching"]), flush=True)
         if device.type == "cuda" and max(sizes) >= 2048:
             report["vae_tiling"] = bench_vae_tiling(model, max(sizes), preset["steps"], device)
             print(json.dumps(report["vae_tiling"]), flush=True)
-        if args.compile:
-            report["compile"] = [bench_compile(model, size, preset["steps"], preset["repeats"], device)
-                                 for size in sizes]
-            print(json.dumps(report["compile"]), flush=True)
+    if args.compile:
+        report["compile"] = [bench_compile(model, size, preset["steps"], preset["repeats"], device) for size in sizes]
+        print(json.dumps(report["compile"]), flush=True)
+    if not args.no_extras:  # last: sequential-offload leaves offloading hooks on the modules
         report["memory_modes"] = bench_memory_modes(mine, middle, preset["steps"], preset["repeats"], device)
         print(json.dumps(report["memory_modes"]), flush=True)
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -297,6 +308,7 @@ def main() -> None:
         print()
         print(table(report["batching"], {"size": "size", "batch": "prompts per call", "images_per_s": "images/s",
                                          "vs_batch_1": "vs 1 per call", "peak_gib": "peak GiB"}))
+    if "memory_modes" in report:
         print()
         print(table(report["memory_modes"], {"mode": "memory", "size": "size", "new_prompt_s": "s (new prompt)",
                                              "new_prompt_peak_gib": "peak GiB (new prompt)",

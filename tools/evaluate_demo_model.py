@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--negative-prompts", type=int, default=30, help="colourless prompts per colour")
     parser.add_argument("--grid", help="also write a PNG grid of the first 16 held-out pictures here")
     parser.add_argument("--device", default="cpu", help="where the pictures are generated (the README's figures: cpu)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float32 on the CPU, bfloat16 on most GPUs")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 where the CPU or GPU has it natively, else float32 (float16 on older GPUs)")
     args = parser.parse_args()
     started = time.time()
     model = {"model_name": args.model_name, "device": args.device, "dtype": args.dtype}

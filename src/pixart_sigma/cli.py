@@ -260,8 +260,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _UsageError(f"the service needs its extra: pip install \"pixart-sigma[server]\" ({exc})") from None
     _quiet_libraries()
-    return serve(args.model_names or [], device=args.device, dtype=args.dtype, host=args.host, port=args.port,
-                 data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key, keep_jobs=args.keep_jobs)
+    return serve(args.model_names or [], device=args.device, dtype=args.dtype, memory=args.memory, host=args.host,
+                 port=args.port, data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key,
+                 keep_jobs=args.keep_jobs)
 
 
 class _UsageError(Exception):
@@ -269,6 +270,8 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .settings import MEMORY_MODES
+
     parser = argparse.ArgumentParser(prog="pixart-sigma", description="PixArt-Sigma text-to-image generation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the 1024 checkpoint")
     serve.add_argument("--device", default="auto", help="where the models run (default: auto)")
     serve.add_argument("--dtype", default="auto", help="number format (default: auto)")
+    serve.add_argument("--memory", default="auto", choices=list(MEMORY_MODES),
+                       help="memory mode, as in `pixart-sigma generate --help` (default: auto)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1); any other needs an API key")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
