@@ -258,3 +258,26 @@ def test_prompt_files_with_old_mac_line_endings_are_one_prompt_a_line(tmp_path):
 def test_messages_quote_a_huge_value_shortly(tmp_path, capsys):
     code, _, err = run(capsys, "generate", "x", "--model-name", "demo", "--seed", "9" * 4000, "-o", tmp_path)
     assert code == 2 and "seed=" in err and len(err) < 400
+
+
+def test_batch_with_several_prompts_per_call_makes_the_same_files(tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na green triangle\na blue square\na red circle\na yellow star\n", encoding="utf-8")
+    common = ["batch", prompts, "--model-name", tiny, "--num-inference-steps", 2, "--num-images-per-prompt", 2,
+              "--seed", 4, "-q"]
+    assert run(capsys, *common, "-o", tmp_path / "one")[0] == 0
+    code, out, err = run(capsys, *common, "--prompts-per-call", 3, "-o", tmp_path / "three")
+    assert code == 0 and "5 prompt(s) generated, 0 already done" in err
+    one, three = (sorted((tmp_path / name).glob("*.png")) for name in ("one", "three"))
+    assert [p.name for p in one] == [p.name for p in three] and len(one) == 10
+    for a, b in zip(one, three):
+        assert read_settings(a) | {"version": None} == read_settings(b) | {"version": None}
+        difference = np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)
+        assert np.abs(difference).max() <= 1
+    (tmp_path / "three" / three[3].name).unlink()  # resumable as before: only the missing image is made
+    code, out, err = run(capsys, *common, "--prompts-per-call", 3, "-o", tmp_path / "three")
+    assert code == 0 and written(out) == [str(tmp_path / "three" / three[3].name)]
+    assert "1 prompt(s) generated, 4 already done" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in common] + ["--prompts-per-call", "0", "-o", str(tmp_path / "zero")])
+    assert exit_info.value.code == 2 and "--prompts-per-call: 0 is not valid" in capsys.readouterr().err

@@ -159,25 +159,28 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return _batch_on_ray(args, prompts, output_dir)
     model = _load(_given_settings(args), args.quiet)
     items = plan_batch(prompts, model.settings)
-    done = skipped = 0
-    for item in tqdm(items, desc="prompts", unit="prompt", disable=args.quiet, file=sys.stderr):
-        missing = item.missing(output_dir)
-        if not missing:
-            skipped += 1  # resumable: this prompt was finished by an earlier run
-            continue
-        overrides = {}
-        if model.settings["seed"] == -1 and len(missing) < len(item.names):
-            earlier = item.earlier_seed(output_dir)  # make the missing images of the batch the earlier run drew
-            if earlier is not None:
-                overrides["seed"] = earlier
-        images = model.generate(item.prompt, **overrides)
-        for index in missing:
-            try:
-                print(save_image(images[index], output_dir / item.names[index], overwrite=False), flush=True)
-            except FileExistsError:  # another run wrote it meanwhile: keep theirs
-                pass
-        done += 1
-    print(f"{done} prompt(s) generated, {skipped} already done, images in {output_dir}", file=sys.stderr)
+    pending = [item for item in items if item.missing(output_dir)]  # resumable: skip what an earlier run finished
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="prompts", unit="prompt",
+               disable=args.quiet, file=sys.stderr)
+    for start in range(0, len(pending), args.prompts_per_call):
+        group = pending[start:start + args.prompts_per_call]
+        seeds = []
+        for item in group:
+            seed = model.settings["seed"]
+            if seed == -1 and len(item.missing(output_dir)) < len(item.names):
+                earlier = item.earlier_seed(output_dir)  # make the missing images of the batch the earlier run drew
+                seed = earlier if earlier is not None else seed
+            seeds.append(seed)
+        for item, images in zip(group, model.generate_many([item.prompt for item in group], seeds=seeds)):
+            for index in item.missing(output_dir):
+                try:
+                    print(save_image(images[index], output_dir / item.names[index], overwrite=False), flush=True)
+                except FileExistsError:  # another run wrote it meanwhile: keep theirs
+                    pass
+        bar.update(len(group))
+    bar.close()
+    print(f"{len(pending)} prompt(s) generated, {len(items) - len(pending)} already done, images in {output_dir}",
+          file=sys.stderr)
     return 0
 
 
@@ -295,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("prompts_file", metavar="PROMPTS.txt")
     batch.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="folder for the PNG files (default: outputs)")
     batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--prompts-per-call", type=_count, default=1, metavar="N",
+                       help="denoise N prompts together: fills a GPU; each image equals one prompt per call's within "
+                            "one 8-bit level (default: 1)")
     ray_flags = batch.add_argument_group("on Ray (the ray extra: pip install \"pixart-sigma[ray]\")")
     ray_flags.add_argument("--ray", action="store_true",
                            help="run the batch on Ray: the same files (names, and for a fixed seed, pixels), made by "

@@ -187,8 +187,8 @@ class PixArtSigmaModel:
         """Several prompts in one batch on the device: for each prompt, its `num_images_per_prompt` images.
 
         Each prompt's images are those `generate(prompt, seed=...)` makes (the same seeds, the same
-        record); batching only fills the device better. `seeds`: one first seed per prompt (default: the
-        `seed` setting for each, or a random one each when it is -1). The settings apply to every prompt;
+        record); batching only fills the device better. `seeds`: one first seed per prompt, -1 drawing one
+        (default: the `seed` setting for each prompt, -1 drawing one each). The settings apply to every prompt;
         all images of the call count against the per-call pixel budget.
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
@@ -238,6 +238,8 @@ class PixArtSigmaModel:
             return []
         last = MAX_SEED - settings.num_images_per_prompt + 1
         for index, seed in enumerate(seeds):
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
-                problems.append(f"seeds[{index}]={shown(seed)} is not valid: it must be an integer from 0 to {last}")
-        return list(seeds)
+            if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= last:
+                problems.append(f"seeds[{index}]={shown(seed)} is not valid: it must be an integer from 0 to {last}, "
+                                "or -1 to draw one")
+        return [seed if seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE) for seed in seeds
+                if isinstance(seed, int)]
