@@ -11,6 +11,7 @@ twice (Ray retries a failed batch whole) is written once.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -286,10 +287,6 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
         import ray
 
         count, resources, worker_threads = _placement(plan_.settings, workers, threads)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         rows = [{"row": unit.row, "prompt": unit.prompt, "overrides": json.dumps(unit.overrides), "seed": unit.seed,
                  "missing": json.dumps(unit.missing)} for unit in todo]
         with warnings.catch_warnings():
@@ -300,10 +297,28 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
                 Worker, fn_constructor_kwargs={"settings": plan_.settings, "threads": worker_threads},
                 compute=ray.data.ActorPoolStrategy(size=min(count, len(rows))), batch_size=1, batch_format="numpy",
                 max_task_retries=TASK_RETRIES, **resources)
-        _collect(dataset, todo, plan_.output_dir, results, progress, on_image)
+        with _quiet_data():
+            _collect(dataset, todo, plan_.output_dir, results, progress, on_image)
     finally:
         session.close()
     return results
+
+
+@contextlib.contextmanager
+def _quiet_data():
+    """Our progress bar instead of Ray Data's bars and execution logs; the caller's own settings come back after."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    logger = logging.getLogger("ray.data")
+    saved = context.enable_progress_bars, context.print_on_execution_start, logger.level
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start, level = saved
+        logger.setLevel(level)
 
 
 def _collect(dataset, todo: list[Work], output_dir: Optional[Path], results: dict, progress: bool,
