@@ -278,6 +278,23 @@ def test_batch_with_several_prompts_per_call_makes_the_same_files(tiny, tmp_path
     code, out, err = run(capsys, *common, "--prompts-per-call", 3, "-o", tmp_path / "three")
     assert code == 0 and written(out) == [str(tmp_path / "three" / three[3].name)]
     assert "1 prompt(s) generated, 4 already done" in err
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in common] + ["--prompts-per-call", "0", "-o", str(tmp_path / "zero")])
-    assert exit_info.value.code == 2 and "--prompts-per-call: 0 is not valid" in capsys.readouterr().err
+    for bad in ("0", "abc"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in common] + ["--prompts-per-call", bad, "-o", str(tmp_path / "zero")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--prompts-per-call:" in err and "is not valid" in err and bad in err
+
+
+def test_batch_says_a_call_is_too_big_before_loading_the_model(tiny, tmp_path, capsys):
+    from pixart_sigma import engine
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\nc\nd\n")
+    loads = engine.load_count
+    code, _, err = run(capsys, "batch", prompts, "--model-name", tiny, "--width", 2048, "--height", 2048,
+                       "--num-images-per-prompt", 2, "--prompts-per-call", 3, "-o", tmp_path / "out", "-q")
+    assert code == 2 and "2048x2048x2x3" in err and "prompts per call" in err
+    code, _, err = run(capsys, "batch", prompts, "--model-name", tiny, "--prompts-per-call", 2, "--ray",
+                       "-o", tmp_path / "out", "-q")
+    assert code == 2 and "--prompts-per-call is for local runs" in err
+    assert engine.load_count == loads

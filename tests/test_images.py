@@ -34,6 +34,7 @@ def test_settings_survive_a_png_round_trip(tiny, tmp_path, prompt):
     assert record["scheduler"] == "unipc" and record["dtype"] == "float32" and record["model_name"] == tiny
     assert (record["width"], record["height"]) == (64, 64) and record["version"]
     assert "memory" not in record and record["vae_tiling"] is False  # where it ran is no part of the image
+    assert record["text_encoder_dtype"] == "float32"  # T5's own (bfloat16 under dtype=auto on a CPU)
     text = Image.open(path).text["parameters"]
     assert text.startswith(prompt) and "Negative prompt: 模糊, blurry" in text
     assert "Steps: 2, Sampler: UniPC, CFG scale: 3.5, Seed: 7, Size: 64x64" in text

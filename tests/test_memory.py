@@ -67,9 +67,63 @@ def test_a_part_goes_back_off_the_device_even_when_its_stage_fails():
     assert part.moves == ["cuda:0", "cpu"]
 
 
+def test_a_move_that_runs_out_of_memory_half_way_leaves_nothing_split():
+    class FailingPart(RecordingPart):
+        def to(self, device):
+            super().to(device)
+            if str(device) != "cpu":
+                raise RuntimeError("CUDA out of memory")
+            return self
+
+    part = FailingPart()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with Placement("text-offload", torch.device("cuda:0"), {"text_encoder": part}).using("text_encoder"):
+            pass
+    assert part.moves == ["cuda:0", "cpu"]  # sent back whole: the next call starts clean
+
+
+def test_a_part_another_engine_keeps_on_the_device_is_not_moved_off():
+    shared = RecordingPart()
+    resident = Placement("resident", torch.device("cuda:0"), {"text_encoder": shared})
+    offloading = Placement("text-offload", torch.device("cuda:0"), {"text_encoder": shared})
+    with offloading.using("text_encoder"):
+        pass
+    assert shared.moves == ["cuda:0"]  # not dragged back and forth under the resident engine
+    del resident
+    import gc
+
+    gc.collect()
+    with offloading.using("text_encoder"):
+        pass
+    assert shared.moves[-1] == "cpu"  # once no engine keeps it, it waits in RAM again
+
+
+def test_auto_reads_the_free_memory_with_what_torch_has_cached(monkeypatch):
+    from pixart_sigma.placement import resolve_mode
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(8 * GIB), int(16 * GIB)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: int(4 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: int(1 * GIB))
+    # 8 GiB free + 3 GiB cached by torch's allocator = 11 GiB: text-offload (10.9) fits, resident (13.9) not.
+    assert resolve_mode("auto", torch.device("cuda:0"), lambda: RELEASE) == "text-offload"
+    assert resolve_mode("model-offload", torch.device("cuda:0"), lambda: 1 / 0) == "model-offload"  # never asked
+    assert resolve_mode("auto", torch.device("cpu"), lambda: 1 / 0) == "resident"
+
+
+def test_sequential_offload_streams_the_text_encoder_block_by_block(tiny):
+    engine = PixArtSigmaModel(model_name=tiny, device="cpu", memory="sequential-offload").engine
+    hooked = {name for name, module in engine.pipeline.text_encoder.named_modules()
+              if getattr(module, "_diffusers_hook", None) is not None}
+    # Not the whole T5 as one group (9.5 GB at once on the card): each of its blocks on its own.
+    assert {"encoder.block.0", "encoder.block.1"} <= hooked
+    assert any(name.startswith("transformer_blocks.") for name, module in engine.pipeline.transformer.named_modules()
+               if getattr(module, "_diffusers_hook", None) is not None)
+
+
 def test_every_memory_mode_gives_the_same_pixels(tiny):
-    # On the CPU the offload target is the device itself, but each mode's own code runs: sequential-offload
-    # drives diffusers' group-offloading hooks through T5, the transformer and the VAE.
+    # On the CPU the offload target is the device itself, so text- and model-offload move nothing here (the
+    # Placement tests above check their moves); sequential-offload really runs diffusers' group-offloading
+    # hooks through T5, the transformer and the VAE.
     images = {}
     for memory in ("resident", "text-offload", "model-offload", "sequential-offload", "auto"):
         model = PixArtSigmaModel(model_name=tiny, device="cpu", seed=3, num_inference_steps=3, memory=memory)
@@ -116,6 +170,26 @@ def test_many_prompts_with_a_fixed_seed_each_start_from_it(tiny):
     model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2, seed=5)
     images = model.generate_many(["a fox", "a cat"])
     assert [read_settings(group[0])["seed"] for group in images] == [5, 5]
+    drawn = model.generate_many(["a fox", "a cat"], seeds=[np.int64(9), -1])  # numpy integers; -1 draws
+    assert read_settings(drawn[0][0])["seed"] == 9 and read_settings(drawn[1][0])["seed"] >= 0
+
+
+def test_new_prompts_bring_the_text_encoder_to_the_device_once_per_call(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=1, memory="model-offload")
+    engine = model.engine
+    entered = []
+    real_using = engine.placement.using
+
+    def counting(part):
+        entered.append(part)
+        return real_using(part)
+
+    engine.placement.using = counting
+    model.generate_many(["one new prompt", "another new prompt", "a third"], negative_prompt="a new negative")
+    assert entered.count("text_encoder") == 1
+    entered.clear()
+    model.generate_many(["one new prompt", "a third"], negative_prompt="a new negative")  # all cached
+    assert entered.count("text_encoder") == 0
 
 
 @pytest.mark.parametrize("call, fragment", [
@@ -125,7 +199,11 @@ def test_many_prompts_with_a_fixed_seed_each_start_from_it(tiny):
     (lambda m: m.generate_many(["a fox", "a cat"], seeds=[1]), "one first seed per prompt (2)"),
     (lambda m: m.generate_many(["a fox"], seeds=[-2]), "seeds[0]=-2 is not valid"),
     (lambda m: m.generate_many(["a fox"], seeds=[True]), "seeds[0]=True is not valid"),
-    (lambda m: m.generate_many(["a fox"] * 17, width=1024, height=1024), "over the budget"),
+    (lambda m: m.generate_many(["a fox"] * 17, width=1024, height=1024),
+     "width x height x num_images_per_prompt x prompts per call = 1024x1024x1x17"),
+    (lambda m: m.generate_many(["a fox"] * 65), "65 prompts x num_images_per_prompt=1 = 65 images is too many"),
+    (lambda m: m.generate_many(["a fox"] * 5, num_images_per_prompt=16), "at most 64"),
+    (lambda m: m.generate("a fox", seeds=[77]), "unknown setting 'seeds'"),
 ])
 def test_many_prompts_are_checked_before_any_work(tiny, call, fragment):
     model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2)
@@ -181,8 +259,9 @@ def test_compile_gives_the_eager_images_within_a_level_and_keeps_its_code_on_dis
 
 def test_compile_refuses_the_mode_that_streams_weights(tiny):
     model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=2, memory="sequential-offload")
-    with pytest.raises(SettingsError, match="compile=True cannot be used with memory='sequential-offload'"):
-        model.generate(PROMPT, compile=True)
+    for call in (model.generate, model.validate_call):  # a service hears it before it queues the job
+        with pytest.raises(SettingsError, match="compile=True cannot be used with memory='sequential-offload'"):
+            call(PROMPT, compile=True)
 
 
 def test_cuda_graphs_only_where_the_weights_stay_put(monkeypatch, tmp_path):

@@ -148,16 +148,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import check_output_dir, save_image
+    from . import PixArtSigmaModel, check_output_dir, save_image
     from .batch import plan_batch, read_prompt_file
+    from .settings import check_images_per_call, check_pixel_budget
 
     if not args.ray and (args.ray_address or args.workers):
         raise _UsageError("--ray-address and --workers are for runs on Ray: add --ray")
+    if args.ray and args.prompts_per_call > 1:
+        raise _UsageError("--prompts-per-call is for local runs: on Ray each worker takes one prompt at a time "
+                          "(add --workers to use more devices)")
     prompts = read_prompt_file(args.prompts_file)  # every line is checked before the first image
     output_dir = check_output_dir(args.output_dir)
     if args.ray:
         return _batch_on_ray(args, prompts, output_dir)
-    model = _load(_given_settings(args), args.quiet)
+    given = _given_settings(args)
+    if args.prompts_per_call > 1:  # the images of one call must fit, said before the model loads
+        values = PixArtSigmaModel.validate_and_transform(given)
+        calls = min(args.prompts_per_call, len(prompts))
+        check_images_per_call(calls, values["num_images_per_prompt"])
+        check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"], prompts=calls)
+    model = _load(given, args.quiet)
     items = plan_batch(prompts, model.settings)
     pending = [item for item in items if item.missing(output_dir)]  # resumable: skip what an earlier run finished
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="prompts", unit="prompt",
@@ -215,7 +225,10 @@ def _batch_on_ray(args: argparse.Namespace, prompts: list[tuple[int, str]], outp
 
 
 def _count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not valid: it must be a whole number from 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not valid: it must be a whole number from 1")
     return value

@@ -19,6 +19,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch's own variable: a user's setting wins
+# Compiled variants kept per function: one per (size, batch, guidance on/off). Past torch's default
+# of 8 further shapes would silently run uncompiled while their records say compile=True.
+RECOMPILE_LIMIT = 64
 
 
 def cache_dir() -> Path:
@@ -46,6 +49,10 @@ class CompiledDenoiser:
         os.environ.setdefault(CACHE_ENV, str(cache_dir()))  # read by inductor when it first writes
         cache_dir().mkdir(parents=True, exist_ok=True)
         self.mode = compile_mode(device, resident)
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch releases
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         self.function = torch.compile(module, mode=self.mode, dynamic=False)
         self.first_call_seconds: dict[tuple, float] = {}
 

@@ -29,12 +29,15 @@ import torch
 
 from .errors import Cancelled, GenerationError, SettingsError
 from .placement import OFFLOADED, PARTS, PartSizes, Placement, load_device, resolve_mode, stream_blocks
-from .settings import SAMPLERS, Settings, check_pixel_budget
+from .settings import SAMPLERS, Settings, check_images_per_call, check_pixel_budget
 from .sizes import fit_to_size, plan_size
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+COMPILE_STREAMED = ("compile=True cannot be used with memory='sequential-offload' (memory=auto picks it when the "
+                    "model does not fit whole; its hooks stream the weights block by block): use model-offload, "
+                    "text-offload or resident, or compile=False")
 EMBEDDING_CACHE_SIZE = 32  # texts per text encoder; a fixed negative prompt stays in it
 WAIT_POLL_SECONDS = 0.05  # how often a call waiting for its device looks at its cancel flag
 MEMORY_BUDGET_ENV = "PIXART_SIGMA_CACHE_GB"  # warm weights kept per device before the least recent go
@@ -155,6 +158,23 @@ class TextEncoder:
             self._cache.clear()
 
 
+class _Stage:
+    """Puts a part on the device at the first encode that needs it and keeps it there until closed."""
+
+    def __init__(self, placement, part: str):
+        self.placement, self.part, self.stack = placement, part, contextlib.ExitStack()
+        self.entered = False
+
+    def __call__(self):
+        if not self.entered:
+            self.stack.enter_context(self.placement.using(self.part))
+            self.entered = True
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        self.stack.close()
+
+
 @dataclass
 class Output:
     images: list  # PIL images, one per seed
@@ -201,11 +221,13 @@ class Engine:
         return self.pipeline.transformer.config.sample_size * self.pipeline.vae_scale_factor
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.pipeline.transformer, self.pipeline.text_encoder, self.pipeline.vae]
+        """The parts that stay on the device between calls (offloaded ones wait in RAM)."""
+        return self.placement.resident_parts()
 
-    def encode(self, text: str, max_length: int, use_cache: bool = True) -> Encoded:
-        """T5 embeddings of one text (cached by text)."""
-        encoded = self.text.encode(text, max_length, use_cache, placed=lambda: self.placement.using("text_encoder"))
+    def encode(self, text: str, max_length: int, use_cache: bool = True, placed=None) -> Encoded:
+        """T5 embeddings of one text (cached by text). `placed`: a `_Stage` shared by several encodes."""
+        placed = placed or (lambda: self.placement.using("text_encoder"))
+        encoded = self.text.encode(text, max_length, use_cache, placed=placed)
         if encoded.truncated_tokens:
             # Counts only: prompts may be private, so they are never logged.
             log.warning("prompt is %d tokens over max_sequence_length=%d; the rest was not read",
@@ -225,7 +247,8 @@ class Engine:
         (vae.enable_tiling if tiled else vae.disable_tiling)()
         with torch.inference_mode(), self.placement.using("vae"):
             image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-            if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+            # A streamed VAE's hooks keep their own copies of the weights: it cannot be recast here.
+            if not torch.isfinite(image).all() and vae.dtype != torch.float32 and self.memory != "sequential-offload":
                 log.warning("VAE decode in %s gave non-finite values; decoding again in float32", vae.dtype)
                 dtype = vae.dtype
                 vae.to(torch.float32)
@@ -254,10 +277,10 @@ class Engine:
         if len(prompts) != len(seeds) or not prompts or not all(seeds):
             raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
                                  f"prompt(s) and {len(seeds)} seed list(s)"])
-        check_pixel_budget(settings.width, settings.height, sum(len(group) for group in seeds))
+        check_images_per_call(len(prompts), settings.num_images_per_prompt)
+        check_pixel_budget(settings.width, settings.height, settings.num_images_per_prompt, prompts=len(prompts))
         if settings.compile and self.memory == "sequential-offload":
-            raise SettingsError(["compile=True cannot be used with memory='sequential-offload' (its hooks stream "
-                                 "the weights block by block): use model-offload, text-offload or resident"])
+            raise SettingsError([COMPILE_STREAMED])
         with _DeviceTurn(self.device, cancel), torch.inference_mode():
             return self._generate(prompts, settings, seeds, on_progress, cancel)
 
@@ -268,7 +291,14 @@ class Engine:
         pipe = self.pipeline
         transformer = pipe.transformer
         guided = s.guidance_scale > 1.0  # PixArt's rule: guidance <= 1 means no CFG pass
-        texts = [self.encode(prompt, s.max_sequence_length) for prompt in prompts]
+        # T5 comes to the device at most once for all the new texts of this call (offload modes).
+        with contextlib.closing(_Stage(self.placement, "text_encoder")) as stage:
+            texts = []
+            for prompt in prompts:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled while encoding the prompts")
+                texts.append(self.encode(prompt, s.max_sequence_length, placed=stage))
+            negative = self.encode(s.negative_prompt or "", s.max_sequence_length, placed=stage) if guided else None
         seeds = [seed for group in seed_groups for seed in group]
         count = len(seeds)
 
@@ -277,7 +307,6 @@ class Engine:
         embeds = embeds.to(self.dtype)
         mask = torch.cat([text.mask.repeat(len(group), 1) for text, group in zip(texts, seed_groups)])
         if guided:
-            negative = self.encode(s.negative_prompt or "", s.max_sequence_length)
             embeds = torch.cat([negative.embeds.to(self.dtype).repeat(count, 1, 1), embeds])
             mask = torch.cat([negative.mask.repeat(count, 1), mask])
 
@@ -400,7 +429,7 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
     from .checkpoints import load_part, loading_guard
 
     device_free = part not in PARTS
-    streamed = memory == "sequential-offload"
+    streamed = memory == "sequential-offload" and not device_free
     key = ("part", part, str(folder)) + (() if device_free else (str(device), str(dtype), streamed))
 
     def lookup():
@@ -414,8 +443,8 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
         # take this lock, so they do not wait.
         with _read_lock, loading_guard(folder, part):
             value = load_part(folder, part, dtype)
-            if streamed:
-                stream_blocks(value, device)
+            if streamed and not device_free:
+                stream_blocks(value, device, part)
             elif not device_free:
                 value = value.to(load_device(memory, part, device))
         part_load_count += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import secrets
 from typing import Any, Optional, Sequence
 
@@ -10,10 +11,11 @@ from PIL import Image
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .engine import CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine
+from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine
 from .errors import CheckpointError, SettingsError
 from .images import attach
-from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_pixel_budget, check_text,
+from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
+                       check_pixel_budget, check_text,
                        json_schema, parse_settings, shown)
 
 FALLBACK_SIZE = 1024
@@ -147,6 +149,8 @@ class PixArtSigmaModel:
         values = {name: self.settings[name] for name in Settings.field_names()}
         values.update(overrides)
         values = parse_settings(values).model_dump()
+        if values["compile"] and self.settings["memory"] == "sequential-offload":
+            raise SettingsError([COMPILE_STREAMED])
         _fill_size(values, self.settings["checkpoint"].native_size)
         return Settings.model_construct(**values)
 
@@ -179,6 +183,9 @@ class PixArtSigmaModel:
         `cancel.is_set()` turns true, generation stops before the next step (or while waiting for the
         device) and raises `Cancelled`.
         """
+        if "seeds" in overrides:  # generate_many's argument, not a setting
+            raise SettingsError([f"unknown setting 'seeds': valid names are {', '.join(Settings.field_names())} "
+                                 "(one prompt takes seed=...)"])
         return self.generate_many([input], on_progress=on_progress, cancel=cancel, **overrides)[0]
 
     def generate_many(self, prompts: Sequence[str], *, seeds: Optional[Sequence[int]] = None,
@@ -193,6 +200,7 @@ class PixArtSigmaModel:
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise SettingsError([f"prompts={shown(prompts)} is not valid: pass a list of prompts"])
+        check_images_per_call(len(prompts), 1)  # before reading a million prompts; with the images count below
         problems: list[str] = []
         checked = []
         for index, prompt in enumerate(prompts):
@@ -208,8 +216,9 @@ class PixArtSigmaModel:
         first_seeds = self._first_seeds(settings, len(prompts), seeds, problems)
         if problems:
             raise SettingsError(problems)
+        check_images_per_call(len(checked), settings.num_images_per_prompt)
         count = settings.num_images_per_prompt
-        check_pixel_budget(settings.width, settings.height, count * len(checked))
+        check_pixel_budget(settings.width, settings.height, count, prompts=len(checked))
         engine = self.engine
         groups = [[first + k for k in range(count)] for first in first_seeds]
         outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
@@ -221,7 +230,8 @@ class PixArtSigmaModel:
                     "prompt": prompt, **chosen, "seed": seed, "model_name": self.settings["checkpoint"].model_name,
                     "model_revision": located.revision if located else None,
                     "base_revision": located.base_revision if located else None,
-                    "dtype": dtype_name(engine.dtype), "device": str(engine.device),
+                    "dtype": dtype_name(engine.dtype), "text_encoder_dtype": dtype_name(engine.text.encoder.dtype),
+                    "device": str(engine.device),
                     "batch_index": index, "batch_seed": group[0], "batch_size": len(group),
                     "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
                     "version": __version__,
@@ -238,8 +248,8 @@ class PixArtSigmaModel:
             return []
         last = MAX_SEED - settings.num_images_per_prompt + 1
         for index, seed in enumerate(seeds):
-            if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= last:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -1 <= seed <= last:
                 problems.append(f"seeds[{index}]={shown(seed)} is not valid: it must be an integer from 0 to {last}, "
                                 "or -1 to draw one")
-        return [seed if seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE) for seed in seeds
-                if isinstance(seed, int)]
+        return [int(seed) if seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE) for seed in seeds
+                if isinstance(seed, numbers.Integral)]

@@ -8,6 +8,7 @@ the device's free memory and the parts' sizes (read from the safetensors headers
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -61,6 +62,7 @@ def resolve_mode(mode: str, device: torch.device, sizes_of) -> str:
     if device.type != "cuda":
         return "resident"  # the CPU has nowhere else to put them; mps shares the RAM
     free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
     chosen = choose_mode(free, sizes_of())
     log.info("memory=auto chose %s for %.1f GiB free on %s", chosen, free / 2**30, device)
     return chosen
@@ -71,18 +73,27 @@ def load_device(mode: str, part: str, device: torch.device) -> torch.device:
     return OFFLOAD_DEVICE if part in OFFLOADED[mode] else device
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return OFFLOAD_DEVICE
+# Where a part's block lists sit below its top level: group offloading looks only one level down,
+# and T5EncoderModel keeps its 24 blocks in `encoder.block` (else the whole 9.5 GB T5 is one group).
+BLOCK_MODULES = {"text_encoder": ["encoder"], "vae": ["encoder", "decoder"]}
+KEEPERS = "_pixart_sigma_keepers"  # on a part: the engines whose mode keeps it on the device
 
 
-def stream_blocks(module: torch.nn.Module, device: torch.device) -> None:
-    """Sequential offload: diffusers' group offloading moves one block at a time to `device` as it runs."""
+def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
+    return all(tensor.device == device for tensor in module.parameters())
+
+
+def stream_blocks(module: torch.nn.Module, device: torch.device, part: str) -> None:
+    """Sequential offload: diffusers' group offloading moves one block at a time to `device` as it runs.
+
+    With CUDA streams the next block's copy overlaps the current block's compute; low_cpu_mem_usage
+    pins each block as it goes instead of a pinned copy of every weight (twice the RAM for a moment).
+    """
     from diffusers.hooks import apply_group_offloading
 
     apply_group_offloading(module, onload_device=device, offload_device=OFFLOAD_DEVICE, offload_type="block_level",
-                           num_blocks_per_group=1, use_stream=device.type == "cuda")
+                           num_blocks_per_group=1, use_stream=device.type == "cuda", low_cpu_mem_usage=True,
+                           block_modules=BLOCK_MODULES.get(part))
 
 
 class Placement:
@@ -90,12 +101,21 @@ class Placement:
 
     def __init__(self, mode: str, device: torch.device, parts: dict[str, torch.nn.Module]):
         self.mode, self.device, self.parts = mode, device, parts
+        # A part shared with an engine that keeps it on the device stays there (no moving it back and forth).
+        for name, module in parts.items():
+            if name not in OFFLOADED[mode]:
+                keepers = module.__dict__.setdefault(KEEPERS, weakref.WeakSet())
+                keepers.add(self)
+
+    def resident_parts(self) -> list[torch.nn.Module]:
+        """The parts this mode keeps on the device between calls (what the warm-model budget counts)."""
+        return [module for name, module in self.parts.items() if name not in OFFLOADED[self.mode]]
 
     def settle(self) -> None:
         """Put each part where this mode keeps it between uses (for a pipeline the user hands over)."""
         for name, module in self.parts.items():
             if self.mode == "sequential-offload":
-                stream_blocks(module.to(OFFLOAD_DEVICE), self.device)
+                stream_blocks(module.to(OFFLOAD_DEVICE), self.device, name)
             else:
                 module.to(load_device(self.mode, name, self.device))
 
@@ -107,10 +127,13 @@ class Placement:
             yield module
             return
         # Parts are shared between checkpoints whose engines may have other modes: look, then move.
-        if _device_of(module) != self.device:
-            module.to(self.device)
         try:
+            if not _all_on(module, self.device):
+                module.to(self.device)
             yield module
         finally:
-            if part in OFFLOADED[self.mode] and self.device != OFFLOAD_DEVICE:
+            # Back off the device when this mode says so (also after a failed move: never half there),
+            # unless an engine sharing the part keeps it on the device.
+            kept = any(True for _ in module.__dict__.get(KEEPERS, ()))
+            if part in OFFLOADED[self.mode] and self.device != OFFLOAD_DEVICE and not kept:
                 module.to(OFFLOAD_DEVICE)

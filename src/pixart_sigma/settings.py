@@ -65,6 +65,7 @@ MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 MAX_STEPS = 200
 MAX_GUIDANCE = 20.0
 MAX_IMAGES = 16
+MAX_IMAGES_PER_CALL = 64  # prompts x images per prompt in one generate_many: their embeddings stay in memory
 MAX_SEED = 2**53 - 1
 MAX_SEQUENCE_LENGTH = 300
 MAX_PROMPT_CHARS = 10_000
@@ -93,13 +94,23 @@ def _side_rule(field: str, value: int | None) -> int | None:
     return value
 
 
-def check_pixel_budget(width: int, height: int, num_images: int) -> None:
-    pixels = width * height * num_images
+def check_pixel_budget(width: int, height: int, num_images: int, prompts: int = 1) -> None:
+    pixels = width * height * num_images * prompts
     if pixels > MAX_PIXELS_PER_CALL:
+        factors = f"{width}x{height}x{num_images}" + (f"x{prompts}" if prompts > 1 else "")
+        names = "width x height x num_images_per_prompt" + (" x prompts per call" if prompts > 1 else "")
         raise SettingsError([
-            f"width x height x num_images_per_prompt = {width}x{height}x{num_images} = {pixels:,} pixels "
-            f"is over the budget of {MAX_PIXELS_PER_CALL:,} per call: use at most "
-            f"{max(1, MAX_PIXELS_PER_CALL // (width * height))} images at this size, or a smaller size"
+            f"{names} = {factors} = {pixels:,} pixels is over the budget of {MAX_PIXELS_PER_CALL:,} per call: use "
+            f"at most {max(1, MAX_PIXELS_PER_CALL // (width * height))} images at this size in one call, or a "
+            "smaller size"
+        ])
+
+
+def check_images_per_call(prompts: int, num_images: int) -> None:
+    if prompts * num_images > MAX_IMAGES_PER_CALL:
+        raise SettingsError([
+            f"{prompts} prompts x num_images_per_prompt={num_images} = {prompts * num_images} images is too many for "
+            f"one call: at most {MAX_IMAGES_PER_CALL}; send fewer prompts per call"
         ])
 
 
@@ -192,8 +203,9 @@ class Settings(BaseModel):
         + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + "."
     )
     vae_tiling: bool = Field(
-        False, title="Tiled VAE decode", description="Decode the image in overlapping tiles: far less memory at 2048² "
-        "and on small cards; seams are blended, pixels differ slightly from the whole decode."
+        False, title="Tiled VAE decode", description="Decode images larger than the VAE's tile (1024 px for the SDXL "
+        "VAE) in overlapping tiles: far less memory at 2048²; no effect at 1024² and below. Seams are blended, pixels "
+        "differ slightly from the whole decode."
     )
     compile: bool = Field(
         False, title="Compile (torch.compile)", description="Compile the transformer with torch.compile (with CUDA "
