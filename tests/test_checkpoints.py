@@ -280,7 +280,8 @@ def test_many_checkpoints_load_at_once_with_their_own_weights(tiny_dir, tmp_path
     reference = text_encoder_weights(tiny_dir)
     for folder in folders:
         state = models[str(folder)].engine.pipeline.text_encoder.state_dict()
-        assert all(torch.equal(state[name], tensor) for name, tensor in reference.items())
+        # dtype=auto keeps T5 in bfloat16 on a CPU: compare in the dtype it was loaded in.
+        assert all(torch.equal(state[name], tensor.to(state[name].dtype)) for name, tensor in reference.items())
 
 
 def text_encoder_weights(directory):

@@ -266,6 +266,16 @@ def test_txt2img_refusals_name_the_a1111_fields(http):
 
     response = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "Karras"})
     assert response.status_code == 422 and response.json()["error"]["param"] == "scheduler"
+
+    # A1111's name and ours for one setting: the same value twice is fine (checked by the job queue's count
+    # below only for the refusals), different values are refused.
+    response = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 3, "num_inference_steps": 4,
+                                                     "override_settings": {"sd_model_checkpoint": "demo"},
+                                                     "model_name": "not-demo"})
+    assert response.status_code == 422
+    fields = response.json()["error"]["fields"]
+    assert "steps and num_inference_steps are the same setting with different values" in fields["steps"][0]
+    assert "override_settings" in fields
     assert job_total(http) == before
 
 

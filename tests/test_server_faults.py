@@ -262,7 +262,7 @@ HOLD = {"prompt": "[slow] hold the worker while fuzzing", "num_inference_steps":
 # Rules JSON Schema cannot state (across fields, or on characters): a schema-valid body may break them, and
 # 422 is then the right answer. Any other 422 to a schema-valid request is a mismatch and fails the test.
 SEMANTIC_RULES = ("is over the budget", "is too large for", "is empty", "contains the control character",
-                  "contains invalid UTF-8",
+                  "contains invalid UTF-8", "are the same setting with different values",
                   "must be a multiple of 8")  # inside OpenAI's size string, where a JSON Schema cannot say it
 
 

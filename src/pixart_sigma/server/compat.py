@@ -375,8 +375,8 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
             body[name] = raw[name]
     for theirs, ours in A1111_NAMES.items():
         if raw.get(theirs) is not None:
-            if raw.get(ours) is not None:
-                problems.append(f"{theirs} and {ours} are the same setting: send only one")
+            if raw.get(ours) is not None and raw.get(ours) != raw.get(theirs):  # the same value twice is no conflict
+                problems.append(f"{theirs} and {ours} are the same setting with different values: send only one")
             body[ours] = raw[theirs]
             names[ours] = theirs
 
@@ -404,9 +404,11 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
 
     overrides = raw.get("override_settings")
     if isinstance(overrides, dict) and overrides.get("sd_model_checkpoint") is not None:
-        if raw.get("model_name") is not None:
-            problems.append("override_settings.sd_model_checkpoint and model_name are the same setting: send one")
-        body["model_name"] = _checkpoint(overrides["sd_model_checkpoint"], service)
+        chosen_model = _checkpoint(overrides["sd_model_checkpoint"], service)
+        if raw.get("model_name") is not None and raw.get("model_name") != chosen_model:
+            problems.append("override_settings.sd_model_checkpoint and model_name are the same setting with "
+                            "different values: send one")
+        body["model_name"] = chosen_model
         names["model_name"] = "sd_model_checkpoint"
 
     for name, (off, why) in A1111_REFUSED.items():
