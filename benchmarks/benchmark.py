@@ -220,6 +220,7 @@ def bench_vae_tiling(model: PixArtSigmaModel, size: int, steps: int, device) -> 
 
 def ours_pipeline(pipe, device):
     """The baseline's modules in the dtypes our dtype=auto picks on this device (a copy when they differ)."""
+    from pixart_sigma.checkpoints import vae_dtype
     from pixart_sigma.devices import resolve_dtype, text_encoder_dtype
 
     dtype = resolve_dtype("auto", device)
@@ -228,7 +229,7 @@ def ours_pipeline(pipe, device):
         return pipe
     ours = copy.deepcopy(pipe)
     ours.transformer.to(dtype)
-    ours.vae.to(torch.float32 if dtype == torch.float16 else dtype)
+    ours.vae.to(vae_dtype(dtype))
     ours.text_encoder.to(text_dtype)
     return ours
 

@@ -528,6 +528,13 @@ def loading_guard(folder: Path, what: str):
         raise CheckpointError(f"cannot load the {what} from {folder}: {type(exc).__name__}: {exc}"[:2000]) from None
 
 
+def vae_dtype(dtype):
+    """The VAE's dtype for a model in `dtype`: the SDXL VAE overflows in float16 (NaN, black images), so float32 then."""
+    import torch
+
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def load_part(folder: Path, part: str, dtype):
     """One pipeline part, with PixArt-Sigma's own class for it (the folder's configs cannot pick another)."""
     check_part(folder, part)
@@ -537,12 +544,9 @@ def load_part(folder: Path, part: str, dtype):
 
             return PixArtTransformer2DModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         if part == "vae":
-            import torch
             from diffusers import AutoencoderKL
 
-            # The SDXL VAE overflows in float16 (NaN, black images): keep it in float32 then.
-            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-            return AutoencoderKL.from_pretrained(folder, dtype=vae_dtype, use_safetensors=True)
+            return AutoencoderKL.from_pretrained(folder, dtype=vae_dtype(dtype), use_safetensors=True)
         if part == "text_encoder":
             from transformers import T5EncoderModel
 

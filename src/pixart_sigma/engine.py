@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from .errors import Cancelled, GenerationError, SettingsError
-from .placement import OFFLOADED, PARTS, PartSizes, Placement, load_device, resolve_mode, stream_blocks
+from .placement import OFFLOADED, PARTS, PartSizes, Placement, place, resolve_mode
 from .settings import SAMPLERS, Settings, check_images_per_call, check_pixel_budget
 from .sizes import fit_to_size, plan_size
 
@@ -195,7 +195,6 @@ class Engine:
         self.located = located  # checkpoints.Located: the folders and hub revisions it was read from
         self.device = device
         self.dtype = dtype
-        self.memory = memory
         self.placement = Placement(memory, device, {part: getattr(pipeline, part) for part in PARTS})
         self.pipeline.set_progress_bar_config(disable=True)
         self.text = text or TextEncoder(pipeline.tokenizer, pipeline.text_encoder, device)
@@ -211,6 +210,11 @@ class Engine:
             resident = "transformer" not in OFFLOADED[self.memory]
             self._compiled_transformer = CompiledDenoiser(self.pipeline.transformer, self.device, resident)
         return self._compiled_transformer
+
+    @property
+    def memory(self) -> str:
+        """The concrete memory mode (placement.OFFLOADED)."""
+        return self.placement.mode
 
     @property
     def text_encoder_calls(self) -> int:
@@ -443,10 +447,8 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
         # take this lock, so they do not wait.
         with _read_lock, loading_guard(folder, part):
             value = load_part(folder, part, dtype)
-            if streamed and not device_free:
-                stream_blocks(value, device, part)
-            elif not device_free:
-                value = value.to(load_device(memory, part, device))
+            if not device_free:
+                place(value, memory, part, device)
         part_load_count += 1
         return value
 
@@ -502,13 +504,12 @@ def _evict_over_budget(device: torch.device, keep: tuple) -> None:
 
 
 def _part_sizes(located, dtype: torch.dtype, text_dtype: torch.dtype) -> PartSizes:
-    from .checkpoints import parameter_count
+    from .checkpoints import parameter_count, vae_dtype
 
     def size(part, part_dtype):
         return parameter_count(located.folders[part]) * torch.empty((), dtype=part_dtype).element_size()
 
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as checkpoints.load_part keeps it
-    return PartSizes(size("text_encoder", text_dtype), size("transformer", dtype), size("vae", vae_dtype))
+    return PartSizes(size("text_encoder", text_dtype), size("transformer", dtype), size("vae", vae_dtype(dtype)))
 
 
 def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype: Optional[torch.dtype] = None,

@@ -68,9 +68,12 @@ def resolve_mode(mode: str, device: torch.device, sizes_of) -> str:
     return chosen
 
 
-def load_device(mode: str, part: str, device: torch.device) -> torch.device:
-    """Where a part's weights are first put: off the device when this mode offloads it."""
-    return OFFLOAD_DEVICE if part in OFFLOADED[mode] else device
+def place(module: torch.nn.Module, mode: str, part: str, device: torch.device) -> None:
+    """Put a part where `mode` keeps it between uses: streamed block by block, off the device, or on it."""
+    if mode == "sequential-offload":
+        stream_blocks(module.to(OFFLOAD_DEVICE), device, part)
+    else:
+        module.to(OFFLOAD_DEVICE if part in OFFLOADED[mode] else device)
 
 
 # Where a part's block lists sit below its top level: group offloading looks only one level down,
@@ -114,10 +117,7 @@ class Placement:
     def settle(self) -> None:
         """Put each part where this mode keeps it between uses (for a pipeline the user hands over)."""
         for name, module in self.parts.items():
-            if self.mode == "sequential-offload":
-                stream_blocks(module.to(OFFLOAD_DEVICE), self.device, name)
-            else:
-                module.to(load_device(self.mode, name, self.device))
+            place(module, self.mode, name, self.device)
 
     @contextmanager
     def using(self, part: str) -> Iterator[torch.nn.Module]:
@@ -134,6 +134,6 @@ class Placement:
         finally:
             # Back off the device when this mode says so (also after a failed move: never half there),
             # unless an engine sharing the part keeps it on the device.
-            kept = any(True for _ in module.__dict__.get(KEEPERS, ()))
+            kept = bool(module.__dict__.get(KEEPERS))  # a WeakSet: empty once those engines are gone
             if part in OFFLOADED[self.mode] and self.device != OFFLOAD_DEVICE and not kept:
                 module.to(OFFLOAD_DEVICE)
