@@ -268,10 +268,13 @@ def test_serve_replica_killed_under_load_fails_clearly_and_is_replaced(service):
 
     names = [actor for actor in ray.util.list_named_actors(all_namespaces=True) if "#Generator#" in actor["name"]]
     assert len(names) == 1
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        waiting = [pool.submit(_post, service, prompt=f"a blue square {k}", num_inference_steps=60, seed=k)
-                   for k in range(3)]
-        time.sleep(1.0)  # the first is generating, the others wait in the queue
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # 200 steps (the most): about 2 s each on the CPU in bfloat16, so the first is still generating at the
+        # kill (60 steps took 0.7 s: it finished before the kill and nothing was in flight). Two requests: a third
+        # would find the queue (max_queued_requests=2, the one being routed counts) full.
+        waiting = [pool.submit(_post, service, prompt=f"a blue square {k}", num_inference_steps=200, seed=k)
+                   for k in range(2)]
+        time.sleep(1.0)  # the first is generating, the other waits in the queue
         ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
         responses = [future.result(timeout=120) for future in waiting]  # nothing hangs
     for response in responses:
