@@ -61,13 +61,19 @@ TWO_SHAPE_TEMPLATES = (
     "{bg} background with {obj} {pos} and {obj2} {pos2}",
 )
 
+# Words the tokenizer and text encoder know but no training caption ever uses: a fine-tune or a LoRA can
+# teach them ("a pink star") without touching the tokenizer. The renderer does not draw them yet.
+RESERVED_COLOUR_WORDS = ("pink", "brown")
+RESERVED_SHAPE_WORDS = ("star", "diamond")
+RESERVED_WORDS = RESERVED_COLOUR_WORDS + RESERVED_SHAPE_WORDS
+
 VOCABULARY = sorted({
     word for text in (
         " ".join(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES + NO_BACKGROUND_TEMPLATES + TWO_SHAPE_TEMPLATES),
         " ".join(w for words in SIZE_WORDS.values() for w in words),
         " ".join(w for words in POSITION_WORDS.values() for w in words),
         " ".join(w for words in COLOUR_WORDS.values() for w in words),
-        " ".join(SHAPES), "shape a an",
+        " ".join(SHAPES), "shape a an", " ".join(RESERVED_WORDS),
     ) for word in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text))
 })
 
@@ -151,10 +157,11 @@ def caption(scene: Scene, rng: np.random.Generator, templates: Optional[Sequence
 
 def _random_shape(rng: np.random.Generator, background: str, colour: Optional[str] = None,
                   shape: Optional[str] = None, size: Optional[str] = None,
-                  position: Optional[str] = None, allowed_pairs: Optional[set] = None) -> Shape:
+                  position: Optional[str] = None, allowed_pairs: Optional[set] = None,
+                  shape_odds: Optional[Sequence[float]] = None) -> Shape:
     while True:
         c = colour or _pick(rng, [x for x in FOREGROUND_COLOURS if x != background])
-        s = shape or _pick(rng, SHAPES)
+        s = shape or (_pick(rng, SHAPES) if shape_odds is None else SHAPES[int(rng.choice(len(SHAPES), p=shape_odds))])
         if allowed_pairs is None or (c, s) in allowed_pairs:
             break
     offset = tuple(int(v) for v in rng.integers(-JITTER, JITTER + 1, size=2))
@@ -164,21 +171,41 @@ def _random_shape(rng: np.random.Generator, background: str, colour: Optional[st
 TRAIN_PAIRS = {(c, s) for c in FOREGROUND_COLOURS for s in SHAPES} - set(HELD_OUT_PAIRS)
 
 
-def training_scene(rng: np.random.Generator, two_shapes: float = 0.1) -> Scene:
+def training_scene(rng: np.random.Generator, two_shapes: float = 0.1,
+                   shape_odds: Optional[Sequence[float]] = None) -> Scene:
     """A random training scene (two shapes with chance `two_shapes`): held-out pairs never appear;
-    some attributes go unnamed."""
+    some attributes go unnamed. `shape_odds`: the chance of each of SHAPES (default: equal)."""
     background = _pick(rng, BACKGROUND_COLOURS)
     if rng.random() < two_shapes:
-        axis = _pick(rng, (("left", "right"), ("top", "bottom")))
-        first = _random_shape(rng, background, size="small", position=axis[0], allowed_pairs=TRAIN_PAIRS)
-        second = _random_shape(rng, background, size="small", position=axis[1], allowed_pairs={
-            pair for pair in TRAIN_PAIRS if pair[0] != first.colour})
-        return Scene(background, (first, second), frozenset({"background", "colour", "shape", "size", "position"}))
+        return _two_shape_scene(rng, background, TRAIN_PAIRS, shape_odds)
     named = {"shape"} if rng.random() < 0.9 else set()
     for attribute, chance in (("colour", 0.85), ("background", 0.8), ("size", 0.6), ("position", 0.7)):
         if rng.random() < chance:
             named.add(attribute)
-    return Scene(background, (_random_shape(rng, background, allowed_pairs=TRAIN_PAIRS),), frozenset(named))
+    shape = _random_shape(rng, background, allowed_pairs=TRAIN_PAIRS, shape_odds=shape_odds)
+    return Scene(background, (shape,), frozenset(named))
+
+
+def _two_shape_scene(rng: np.random.Generator, background: str, pairs: set,
+                     shape_odds: Optional[Sequence[float]] = None) -> Scene:
+    """Two small shapes of different colours on opposite sides (left and right, or top and bottom)."""
+    axis = _pick(rng, (("left", "right"), ("top", "bottom")))
+    first = _random_shape(rng, background, size="small", position=axis[0], allowed_pairs=pairs, shape_odds=shape_odds)
+    second = _random_shape(rng, background, size="small", position=axis[1], shape_odds=shape_odds,
+                           allowed_pairs={pair for pair in pairs if pair[0] != first.colour})
+    return Scene(background, (first, second), frozenset({"background", "colour", "shape", "size", "position"}))
+
+
+def two_shape_prompts(count: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """`count` prompts naming two small shapes of training colour-shape pairs on opposite sides, in
+    the two-shape wordings ("a small red circle on the left and a small blue square on the right on
+    a white background"): the scenes image editing is proven on."""
+    rng = np.random.default_rng([seed, 2])
+    prompts = []
+    for _ in range(count):
+        scene = _two_shape_scene(rng, _pick(rng, BACKGROUND_COLOURS), TRAIN_PAIRS)
+        prompts.append((caption(scene, rng), scene))
+    return prompts
 
 
 def rendered_scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -251,8 +278,14 @@ def _labels(image: Image.Image) -> np.ndarray:
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of `mask`."""
+    components = _components(mask)
+    return components[0] if components else np.zeros_like(mask, dtype=bool)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of `mask`, largest first."""
     seen = np.zeros_like(mask, dtype=bool)
-    best: list = []
+    regions: list = []
     height, width = mask.shape
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
@@ -266,12 +299,13 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     stack.append((ny, nx))
-        if len(region) > len(best):
-            best = region
-    out = np.zeros_like(mask, dtype=bool)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
+        regions.append(region)
+    out = []
+    for region in sorted(regions, key=len, reverse=True):
+        component = np.zeros_like(mask, dtype=bool)
+        ys, xs = zip(*region)
+        component[list(ys), list(xs)] = True
+        out.append(component)
     return out
 
 
@@ -320,11 +354,74 @@ def _position_of(top: int, bottom: int, left: int, right: int) -> str:
     return "top" if dy < 0 else "bottom"
 
 
+def _background(labels: np.ndarray) -> int:
+    """The border's colour."""
+    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
+    return int(np.bincount(border, minlength=len(_NAMES)).argmax())
+
+
+def _read_region(labels: np.ndarray, background: int, mask: np.ndarray) -> Reading:
+    """A shape's colour (its most common palette colour), shape, size and position."""
+    colour = Counter(int(v) for v in labels[mask & (labels != background)]).most_common(1)[0][0]
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    extent = max(bottom - top, right - left) + 1
+    size = "large" if extent >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
+    return Reading(_NAMES[background], _NAMES[colour], _shape_of(mask[top:bottom + 1, left:right + 1]), size,
+                   _position_of(top, bottom, left, right))
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """The pixels of `mask` whose four neighbours are in it too."""
+    inside = mask.copy()
+    inside[1:] &= mask[:-1]
+    inside[:-1] &= mask[1:]
+    inside[:, 1:] &= mask[:, :-1]
+    inside[:, :-1] &= mask[:, 1:]
+    return inside
+
+
+def read_shapes(image: Image.Image) -> list[Reading]:
+    """Every shape in a picture, largest first: each colour besides the background's with an inside (at
+    least MIN_SHAPE_PIXELS / 2 pixels whose four neighbours share it) is one shape (its largest region),
+    with the blended colours along edges given to the nearest such colour, so that two shapes that touch
+    are still read apart."""
+    labels = _labels(image)
+    background = _background(labels)
+    shape_pixels = labels != background
+    # A shape's colour has an inside; the blend along an edge is a thin ring of pixels with next to none.
+    colours = [c for c in range(len(_NAMES)) if c != background and _interior(labels == c).sum() >= MIN_SHAPE_PIXELS // 2]
+    if not colours:
+        return []
+    owner = labels.copy()
+    blended = shape_pixels & ~np.isin(labels, colours)
+    if blended.any():
+        points = np.argwhere(blended)
+        nearest = np.stack([np.min(((points[:, None] - np.argwhere(labels == c)[None]) ** 2).sum(-1), axis=1)
+                            for c in colours])
+        owner[tuple(points.T)] = np.array(colours)[nearest.argmin(0)]
+    readings = []
+    for colour in colours:
+        mask = _largest_component(shape_pixels & (owner == colour))
+        if mask.sum() >= MIN_SHAPE_PIXELS:
+            readings.append((int(mask.sum()), _read_region(owner, background, mask)))
+    return [reading for _, reading in sorted(readings, key=lambda pair: -pair[0])]
+
+
+def two_shape_score(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> float:
+    """Share of pictures that show exactly the named shapes: each in its colour and its shape at its
+    position, and no other shape."""
+    right = 0
+    for scene, image in zip(scenes, images):
+        found = {(r.colour, r.shape, r.position) for r in read_shapes(image)}
+        right += len(found) == len(scene.shapes) and found == {(s.colour, s.shape, s.position) for s in scene.shapes}
+    return right / len(scenes)
+
+
 def read(image: Image.Image) -> Reading:
     """Read one picture: background = the border's colour; the shape = the main other colour."""
     labels = _labels(image)
-    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
-    background = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    background = _background(labels)
     inside = labels[2:-2, 2:-2]
     counts = Counter(int(v) for v in inside[inside != background].ravel())
     if not counts or counts.most_common(1)[0][1] < MIN_SHAPE_PIXELS:
@@ -334,12 +431,7 @@ def read(image: Image.Image) -> Reading:
     mask = _largest_component(labels != background)
     if mask.sum() < MIN_SHAPE_PIXELS:
         return Reading(_NAMES[background], _NAMES[colour], None, None, None)
-    ys, xs = np.nonzero(mask)
-    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
-    extent = max(bottom - top, right - left) + 1
-    size = "large" if extent >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
-    return Reading(_NAMES[background], _NAMES[colour], _shape_of(mask[top:bottom + 1, left:right + 1]), size,
-                   _position_of(top, bottom, left, right))
+    return dataclasses.replace(_read_region(labels, background, mask), colour=_NAMES[colour])
 
 
 def score(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict:
@@ -363,6 +455,25 @@ def shape_score_per_shape(scenes: Sequence[Scene], images: Sequence[Image.Image]
         if pairs:
             per_shape[shape] = score(*zip(*pairs))["shape"]
     return per_shape
+
+
+def negative_prompt_trial(prompts: Sequence[tuple[str, Scene]], first_seed: int = 0, **settings) -> tuple[int, int, int]:
+    """A paired check of negative prompts, on prompts that name no shape colour: each is drawn plainly,
+    then again with the same seed, once with the colour it drew as the negative prompt and once with
+    another colour (one the picture does not have). Returns how many plain pictures show a shape
+    colour, how many of them lose it with itself as the negative prompt, and how many with the other."""
+    drawn = lost_to_itself = lost_to_another = 0
+    for k, ((prompt, scene), image) in enumerate(zip(prompts, generate_images(prompts, first_seed, **settings))):
+        colour = read(image).colour
+        if colour not in FOREGROUND_COLOURS:
+            continue
+        another = next(c for c in FOREGROUND_COLOURS if c not in (colour, scene.background))
+        again = [generate_images([(prompt, scene)], first_seed + k, negative_prompt=negative, **settings)[0]
+                 for negative in (colour, another)]
+        drawn += 1
+        lost_to_itself += read(again[0]).colour != colour
+        lost_to_another += read(again[1]).colour != colour
+    return drawn, lost_to_itself, lost_to_another
 
 
 def colour_share(images: Sequence[Image.Image], colour: str) -> float:
