@@ -58,8 +58,7 @@ def _start_worker():
 def make_batch(index: int):
     """Batch `index` of the cache: latents (scaled later), token ids and masks; 10% of captions empty."""
     rng = np.random.default_rng([7, index])
-    images, captions = trainer.render_batch(rng, BATCH)
-    captions = ["" if rng.random() < trainer.CAPTION_DROP else text for text in captions]
+    images, captions = trainer.transformer_pictures(rng, BATCH)
     latents = trainer.fixed_latent(images).numpy().astype(np.float32)
     tokens = _tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="np")
     assert tokens["attention_mask"].sum(1).max() < MAX_TOKENS
