@@ -4,7 +4,8 @@ Everything goes through the public API (`PixArtSigmaModel(...).generate(prompt)`
 settings unless a row says otherwise: 20 steps of DPM-Solver++, guidance 4.5, the native 64x64.
 
     python tools/evaluate_demo_model.py                    # the bundled demo, 360 held-out prompts
-    python tools/evaluate_demo_model.py --model-name DIR --prompts 40 --grid docs/demo-grid.png
+    python tools/evaluate_demo_model.py --model-name DIR --prompts 40
+    python tools/evaluate_demo_model.py --grid docs/demo-grid.png  # the doc's picture, then stop
     python tools/evaluate_demo_model.py --device cuda --dtype float32  # the same on a GPU
 """
 
@@ -34,6 +35,22 @@ def header(first: str) -> str:
     return f"| {first} | prompts | " + " | ".join(ATTRIBUTES) + " |\n|---|---|" + "---|" * len(ATTRIBUTES)
 
 
+def write_grid(path: str, models: list) -> None:
+    """Three rows of 8 pictures (128 px each) per model, one model below the other: the first 16
+    held-out prompts, then the first 8 two-shape prompts."""
+    prompts = world.evaluation_prompts(16) + world.two_shape_prompts(8)
+    grid = Image.new("RGB", (8 * 64, 3 * 64 * len(models)))
+    for row, model in enumerate(models):
+        for k, image in enumerate(world.generate_images(prompts, **model)):
+            grid.paste(image, (64 * (k % 8), 64 * (3 * row + k // 8)))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+    print("grid prompts, row by row: " + " · ".join(f"{k + 1}. {p}" for k, (p, _) in enumerate(prompts)))
+
+
+def all_right(scene, image) -> bool:
+    return min(world.score([scene], [image]).values()) == 1
+
+
 def checker_on_renders(count: int) -> dict:
     scenes = world.rendered_scenes(count, seed=123)
     return world.score(scenes, [world.render(scene) for scene in scenes])
@@ -44,18 +61,33 @@ def main() -> None:
     parser.add_argument("--model-name", default="demo")
     parser.add_argument("--prompts", type=int, default=360, help="held-out prompts (half pairs, half wordings; 120 read colour within about 3 points either way)")
     parser.add_argument("--negative-prompts", type=int, default=30, help="colourless prompts per colour")
-    parser.add_argument("--grid", help="also write a PNG grid of the first 16 held-out pictures here")
+    parser.add_argument("--grid", help="write a PNG grid here (the first 16 held-out prompts, then the first 8 "
+                                       "two-shape prompts) and stop")
+    parser.add_argument("--grid-above", nargs="*", default=[], metavar="MODEL",
+                        help="with --grid: draw these models' rows above (e.g. an earlier checkpoint)")
     parser.add_argument("--device", default="cpu", help="where the pictures are generated (the README's figures: cpu)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 where the CPU or GPU has it natively, else float32 (float16 on older GPUs)")
+    parser.add_argument("--two-shape-prompts", type=int, default=200, help="prompts naming two shapes")
+    parser.add_argument("--negative-trials", type=int, default=40, help="colourless prompts for the paired negative-prompt check (each drawn 6 or 7 times)")
+    parser.add_argument("--only-held-out", action="store_true",
+                        help="only the held-out, two-shape and guidance figures (skip samplers and negative prompts)")
     args = parser.parse_args()
     started = time.time()
     model = {"model_name": args.model_name, "device": args.device, "dtype": args.dtype}
     print(f"generating on {args.device} in dtype={args.dtype}\n")
 
+    if args.grid:
+        write_grid(args.grid, [dict(model, model_name=name) for name in args.grid_above] + [model])
+        return
     print(header("checker on rendered pictures"))
     print(row("renderer's own pictures (all attributes named)", checker_on_renders(1000), 1000))
     vae = load_pipeline(resolve_checkpoint(args.model_name), torch.float32).vae
-    print(row("the same, decoded by the VAE from their exact latents", vae_round_trip(vae, 1000, seed=123), 1000))
+    round_trip = vae_round_trip(vae, 1000, seed=123)
+    print(row("the same, decoded by the VAE from their exact latents", round_trip, 1000))
+    print("| shape right per shape after the VAE | | " + ", ".join(f"{k} {v:.0%}" for k, v in round_trip["per_shape"].items()) + " | | | | |")
+    two = world.two_shape_prompts(300, seed=123)
+    print(f"| the checker on rendered two-shape pictures | 300 | "
+          f"{world.two_shape_score([s for _, s in two], [world.render(s) for _, s in two]):.0%} | | | | |")
 
     prompts = world.evaluation_prompts(args.prompts)
     scenes = [scene for _, scene in prompts]
@@ -70,13 +102,26 @@ def main() -> None:
         if guidance == 4.5:
             per_shape = world.shape_score_per_shape(scenes, images)
             print(f"| {tag}, shape right per shape | | " + ", ".join(f"{k} {v:.0%}" for k, v in per_shape.items()) + " | | | | |")
-        if guidance == 4.5 and args.grid:
-            grid = Image.new("RGB", (8 * 64, 2 * 64))
-            for k, image in enumerate(images[:16]):
-                grid.paste(image, (64 * (k % 8), 64 * (k // 8)))
-            grid.resize((8 * 128, 2 * 128), Image.NEAREST).save(args.grid)
-            print("\ngrid prompts, row by row: " + " · ".join(f"{k + 1}. {p}" for k, (p, _) in enumerate(prompts[:16])))
-            print()
+            guided = images
+        else:
+            # Paired, prompt by prompt (same seed): pictures right on every named attribute at 4.5 but
+            # not at 1.0, and the reverse.
+            better = sum(all_right(s, g) and not all_right(s, u) for s, g, u in zip(scenes, guided, images))
+            worse = sum(all_right(s, u) and not all_right(s, g) for s, g, u in zip(scenes, guided, images))
+            print(f"| paired: right on every named attribute at 4.5 but not 1.0 / the reverse | {len(scenes)} | "
+                  f"{better} / {worse} | | | | |")
+
+    two = world.two_shape_prompts(args.two_shape_prompts)
+    images = world.generate_images(two, **model)
+    print(f"| two shapes, both drawn in their colour, shape and place | {len(two)} | "
+          f"{world.two_shape_score([s for _, s in two], images):.0%} | | | | |")
+    trial = world.colourless_prompts(args.negative_trials, seed=7)
+    pairs, plain_matches, negative_matches = world.negative_prompt_trial(trial, **model)
+    print(f"| negative prompt naming a colour, paired: pictures in that colour without / with it | {pairs} | "
+          f"{plain_matches} / {negative_matches} | | | | |")
+    if args.only_held_out:
+        print(f"\nevaluated in {(time.time() - started) / 60:.1f} min")
+        return
 
     seen = world.evaluation_prompts(len(prompts) // 2, seed=1, held_out=False)
     images = world.generate_images(seen, **model)

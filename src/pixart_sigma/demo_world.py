@@ -458,22 +458,20 @@ def shape_score_per_shape(scenes: Sequence[Scene], images: Sequence[Image.Image]
 
 
 def negative_prompt_trial(prompts: Sequence[tuple[str, Scene]], first_seed: int = 0, **settings) -> tuple[int, int, int]:
-    """A paired check of negative prompts, on prompts that name no shape colour: each is drawn plainly,
-    then again with the same seed, once with the colour it drew as the negative prompt and once with
-    another colour (one the picture does not have). Returns how many plain pictures show a shape
-    colour, how many of them lose it with itself as the negative prompt, and how many with the other."""
-    drawn = lost_to_itself = lost_to_another = 0
+    """Negative prompts, paired: each prompt (naming no shape colour) is drawn plainly, then with the same
+    seed once per shape colour (but its background's) with that colour as the negative prompt. Returns
+    (prompt-colour pairs, how many plain pictures show the pair's colour, how many negative pictures
+    show the colour their negative prompt names). A negative prompt that did nothing would show about as
+    many as the plain pictures do (each plain picture counts once, for its own colour)."""
+    pairs = plain_matches = negative_matches = 0
     for k, ((prompt, scene), image) in enumerate(zip(prompts, generate_images(prompts, first_seed, **settings))):
-        colour = read(image).colour
-        if colour not in FOREGROUND_COLOURS:
-            continue
-        another = next(c for c in FOREGROUND_COLOURS if c not in (colour, scene.background))
-        again = [generate_images([(prompt, scene)], first_seed + k, negative_prompt=negative, **settings)[0]
-                 for negative in (colour, another)]
-        drawn += 1
-        lost_to_itself += read(again[0]).colour != colour
-        lost_to_another += read(again[1]).colour != colour
-    return drawn, lost_to_itself, lost_to_another
+        drawn = read(image).colour
+        for colour in (c for c in FOREGROUND_COLOURS if c != scene.background):
+            negative = generate_images([(prompt, scene)], first_seed + k, negative_prompt=colour, **settings)[0]
+            pairs += 1
+            plain_matches += drawn == colour
+            negative_matches += read(negative).colour == colour
+    return pairs, plain_matches, negative_matches
 
 
 def colour_share(images: Sequence[Image.Image], colour: str) -> float:
