@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--two-shape-prompts", type=int, default=200, help="prompts naming two shapes")
     parser.add_argument("--negative-trials", type=int, default=40, help="colourless prompts for the paired negative-prompt check (each drawn 6 or 7 times)")
     parser.add_argument("--only-held-out", action="store_true",
-                        help="only the held-out, two-shape and guidance figures (skip samplers and negative prompts)")
+                        help="only the held-out, two-shape, guidance and paired negative-prompt figures (skip the "
+                             "per-sampler and per-colour tables)")
     args = parser.parse_args()
     started = time.time()
     model = {"model_name": args.model_name, "device": args.device, "dtype": args.dtype}

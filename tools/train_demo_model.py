@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -483,7 +484,7 @@ def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, to
         f" ({args.precision}{', compiled' if args.compile else ''})"
         + (f", resumed after step {first}" if first else ""))
     started, losses = time.time(), []
-    last = min(args.steps, args.stop_after or args.steps)
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     for step in range(first, last):
         for group in training.optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
@@ -498,6 +499,10 @@ def train_transformer(args, vae: AutoencoderKL, text_encoder: T5EncoderModel, to
             save_pipeline(args.output, transformer, text_encoder, vae)
             ema.restore(parameters)
             log(f"saved the EMA weights of step {step + 1} to {args.output} (and the training state to {args.state})")
+    if first >= last:  # nothing left to train: write what the state holds
+        ema.copy_to(parameters)
+        save_pipeline(args.output, transformer, text_encoder, vae)
+        log(f"the state had trained {first} steps already: wrote its EMA weights to {args.output}")
 
 
 TRANSFORMER_STATE = "transformer-training.pt"
@@ -521,6 +526,7 @@ def resume_transformer(path: Path, training: TransformerTraining, rng: np.random
     training.transformer.load_state_dict(state["transformer"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.ema.load_state_dict(state["ema"])
+    training.ema.to(next(training.transformer.parameters()).device)  # loaded on the CPU
     rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
@@ -532,12 +538,15 @@ def open_state(args) -> None:
     settings. A folder holding another recipe's run is left alone unless --fresh says to discard it."""
     recipe = {k: str(v) for k, v in sorted(vars(args).items())
               if k not in ("output", "state", "stop_after", "save_every", "fresh")}
+    # The code is part of the recipe: a changed constant (layers, data mix) must not reuse old stages.
+    recipe["code"] = hashlib.sha256(Path(__file__).read_bytes() + Path(demo_world.__file__).read_bytes()).hexdigest()[:16]
     recipe_file = args.state / "recipe.json"
     if args.fresh:
         shutil.rmtree(args.state, ignore_errors=True)
     elif recipe_file.exists() and json.loads(recipe_file.read_text()) != recipe:
-        differences = ", ".join(f"{k}: {v} there, {recipe.get(k)} here"
-                                for k, v in json.loads(recipe_file.read_text()).items() if recipe.get(k) != v)
+        held = json.loads(recipe_file.read_text())
+        differences = ", ".join(f"{k}: {held.get(k)} there, {recipe.get(k)} here"
+                                for k in sorted(set(held) | set(recipe)) if held.get(k) != recipe.get(k))
         raise SystemExit(f"error: --state {args.state} holds a run with other settings ({differences}); "
                          "give another --state, or --fresh to discard that run")
     args.state.mkdir(parents=True, exist_ok=True)
@@ -629,7 +638,7 @@ def main() -> None:
     text_encoder = stage(args, "text_encoder", load_text_encoder, lambda: train_text_encoder(args, tokenizer),
                          lambda m, d: m.save_pretrained(d)).to(args.device).requires_grad_(False).eval()
     train_transformer(args, vae, text_encoder, tokenizer)
-    if args.stop_after and args.stop_after < args.steps:
+    if args.stop_after is not None and args.stop_after < args.steps:
         log(f"stopped after step {args.stop_after}: the same command goes on from there")
         return
     size = sum(p.stat().st_size for p in args.output.rglob("*.safetensors"))
