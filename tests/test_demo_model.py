@@ -48,8 +48,8 @@ GUIDANCE_SAMPLE = 216
 # showed the pair's colour 35 times, the negative ones 8 (bfloat16: 7).
 NEGATIVE_MEASURED = 8 / 216
 # A sampler that washes colours out (ddim once clipped its latents: half the others' score) falls far
-# below this bar on 12 prompts; with the first demo model (2026-11-27) every sampler read background
-# and colour 96-100% on 180 prompts (not yet measured per sampler for the second).
+# below this bar on 12 prompts; every sampler reads background and colour 97-100% on 180 prompts in
+# float32 (docs/demo-model.md).
 SAMPLER_SAMPLE, SAMPLER_FLOOR = 12, 0.75
 NEGATIVE_SAMPLE = 24  # colourless prompts, drawn 6 or 7 times each
 # A reserved word's state must lie at least this many times the mean distance between trained words from
