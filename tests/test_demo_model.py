@@ -235,9 +235,7 @@ def test_guidance_draws_what_was_asked_more_often_than_no_guidance():
     prompts = world.evaluation_prompts(GUIDANCE_SAMPLE)
     guided, unguided = (world.generate_images(prompts, device="cpu", dtype="float32", guidance_scale=guidance)
                         for guidance in (4.5, 1.0))
-    right = lambda scene, image: min(world.score([scene], [image]).values()) == 1  # noqa: E731
-    pairs = [(right(s, g), right(s, u)) for (_, s), g, u in zip(prompts, guided, unguided)]
-    better, worse = pairs.count((True, False)), pairs.count((False, True))
+    better, worse = world.paired_wins([scene for _, scene in prompts], guided, unguided)
     assert better > worse, (better, worse)
 
 

@@ -47,10 +47,6 @@ def write_grid(path: str, models: list) -> None:
     print("grid prompts, row by row: " + " · ".join(f"{k + 1}. {p}" for k, (p, _) in enumerate(prompts)))
 
 
-def all_right(scene, image) -> bool:
-    return min(world.score([scene], [image]).values()) == 1
-
-
 def checker_on_renders(count: int) -> dict:
     scenes = world.rendered_scenes(count, seed=123)
     return world.score(scenes, [world.render(scene) for scene in scenes])
@@ -107,8 +103,7 @@ def main() -> None:
         else:
             # Paired, prompt by prompt (same seed): pictures right on every named attribute at 4.5 but
             # not at 1.0, and the reverse.
-            better = sum(all_right(s, g) and not all_right(s, u) for s, g, u in zip(scenes, guided, images))
-            worse = sum(all_right(s, u) and not all_right(s, g) for s, g, u in zip(scenes, guided, images))
+            better, worse = world.paired_wins(scenes, guided, images)
             print(f"| paired: right on every named attribute at 4.5 but not 1.0 / the reverse | {len(scenes)} | "
                   f"{better} / {worse} | | | | |")
 

@@ -255,9 +255,7 @@ class CaptionCodes:
             if word in SHAPE_WORDS:
                 seen += 1
             # Size and colour words come before their shape's word, the position after it.
-            if word in POSITION_OF_WORD:
-                owner = seen - 1
-            elif word in SHAPE_WORDS:
+            if word in POSITION_OF_WORD or word in SHAPE_WORDS:
                 owner = seen - 1
             elif word in SIZE_OF_WORD or word in COLOUR_OF_WORD:
                 owner = seen
@@ -281,16 +279,20 @@ class CaptionCodes:
                 vector += table[index]
         return vector / vector.pow(2).mean().sqrt()
 
-    def targets(self, tokenizer, scenes, captions, length: int) -> torch.Tensor:
-        """(count, length, width) codes for the captions' tokens as `tokenizer` pads them to `length`.
+    def targets(self, scenes, captions, length: int) -> torch.Tensor:
+        """(count, length, width) codes for the captions' tokens, padded to `length` as `encode` pads them.
         Each word is one token (the demo tokenizer's vocabulary is the captions' words), then </s>."""
         out = torch.zeros(len(captions), length, self.roles.shape[1])
         for row, (scene, text) in enumerate(zip(scenes, captions)):
-            words = text.replace(",", " ,").split()
-            labels = self.labels(scene, words) + [("filler",)]  # </s>
+            labels = self.labels(scene, caption_words(text)) + [("filler",)]  # </s>
             for column, label in enumerate(labels[:length]):
                 out[row, column] = self.code(label)
         return out
+
+
+def caption_words(text: str) -> list[str]:
+    """A caption's words as the demo tokenizer splits them into tokens (a comma is a token of its own)."""
+    return text.replace(",", " ,").split()
 
 
 def caption_batch(rng, count: int) -> tuple[list, list[str]]:
@@ -335,7 +337,7 @@ def train_text_encoder(args, tokenizer) -> T5EncoderModel:
             group["lr"] = cosine_lr(step, args.text_steps, TEXT_LR, 50)
         scenes, captions = caption_batch(rng, 256)
         states, mask = encode(text_encoder, tokenizer, captions, CAPTION_TOKENS, args.device)
-        loss = text_loss(states, mask, codes.targets(tokenizer, scenes, captions, CAPTION_TOKENS).to(args.device))
+        loss = text_loss(states, mask, codes.targets(scenes, captions, CAPTION_TOKENS).to(args.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -357,7 +359,7 @@ def read_back(text_encoder, tokenizer, codes: CaptionCodes, prompts, device) -> 
     scenes, captions = [scene for _, scene in prompts], [text for text, _ in prompts]
     with torch.no_grad():
         states, mask = encode(text_encoder, tokenizer, captions, CAPTION_TOKENS, device)
-    targets = codes.targets(tokenizer, scenes, captions, CAPTION_TOKENS)
+    targets = codes.targets(scenes, captions, CAPTION_TOKENS)
     states = states.float().cpu()
     error = text_loss(states, mask.cpu(), targets).item()
     labels = [("filler",)] + [("background", k) for k in range(len(demo_world.BACKGROUND_COLOURS) + 1)]
@@ -366,7 +368,7 @@ def read_back(text_encoder, tokenizer, codes: CaptionCodes, prompts, device) -> 
     every_code = torch.stack([codes.code(label) for label in labels])
     right = {name: [] for name in ("role", "background") + tuple(name for name, _ in ATTRIBUTE_VALUES)}
     for row, (scene, text) in enumerate(zip(scenes, captions)):
-        for column, label in enumerate(codes.labels(scene, text.replace(",", " ,").split())):
+        for column, label in enumerate(codes.labels(scene, caption_words(text))):
             nearest = labels[int(((every_code - states[row, column]) ** 2).sum(-1).argmin())]
             right["role"].append(nearest[0] == label[0])
             if label[0] == "background":
@@ -543,8 +545,7 @@ def open_state(args) -> None:
     recipe_file = args.state / "recipe.json"
     if args.fresh:
         shutil.rmtree(args.state, ignore_errors=True)
-    elif recipe_file.exists() and json.loads(recipe_file.read_text()) != recipe:
-        held = json.loads(recipe_file.read_text())
+    elif recipe_file.exists() and (held := json.loads(recipe_file.read_text())) != recipe:
         differences = ", ".join(f"{k}: {held.get(k)} there, {recipe.get(k)} here"
                                 for k in sorted(set(held) | set(recipe)) if held.get(k) != recipe.get(k))
         raise SystemExit(f"error: --state {args.state} holds a run with other settings ({differences}); "
@@ -553,15 +554,15 @@ def open_state(args) -> None:
     recipe_file.write_text(json.dumps(recipe, indent=1))
 
 
-def stage(args, name: str, build, train, save) -> torch.nn.Module:
-    """A finished stage's module from the state folder, else train it and keep it there."""
+def stage(args, name: str, build, train) -> torch.nn.Module:
+    """A finished stage's module from the state folder (read by `build`), else train it and keep it there."""
     folder = args.state / name
     if (folder / "done").exists():
         log(f"{name}: taken from {folder}")
         return build(folder)
     module = train()
     shutil.rmtree(folder, ignore_errors=True)
-    save(module, folder)
+    module.save_pretrained(folder)
     (folder / "done").touch()
     return module
 
@@ -626,7 +627,7 @@ def main() -> None:
         vae = load_vae(args.vae).to(args.device)
         log(f"vae: taken from {args.vae}")
     else:
-        vae = stage(args, "vae", load_vae, lambda: train_vae(args), lambda m, d: m.save_pretrained(d)).to(args.device)
+        vae = stage(args, "vae", load_vae, lambda: train_vae(args)).to(args.device)
     for parameter in vae.parameters():
         parameter.requires_grad_(False)
     scores = vae_round_trip(vae, seed=args.seed + 5, device=args.device)
@@ -635,8 +636,8 @@ def main() -> None:
         + "; shape per shape: " + ", ".join(f"{k} {v:.0%}" for k, v in per_shape.items()))
     tokenizer = tiny_tokenizer(demo_world.VOCABULARY)
     # Then frozen, as PixArt trains with its T5.
-    text_encoder = stage(args, "text_encoder", load_text_encoder, lambda: train_text_encoder(args, tokenizer),
-                         lambda m, d: m.save_pretrained(d)).to(args.device).requires_grad_(False).eval()
+    text_encoder = stage(args, "text_encoder", load_text_encoder,
+                         lambda: train_text_encoder(args, tokenizer)).to(args.device).requires_grad_(False).eval()
     train_transformer(args, vae, text_encoder, tokenizer)
     if args.stop_after is not None and args.stop_after < args.steps:
         log(f"stopped after step {args.stop_after}: the same command goes on from there")

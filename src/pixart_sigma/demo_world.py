@@ -457,6 +457,18 @@ def shape_score_per_shape(scenes: Sequence[Scene], images: Sequence[Image.Image]
     return per_shape
 
 
+def reads_as_named(scene: Scene, image: Image.Image) -> bool:
+    """Whether the checker reads every attribute the prompt named (single shapes)."""
+    return min(score([scene], [image]).values()) == 1
+
+
+def paired_wins(scenes: Sequence[Scene], first: Sequence[Image.Image], second: Sequence[Image.Image]) -> tuple[int, int]:
+    """Two sets of pictures of the same prompts and seeds, compared picture by picture: how many read as
+    named only in `first`, and how many only in `second`."""
+    right = [(reads_as_named(s, a), reads_as_named(s, b)) for s, a, b in zip(scenes, first, second)]
+    return right.count((True, False)), right.count((False, True))
+
+
 def negative_prompt_trial(prompts: Sequence[tuple[str, Scene]], first_seed: int = 0, **settings) -> tuple[int, int, int]:
     """Negative prompts, paired: each prompt (naming no shape colour) is drawn plainly, then with the same
     seed once per shape colour (but its background's) with that colour as the negative prompt. Returns
