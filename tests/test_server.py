@@ -423,34 +423,57 @@ def test_job_history_is_newest_first_and_pages(client):
     for job in made:
         wait_for_job(client, job["id"], timeout=60)
     first = client.get("/v1/jobs", params={"limit": 2}).json()
-    assert first["limit"] == 2 and first["offset"] == 0 and first["total"] >= 3
+    assert first["limit"] == 2 and first["total"] >= 3
     assert [job["id"] for job in first["jobs"]] == [made[2]["id"], made[1]["id"]]
-    assert first["next_offset"] == 2
+    assert first["next"]
     seen, page, pages = [], first, 0
     while True:
         pages += 1
         assert pages <= 100
         seen += page["jobs"]
-        if page["next_offset"] is None:
+        if page["next"] is None:
             break
-        page = client.get("/v1/jobs", params={"limit": 2, "offset": page["next_offset"]}).json()
+        page = client.get("/v1/jobs", params={"limit": 2, "before": page["next"]}).json()
     assert len(seen) == first["total"] == len({job["id"] for job in seen})
     created = [job["created"] for job in seen]
     assert created == sorted(created, reverse=True)
-    assert client.get("/v1/jobs", params={"offset": first["total"]}).json()["jobs"] == []
     whole = client.get("/v1/jobs", params={"limit": 100}).json()
-    assert whole["next_offset"] is None or whole["total"] > 100
-    default = client.get("/v1/jobs").json()
-    assert default["limit"] == 20 and default["offset"] == 0
+    assert whole["next"] is None or whole["total"] > 100
+    assert client.get("/v1/jobs").json()["limit"] == 20
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1000}, {"limit": 101}, {"limit": -1}, {"offset": -1}])
+def test_paging_while_jobs_are_added_never_repeats_or_skips_a_job(client):
+    for job in [submit(client, {"prompt": f"walk {k}", "num_inference_steps": 1, "seed": k}) for k in range(4)]:
+        wait_for_job(client, job["id"], timeout=60)
+    before = {job["id"] for job in client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]}
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    seen, added = [], []
+    while True:
+        seen += [job["id"] for job in page["jobs"]]
+        if len(added) < 3:  # each would shift an offset by one
+            added.append(submit(client, {"prompt": "added while paging", "num_inference_steps": 1}))
+        if page["next"] is None or len(seen) > 200:
+            break
+        page = client.get("/v1/jobs", params={"limit": 2, "before": page["next"]}).json()
+    for job in added:
+        wait_for_job(client, job["id"], timeout=60)
+    assert len(seen) == len(set(seen))
+    assert before <= set(seen)  # every job there when the walk began, once
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1000}, {"limit": 101}, {"limit": -1},
+                                    {"before": "x"}, {"before": "1.5_" + "g" * 32}, {"before": "1" * 100}])
 def test_job_history_bad_page_is_422(client, params):
     error = error_of(client.get("/v1/jobs", params=params), 422)
     assert error["param"] == next(iter(params))
 
 
-@pytest.mark.parametrize("params", [{"limit": "abc"}, {"offset": "x"}, {"limit": "1.5"}])
+def test_an_offset_is_refused_with_what_to_send_instead(client):
+    error = error_of(client.get("/v1/jobs", params={"offset": 20}), 422)
+    assert error["param"] == "offset" and "before" in error["message"] and "next" in error["message"]
+
+
+@pytest.mark.parametrize("params", [{"limit": "abc"}, {"limit": "1.5"}])
 def test_job_history_non_integer_page_is_422_in_the_one_error_shape(client, params):
     error = error_of(client.get("/v1/jobs", params=params), 422)
     assert error["param"] == next(iter(params))

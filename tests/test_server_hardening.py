@@ -43,9 +43,9 @@ def test_deeply_nested_json_is_400(client):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 
-def test_a_huge_offset_is_422(client):
-    response = client.get("/v1/jobs", params={"offset": 2**64})
-    assert response.status_code == 422 and "offset" in response.json()["error"]["fields"]
+def test_a_huge_cursor_is_422(client):
+    response = client.get("/v1/jobs", params={"before": f"{2**64}_{'0' * 32}"})
+    assert response.status_code == 422 and "before" in response.json()["error"]["fields"]
 
 
 def test_a_cross_site_form_post_is_refused(client):
@@ -99,7 +99,7 @@ def test_serve_flags_out_of_range_exit_2_before_loading(tmp_path, flags, fragmen
 
 
 def test_keep_jobs_deletes_the_oldest_finished_jobs_and_their_images(tmp_path):
-    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "2")
+    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "2", "--keep-grace", "0")
     try:
         with server.client() as client:
             jobs = [wait_for_job(client, client.post("/v1/generations", json={

@@ -278,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_libraries()
     return serve(args.model_names or [], device=args.device, dtype=args.dtype, memory=args.memory, host=args.host,
                  port=args.port, data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key,
-                 keep_jobs=args.keep_jobs)
+                 keep_jobs=args.keep_jobs, keep_grace_seconds=args.keep_grace, allow_compile=args.allow_compile)
 
 
 class _UsageError(Exception):
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
 
-    from .server.run import MAX_QUEUE_SIZE  # light: the web stack loads only when serving
+    from .server.run import KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE  # light: the web stack loads only when serving
 
     serve = commands.add_parser(
         "serve", help="run the HTTP service and its web page",
@@ -348,14 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory mode, as in `pixart-sigma generate --help` (default: auto)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: 127.0.0.1); any other needs an API key")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one, printed at start)")
     serve.add_argument("--data-dir", type=Path, default=None,
                        help="jobs database and images (default: $PIXART_SIGMA_HOME, else the user data folder)")
     serve.add_argument("--queue-size", type=int, default=8,
                        help=f"jobs that may wait behind the running one, 1 to {MAX_QUEUE_SIZE} (default: 8)")
     serve.add_argument("--keep-jobs", type=int, default=0, metavar="N",
                        help="keep the newest N finished jobs and their images, deleting older ones (default: 0, "
-                            "keep all)")
+                            "keep all); a job is never deleted while a request waits for it, nor within "
+                            "--keep-grace seconds of its end (its answer or URLs may just have gone out)")
+    serve.add_argument("--keep-grace", type=float, default=KEEP_GRACE_SECONDS, metavar="SECONDS",
+                       help=f"with --keep-jobs: how long a finished job is kept whatever N (default: "
+                            f"{KEEP_GRACE_SECONDS:g})")
+    serve.add_argument("--allow-compile", action="store_true",
+                       help="let requests ask for compile=true (about 20 s of server time per new image size, and "
+                            "a growing disk cache); without it such requests are refused with 422")
     serve.add_argument("--api-key", default=None,
                        help="bearer token every route requires but /healthz and the page's own files "
                             "(default: $PIXART_SIGMA_API_KEY)")

@@ -512,6 +512,18 @@ def _part_sizes(located, dtype: torch.dtype, text_dtype: torch.dtype) -> PartSiz
     return PartSizes(size("text_encoder", text_dtype), size("transformer", dtype), size("vae", vae_dtype(dtype)))
 
 
+def _engine_key(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype: Optional[torch.dtype],
+                memory: str) -> tuple:
+    return ("engine", checkpoint.key, str(device), str(dtype), str(text_dtype or dtype), memory)
+
+
+def is_warm(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype: Optional[torch.dtype] = None,
+            memory: str = "resident") -> bool:
+    """Whether `get_engine` with these arguments would answer without loading (asking never loads)."""
+    with _lock:
+        return _engine_key(checkpoint, device, dtype, text_dtype, memory) in _engines
+
+
 def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype: Optional[torch.dtype] = None,
                memory: str = "resident") -> Engine:
     """The process-wide warm engine for (checkpoint, device, dtypes, memory mode), loading it on first use.
@@ -521,7 +533,7 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype:
     from .checkpoints import locate
 
     text_dtype = text_dtype or dtype
-    key = ("engine", checkpoint.key, str(device), str(dtype), str(text_dtype), memory)
+    key = _engine_key(checkpoint, device, dtype, text_dtype, memory)
 
     def lookup():
         engine = _engines.get(key)

@@ -11,7 +11,7 @@ from PIL import Image
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine
+from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm
 from .errors import CheckpointError, SettingsError
 from .images import attach
 from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
@@ -42,8 +42,8 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(settings.model_name)
     except SettingsError as exc:
         problems += exc.problems
-    except CheckpointError as exc:
-        problems.append(f"model_name={settings.model_name!r}: {exc}")
+    except CheckpointError as exc:  # most already name the field; each message names it once
+        problems.append(str(exc) if str(exc).startswith("model_name=") else f"model_name={settings.model_name!r}: {exc}")
     device = dtype = None
     try:
         device = resolve_device(settings.device)
@@ -128,6 +128,15 @@ class PixArtSigmaModel:
             return self._pipeline_engine
         s = self.settings
         return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
+
+    @property
+    def is_warm(self) -> bool:
+        """Whether this model's weights are loaded now; False once evicted past the warm-model budget
+        (PIXART_SIGMA_CACHE_GB) or after `unload_all()`. Asking never loads them."""
+        if self._pipeline_engine is not None:
+            return True
+        s = self.settings
+        return is_warm(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
 
     @classmethod
     def get_schema(cls) -> dict[str, Any]:

@@ -36,20 +36,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import time
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from fastapi import Request
+from PIL import Image
 from fastapi.responses import JSONResponse, Response
 
 from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
-from ..settings import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings
-from .app import error_response, errors, read_json, rejected, request_schema, settings_error
-from .service import Rejected, Service
-from .store import Job
+from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings
+from .protocol import Rejected, error_response, errors, read_json, rejected, request_schema, settings_error
+from .service import STORE_RETRY_AFTER, Service
+from .store import Job, StoreError
 
 POLL_SECONDS = 0.05
 DRAIN_RETRY_AFTER = 5
@@ -62,7 +64,7 @@ OPENAI_MAX_N = 10
 # response's non-standard `model` field says which model drew the images. Any other name must be
 # served here (400, param "model", listing the served ones).
 OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-", "chatgpt-image-")
-SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # whole string only (fullmatch): "64x64\n" is refused
 # Hints OpenAI's models read and ours have no use for: any of these values is accepted and ignored.
 IGNORED_CHOICES = {
     "quality": ("auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"),  # our num_inference_steps decides
@@ -148,7 +150,12 @@ def _renamed(exc: SettingsError, rename: Callable[[str], str]) -> SettingsError:
 async def _wait(service: Service, job_id: str, request: Request) -> tuple[Optional[Job], Optional[Response]]:
     """Wait for a job to finish without blocking the loop: (job, None), or (job, the response to give instead)."""
     while True:
-        job = service.store.get(job_id)
+        try:
+            job = service.job(job_id)
+        except StoreError as exc:
+            return None, error_response(503, f"{exc}; job {job_id} is kept: follow it at /v1/jobs/{job_id}",
+                                        kind="server_error", code="store_unavailable",
+                                        headers={"Retry-After": str(STORE_RETRY_AFTER)})
         if job is None:
             return None, error_response(500, f"job {job_id} is no longer in the store", kind="server_error",
                                         code="job_missing")
@@ -167,6 +174,9 @@ async def _wait(service: Service, job_id: str, request: Request) -> tuple[Option
 def job_error(job: Job) -> JSONResponse:
     """A job that ended without images, as an error: never worth retrying as it stands."""
     no_retry = {"x-should-retry": "false"}
+    if job.storage_failed:  # the server's disk, not the request: worth a retry later
+        return error_response(503, f"job {job.id} failed: {job.error}", kind="server_error", code="store_unwritable",
+                              headers={"Retry-After": str(STORE_RETRY_AFTER)})
     if job.status == "failed":
         out_of_memory = (job.error or "").startswith("out of memory")
         return error_response(500, f"job {job.id} failed: {job.error}", kind="server_error",
@@ -177,12 +187,20 @@ def job_error(job: Job) -> JSONResponse:
                           code=f"job_{job.status}", headers=no_retry)
 
 
-def _read_images(service: Service, names: list[str]) -> list[str]:
-    return [base64.b64encode((service.store.image_dir / name).read_bytes()).decode("ascii") for name in names]
+def _read_images(service: Service, names: list[str]) -> list[bytes]:
+    """The images' bytes; StoreError when one has gone (its job is held, so only by hand)."""
+    contents = [service.store.read_image(name) for name in names]
+    if any(content is None for content in contents):
+        raise StoreError(f"an image of this request is missing from {service.store.image_dir}")
+    return contents
 
 
-def _infotexts(service: Service, names: list[str]) -> list[str]:
-    return [a1111_text(read_settings(service.store.image_dir / name)) for name in names]
+def _base64(contents: list[bytes]) -> list[str]:
+    return [base64.b64encode(content).decode("ascii") for content in contents]
+
+
+def _infotexts(contents: list[bytes]) -> list[str]:
+    return [a1111_text(read_settings(Image.open(io.BytesIO(content)))) for content in contents]
 
 
 # -- OpenAI's Images API ---------------------------------------------------------------------------
@@ -263,7 +281,7 @@ def _openai_translate(raw: dict[str, Any], service: Served) -> tuple[dict[str, A
         valid = (f"use 'WIDTHxHEIGHT' in pixels, each side a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to "
                  f"{MAX_SIDE} (e.g. '1024x1024', '1536x1024'), or 'auto' for the model's native "
                  f"{native['width']}x{native['height']}")
-        match = SIZE.match(size) if isinstance(size, str) else None
+        match = SIZE.fullmatch(size) if isinstance(size, str) else None
         if "width" in values or "height" in values:
             problems.append("size and width/height are the same setting: send only one")
         elif size == "auto":
@@ -425,6 +443,16 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
                         f"one job in a queue of {service.queue_size}); raise batch_size for more images per batch")
         n_iter = 1
 
+    send_images = raw.get("send_images", True)
+    if not isinstance(send_images, bool):
+        problems.append(f"send_images={str(send_images)[:100]!r} is not valid: it must be true or false (JSON booleans)")
+    seed, batch_size = body.get("seed"), body.get("num_images_per_prompt", 1)
+    if (n_iter > 1 and type(seed) is int and type(batch_size) is int and 0 <= seed <= MAX_SEED and batch_size >= 1
+            and seed + n_iter * batch_size - 1 > MAX_SEED):
+        problems.append(f"seed={seed} is too large for n_iter={n_iter} batches of {batch_size}: A1111's seeds follow "
+                        f"on, so the last image (batch {n_iter}) would use seed {seed + n_iter * batch_size - 1}, past "
+                        f"the largest, {MAX_SEED}; use a seed up to {MAX_SEED - n_iter * batch_size + 1}")
+
     for name in OURS:  # our own names, for what A1111 has no word for (and model_name, device, dtype)
         if name not in body and raw.get(name) is not None:
             body[name] = raw[name]
@@ -494,13 +522,15 @@ def install(app, service: Service) -> None:
             return openai_refusal(exc, rename)
         except Rejected as exc:
             return rejected(exc)
-        job, instead = await _wait(service, job.id, request)
-        if instead is not None:
-            return instead
-        if job.status != "succeeded":
-            return job_error(job)
+        with service.hold([job.id]):  # retention keeps it until the answer is out (and a grace period after)
+            job, instead = await _wait(service, job.id, request)
+            if instead is not None:
+                return instead
+            if job.status != "succeeded":
+                return job_error(job)
+            if answer["response_format"] == "b64_json":
+                images = _base64(await asyncio.to_thread(_read_images, service, job.images))
         if answer["response_format"] == "b64_json":
-            images = await asyncio.to_thread(_read_images, service, job.images)
             items = [{"b64_json": image} for image in images]
         else:
             base = str(request.base_url).rstrip("/")
@@ -538,28 +568,29 @@ def install(app, service: Service) -> None:
                 return _a1111_error(rejected(exc))
             return _a1111_error(settings_error(_renamed(exc, rename), 422))
         try:
-            finished: list[Job] = []
-            stopped = None
-            for index, job in enumerate(jobs):
-                job, instead = await _wait(service, job.id, request)
-                if instead is not None:
-                    return _a1111_error(instead) if isinstance(instead, JSONResponse) else instead
-                finished.append(job)
-                if job.status != "succeeded":
-                    for later in jobs[index + 1:]:
-                        service.cancel(later.id)
-                    if job.status != "cancelled":
-                        return _a1111_error(job_error(job))
-                    stopped = f"interrupted in batch {index + 1} of {n_iter}: {job.error}"
-                    break
+            with service.hold([job.id for job in jobs]):  # retention keeps every batch until they are read
+                finished: list[Job] = []
+                stopped = None
+                for index, job in enumerate(jobs):
+                    job, instead = await _wait(service, job.id, request)
+                    if instead is not None:
+                        return _a1111_error(instead) if isinstance(instead, JSONResponse) else instead
+                    finished.append(job)
+                    if job.status != "succeeded":
+                        for later in jobs[index + 1:]:
+                            service.cancel(later.id)
+                        if job.status != "cancelled":
+                            return _a1111_error(job_error(job))
+                        stopped = f"interrupted in batch {index + 1} of {n_iter}: {job.error}"
+                        break
+                names = [name for job in finished for name in job.images]
+                contents = await asyncio.to_thread(_read_images, service, names)
         finally:
             for job in jobs:
                 tasks.pop(job.id, None)
         first = jobs[0]
-        names = [name for job in finished for name in job.images]
-        images = await asyncio.to_thread(_read_images, service, names) if raw.get("send_images", True) is not False \
-            else []
-        infotexts = await asyncio.to_thread(_infotexts, service, names)
+        images = _base64(contents) if raw.get("send_images", True) else []
+        infotexts = await asyncio.to_thread(_infotexts, contents)
         settings = first.settings
         seeds = [first.seeds[0] + k for k in range(len(first.seeds) * n_iter)]
         sampler = SAMPLERS[settings["scheduler"]].a1111_name
@@ -583,7 +614,7 @@ def install(app, service: Service) -> None:
             "seed": -1 if raw.get("seed") is None else raw["seed"],
             "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
             "width": settings["width"], "height": settings["height"], "sampler_name": sampler,
-            "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": raw.get("send_images", True) is not False,
+            "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": raw.get("send_images", True),
             "override_settings": {"sd_model_checkpoint": first.model_name},
             "use_resolution_binning": settings["use_resolution_binning"],
             "max_sequence_length": settings["max_sequence_length"],
@@ -594,7 +625,7 @@ def install(app, service: Service) -> None:
     async def a1111_progress():
         job_id = service.running_job
         progress = service.progress(job_id) if job_id else None
-        job = service.store.get(job_id) if job_id else None
+        job = service.job(job_id) if job_id else None
         queued = service.queued_count()
         if job is None or progress is None:
             state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,

@@ -1,21 +1,28 @@
-"""Start the service: load and warm the models, recover the job store, serve with uvicorn, drain on SIGTERM."""
+"""Start the service: bind the port, check the job store, load and warm the models, then start the job
+worker and serve with uvicorn; drain on SIGTERM.
+
+The order matters: nothing is taken from the queue until the port is bound and the store has passed its
+check, so a start that fails (a port in use, a damaged store) leaves every queued job as it was.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
 from typing import Optional
 
-from .. import PixArtSigmaModel, SettingsError
+from .. import MEMORY_BUDGET_ENV, PixArtSigmaError, PixArtSigmaModel, SettingsError
 
 log = logging.getLogger(__name__)
 HOME_ENV = "PIXART_SIGMA_HOME"
 API_KEY_ENV = "PIXART_SIGMA_API_KEY"
 MAX_QUEUE_SIZE = 10_000
+KEEP_GRACE_SECONDS = 600  # retention never deletes a job that finished more recently: its answer may just have gone out
 
 
 def default_data_dir() -> Path:
@@ -50,23 +57,52 @@ def load_models(model_names: list[str], device: str, dtype: str, memory: str = "
 
 def check_models_fit(models: dict[str, PixArtSigmaModel]) -> None:
     """Every served model must stay warm: past the cache budget each job would evict and reload another."""
-    from ..engine import MEMORY_BUDGET_ENV, cached_engines
-
-    warm = {id(engine) for engine in cached_engines()}
-    if any(id(model.engine) not in warm for model in models.values()):
-        # `model.engine` above reloaded the evicted one; say what to change instead of thrashing.
+    if not all(model.is_warm for model in models.values()):
         raise SettingsError([f"the {len(models)} served models do not fit the warm-model budget together: "
                              f"serve fewer, or raise {MEMORY_BUDGET_ENV}"])
 
 
+class StartError(PixArtSigmaError):
+    """The service cannot start here (its port); nothing was taken from the queue."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), before anything else starts; StartError naming the port when it is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartError(f"host={host!r} cannot be served: {exc.strerror}; give an address of this machine, "
+                         "e.g. 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # as uvicorn does: a restart may bind while old connections linger
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartError(f"port={port} on {host} cannot be used ({exc.strerror or exc}): another program may be "
+                         "serving there; choose another --port, or --port 0 for a free one") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", memory: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
-          api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0) -> int:
+          api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0,
+          keep_grace_seconds: Optional[float] = None, allow_compile: bool = False) -> int:
     import uvicorn
 
     from .app import asgi, create_app
+    from .guards import host_names
     from .service import Service
-    from .store import JobStore
+    from .store import ORPHAN_FOLDER, JobStore
+
+    keep_grace_seconds = KEEP_GRACE_SECONDS if keep_grace_seconds is None else keep_grace_seconds
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(host) and not api_key:
@@ -79,25 +115,40 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
         problems.append(f"port={port} is not valid: from 1 to 65535 (0 picks a free one)")
     if keep_jobs < 0:
         problems.append(f"keep_jobs={keep_jobs} is not valid: 0 keeps every job, N keeps the newest N finished ones")
+    if not 0 <= keep_grace_seconds <= 86_400 * 365:
+        problems.append(f"keep_grace={keep_grace_seconds:g} is not valid: seconds from 0 to a year")
     if problems:
         raise SettingsError(problems)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     names = list(dict.fromkeys(model_names)) or [PixArtSigmaModel.get_schema()["properties"]["model_name"]["default"]]
-    store = JobStore(data_dir)
-    print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
-    models = load_models(names, device, dtype, memory)
-    check_models_fit(models)
-    service = Service(models, store, queue_size, keep_jobs)
-    app = create_app(service, api_key, loopback=is_loopback(host))
-    server = _DrainingServer(uvicorn.Config(asgi(app), host=host, port=port, log_level=log_level,
-                                            timeout_graceful_shutdown=5), service)
-    service.start()
-    print(f"pixart-sigma serving {', '.join(names)} on http://{host}:{port}/ (data in {data_dir})",
-          file=sys.stderr, flush=True)
-    server.run()
-    service.drain()
-    service.wait_stopped(timeout=600)
-    store.close()
+    sock = bind(host, port)
+    store = None
+    try:
+        store = JobStore(data_dir)
+        moved, removed = store.reconcile()
+        if moved or removed:
+            print(f"images folder checked against the job store: {moved} file(s) that no job lists moved to "
+                  f"{data_dir / ORPHAN_FOLDER}, {removed} partial file(s) or link(s) removed",
+                  file=sys.stderr, flush=True)
+        print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
+        models = load_models(names, device, dtype, memory)
+        check_models_fit(models)
+        service = Service(models, store, queue_size, keep_jobs, keep_grace_seconds, allow_compile)
+        app = create_app(service, api_key, hosts=host_names(host) if is_loopback(host) and not api_key else None)
+        server = _DrainingServer(uvicorn.Config(asgi(app), log_level=log_level, timeout_graceful_shutdown=5), service)
+        sock.listen(2048)
+        service.start()
+        print(f"pixart-sigma serving {', '.join(names)} on {url_of(sock)} (data in {data_dir})",
+              file=sys.stderr, flush=True)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            service.drain()
+            service.wait_stopped(timeout=600)
+    finally:
+        sock.close()
+        if store is not None:
+            store.close()
     return 0
 
 
@@ -133,5 +184,5 @@ class _DrainingServer:
 
         threading.Thread(target=stop_when_idle, name="pixart-sigma-drain", daemon=True).start()
 
-    def run(self) -> None:
-        self.server.run()
+    def run(self, sockets: list) -> None:
+        self.server.run(sockets=sockets)

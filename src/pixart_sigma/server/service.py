@@ -3,7 +3,13 @@
 Requests are validated by the library (same rules, same messages) before a job exists; a random
 seed is drawn at submission and stored, so a job queued again after a restart makes the same
 pixels. The queue is bounded; progress is kept in memory per job as a list of events that the
-server-sent-events route replays from any point.
+server-sent-events route replays from any point; queue positions are not events but derived when
+asked (from the one queue), so the cost of a start does not grow with the queue.
+
+Nothing accepted is lost to a storage failure: a job that cannot be marked running stays queued, each
+image is listed in the store as soon as its file is complete (a file whose row cannot be written is
+removed again), and a job whose end cannot be written is failed in memory, so its waiting clients are
+told at once (503, try again) while the store keeps the truth it could record.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import secrets
 import sqlite3
 import threading
 import time
+import collections
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,20 +34,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
 from ..model import RANDOM_SEED_RANGE
 from ..settings import LOAD_SETTINGS, shown
-from .store import Job, JobStore, image_name
+from .protocol import Rejected
+from .run import KEEP_GRACE_SECONDS
+from .store import Job, JobStore, StoreError, image_name
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
 KEPT_PROGRESS = 1000  # finished jobs whose event lists stay in memory for late SSE readers
-
-
-class Rejected(Exception):
-    """A request the service will not take now; `status` is the HTTP status, `reason` a metrics label."""
-
-    def __init__(self, status: int, reason: str, message: str, retry_after: Optional[int] = None,
-                 param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.reason, self.message, self.retry_after, self.param = status, reason, message, retry_after, param
+KEPT_UNSAVED = 10_000  # jobs whose end could not be stored, remembered for their clients
+STORE_RETRY_SECONDS = (0.2, 1.0, 3.0)  # waits between the tries of one write a job's result depends on
+STORE_RETRY_AFTER = 30  # seconds a client is asked to wait while the store cannot be written
 
 
 @dataclass
@@ -101,7 +105,7 @@ class Service:
     """Validates requests, stores jobs, runs them one at a time, and reports on them."""
 
     def __init__(self, models: dict[str, PixArtSigmaModel], store: JobStore, queue_size: int = 8,
-                 keep_jobs: int = 0):
+                 keep_jobs: int = 0, keep_grace_seconds: float = KEEP_GRACE_SECONDS, allow_compile: bool = False):
         if not models:
             raise ValueError("the service needs at least one model")
         self.models = models
@@ -109,6 +113,8 @@ class Service:
         self.store = store
         self.queue_size = queue_size
         self.keep_jobs = keep_jobs  # finished jobs (and their images) kept; 0 keeps all
+        self.keep_grace_seconds = keep_grace_seconds
+        self.allow_compile = allow_compile  # compiling costs server time per new size: the operator's choice
         self.metrics = Metrics()
         self.draining = False
         self.ready = False
@@ -116,9 +122,13 @@ class Service:
         self._running: Optional[str] = None
         self._wake = threading.Condition()
         self._progress: OrderedDict[str, Progress] = OrderedDict()
+        self._queue_listeners: set = set()  # (loop, asyncio.Event) of streams that show a queue position
+        self._unsaved: OrderedDict[str, Job] = OrderedDict()  # jobs whose end the store could not record
+        self._held: collections.Counter[str] = collections.Counter()  # jobs a request still waits for: retention keeps them
         self._stop = False
         self._worker: Optional[threading.Thread] = None
         self._average_job_seconds = 5.0
+        self._writable_checked = (0.0, True)  # (when, result) of the last check for /readyz
 
     # -- life -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,7 +140,7 @@ class Service:
                                      f"(serving {', '.join(self.models)}); submit it again")
                 continue
             self._queue.append(job.id)
-            self._progress_of(job.id).emit("queued", position=len(self._queue))
+            self._progress_of(job.id)
         # The loaded models never become garbage: keep them out of the collector's sight, so that a
         # collection costs microseconds instead of a quarter second of the event loop.
         gc.collect()
@@ -156,7 +166,7 @@ class Service:
     # -- requests ---------------------------------------------------------------------------------
     def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
         """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise."""
-        return validate_request(self.models, self.default_model, body)
+        return validate_request(self.models, self.default_model, body, allow_compile=self.allow_compile)
 
     def submit(self, body: Any, idempotency_key: Optional[str] = None) -> tuple[Job, bool]:
         """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key."""
@@ -190,8 +200,12 @@ class Service:
                 if earlier is None:
                     raise
                 return earlier, False
+            except StoreError as exc:
+                self.metrics.rejections.labels("store_unwritable").inc()
+                raise Rejected(503, "store_unwritable", f"the job could not be stored, so it was not accepted: {exc}; "
+                               "retry later", retry_after=STORE_RETRY_AFTER) from None
             self._queue.append(job.id)
-            self._progress_of(job.id).emit("queued", position=len(self._queue))
+            self._progress_of(job.id)  # its stream listens here for "running"
             self._wake.notify_all()
         return job, True
 
@@ -208,7 +222,7 @@ class Service:
 
     def cancel(self, job_id: str) -> Optional[Job]:
         """Cancel a queued job at once, a running one within one step; None when there is no such job."""
-        job = self.store.get(job_id)
+        job = self.job(job_id)
         if job is None:
             return None
         if not job.done:
@@ -221,8 +235,9 @@ class Service:
                         self._queue.remove(job_id)
                     except ValueError:
                         pass
+                    self._queue_moved()
                     self._progress_of(job_id).emit("done", status="cancelled")
-        return self.store.get(job_id)
+        return self.job(job_id)
 
     def interrupt_running(self) -> Optional[str]:
         """Cancel whatever job is running now (A1111's interrupt)."""
@@ -231,7 +246,48 @@ class Service:
             self._progress_of(job_id).cancel.set()
         return job_id
 
+    @contextmanager
+    def hold(self, job_ids: list[str]):
+        """While a request waits for these jobs (and reads their images), retention keeps them."""
+        with self._wake:
+            self._held.update(job_ids)
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held.subtract(job_ids)
+                self._held = +self._held  # drop the zeros
+
     # -- reading ----------------------------------------------------------------------------------
+    def job(self, job_id: str) -> Optional[Job]:
+        """A job as it stands: the store's row, or the failure that the store could not record."""
+        unsaved = self._unsaved.get(job_id)
+        return unsaved if unsaved is not None else self.store.get(job_id)
+
+    def store_writable(self) -> bool:
+        """Whether the store takes writes now (a tiny write, at most every 2 s), for /readyz."""
+        when, writable = self._writable_checked
+        if time.monotonic() - when > 2 or not writable or not self.store.writable:
+            writable = self.store.check_writable()
+            self._writable_checked = (time.monotonic(), writable)
+        return writable
+
+    def listen_queue(self, loop, woken) -> None:
+        with self._wake:
+            self._queue_listeners.add((loop, woken))
+
+    def forget_queue(self, loop, woken) -> None:
+        with self._wake:
+            self._queue_listeners.discard((loop, woken))
+
+    def _queue_moved(self) -> None:
+        """Wake the streams that show queue positions (called with `_wake` held)."""
+        for loop, woken in list(self._queue_listeners):
+            try:
+                loop.call_soon_threadsafe(woken.set)
+            except RuntimeError:  # that loop has closed
+                pass
+
     def queue_position(self, job_id: str) -> Optional[int]:
         """1 for the next job to run; None when not queued."""
         with self._wake:
@@ -277,18 +333,25 @@ class Service:
                 return None
             job_id = self._queue.popleft()
             self._running = job_id
-            for position, waiting in enumerate(self._queue, 1):
-                self._progress_of(waiting).emit("queued", position=position)
+            self._queue_moved()
             return job_id
 
     def _work(self) -> None:
         while True:
+            self._record_unsaved()
             job_id = self._next()
             if job_id is None:
                 return
             failed = True
             try:
                 failed = self._run(job_id) == "failed"
+            except StoreError as exc:  # it could not be marked running: it stays first in line
+                log.warning("job %s waits: %s", job_id, exc)
+                failed = False
+                with self._wake:
+                    self._running = None
+                    self._queue.appendleft(job_id)
+                    self._wake.wait(STORE_RETRY_SECONDS[-1])  # a drain wakes it at once
             except Exception:  # never let one job stop the worker
                 log.exception("job %s: unexpected failure in the worker", job_id)
             finally:
@@ -301,7 +364,10 @@ class Service:
                 _empty_device_cache()
 
     def _run(self, job_id: str) -> Optional[str]:
-        """Run one job; its final status (None when it was cancelled before it started)."""
+        """Run one job; its final status (None when it was cancelled before it started).
+
+        StoreError only when the job could not be read or marked running: it has not started.
+        """
         job = self.store.get(job_id)
         if job is None or not self.store.start(job_id):  # cancelled while it waited
             return None
@@ -317,13 +383,15 @@ class Service:
             progress.step, progress.total = step, total
             progress.emit("progress", step=step, total=total)
 
-        status, error, names = "failed", None, []
+        status, error, names, storage_failed = "failed", None, [], False
         try:
             model = self.models[job.model_name]
             images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **job.settings)
             for index, image in enumerate(images):
-                names.append(save_image(image, self.store.image_dir / image_name(job.id, index), overwrite=False).name)
+                self._save(job_id, image, index, len(images), names)
             status = "succeeded"
+        except _StorageFailed as exc:
+            storage_failed, error = True, str(exc)
         except Cancelled:
             status, error = "cancelled", f"cancelled at step {progress.step} of {progress.total or '?'}"
         except PixArtSigmaError as exc:
@@ -336,19 +404,75 @@ class Service:
             else:
                 log.exception("job %s failed", job_id)
                 error = f"{type(exc).__name__}: {exc}"[:2000]
-        finished = time.time()
+        finished, end_recorded = time.time(), True
         try:
-            self.store.update(job_id, status=status, images=names, error=error, finished=finished)
-        finally:  # even when the store cannot be written (a full disk), listeners learn that the job ended
-            with self._wake:
-                self._running = None  # before "done": a client told it is done may submit at once
-            self.metrics.job_seconds.observe(finished - started)
-            if status == "succeeded":
-                self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
-            progress.emit("done", status=status)
+            self._retrying(lambda: self.store.update(job_id, status=status, error=error, finished=finished))
+        except StoreError as exc:
+            storage_failed, end_recorded = True, False
+            status, error = "failed", (f"this job's end could not be recorded ({exc}); it was {status}, but its "
+                                       "result is not kept: submit it again later (same settings, same seed)")
+            log.error("job %s: %s", job_id, error)
+        if storage_failed:
+            status = "failed"
+            self._remember_unsaved(replace(job, status=status, error=error, started=started, finished=finished,
+                                           images=list(names), storage_failed=True, end_recorded=end_recorded))
+        with self._wake:
+            self._running = None  # before "done": a client told it is done may submit at once
+        self.metrics.job_seconds.observe(finished - started)
+        if status == "succeeded":
+            self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
+        progress.emit("done", status=status)
         if self.keep_jobs:
-            self.store.prune(self.keep_jobs)
+            try:
+                with self._wake:
+                    held = frozenset(self._held)
+                self.store.prune(self.keep_jobs, time.time() - self.keep_grace_seconds, held)
+            except StoreError as exc:
+                log.warning("retention skipped: %s", exc)
         return status
+
+    def _save(self, job_id: str, image, index: int, count: int, names: list[str]) -> None:
+        """Write one image and list it in the job's row; a file whose row cannot be written is removed again."""
+        path = self.store.image_dir / image_name(job_id, index)
+        try:
+            save_image(image, path, overwrite=False)
+        except OSError as exc:
+            raise _StorageFailed(f"image {index + 1} of {count} could not be written to {self.store.image_dir} "
+                                 f"({exc.strerror or exc}); submit the job again later") from None
+        try:
+            self._retrying(lambda: self.store.update(job_id, images=[*names, path.name]))
+        except StoreError as exc:
+            path.unlink(missing_ok=True)  # files and rows never disagree
+            raise _StorageFailed(f"image {index + 1} of {count} could not be recorded ({exc}); submit the job "
+                                 "again later") from None
+        names.append(path.name)
+
+    @staticmethod
+    def _retrying(write) -> None:
+        for wait in (*STORE_RETRY_SECONDS, None):
+            try:
+                return write()
+            except StoreError:
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
+    def _remember_unsaved(self, job: Job) -> None:
+        with self._wake:
+            self._unsaved[job.id] = job
+            while len(self._unsaved) > KEPT_UNSAVED:
+                self._unsaved.popitem(last=False)
+
+    def _record_unsaved(self) -> None:
+        """Write down the failures the store could not take before, now that it may (between jobs)."""
+        with self._wake:
+            pending = [job for job in self._unsaved.values() if not job.end_recorded]
+        for job in pending:
+            try:
+                self.store.finish_if(job.id, ("running",), "failed", job.error)
+            except StoreError:
+                return
+            job.end_recorded = True
 
     # -- views ------------------------------------------------------------------------------------
     def view(self, job: Job) -> dict[str, Any]:
@@ -370,11 +494,13 @@ class Service:
 
 
 def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
-                     set_by: str = "pixart-sigma serve --{flag}") -> tuple[str, str, dict[str, Any]]:
+                     set_by: str = "pixart-sigma serve --{flag}",
+                     allow_compile: bool = True) -> tuple[str, str, dict[str, Any]]:
     """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise.
 
     `models`: each served name and what checks a call for it (`validate_call`, as PixArtSigmaModel's);
-    `set_by` says where the server's own settings (device, dtype) are chosen.
+    `set_by` says where the server's own settings (device, dtype) are chosen; `allow_compile` False
+    refuses compile=true (the operator's choice, see `pixart-sigma serve --allow-compile`).
     """
     if not isinstance(body, dict):
         raise SettingsError([f"settings must be a JSON object (the request body), not {type(body).__name__}"])
@@ -400,13 +526,23 @@ def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
     except SettingsError as exc:
         problems += exc.problems
         settings = None
+    if settings is not None and settings.get("compile") and not allow_compile:
+        problems.append("compile=true is not allowed on this server: compiling costs about 20 s of server time for "
+                        "each new image size, so its operator decides (pixart-sigma serve --allow-compile); leave "
+                        "compile out")
     if problems:
         raise SettingsError(problems)
     return model_name, prompt, settings
 
 
 def _request_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+    # surrogatepass: a lone surrogate ("\ud800") must reach validation and its 422, not fail here.
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _StorageFailed(Exception):
+    """An image could not be written or recorded: the job fails, and its clients are told to retry (503)."""
 
 
 def _empty_device_cache() -> None:

@@ -1,24 +1,37 @@
 """The service's only state: jobs in an embedded SQLite database (WAL), images as files beside it.
 
-A job row is written before the job is acknowledged and updated at every change of status, so a
-crash or restart loses no job: on start, queued jobs are queued again and a job that was running
-is marked `interrupted` with the reason (running it again could crash-loop a server).
+A job row is written before the job is acknowledged and updated at every change of status, and each
+image is listed in its job's row as soon as its file is complete, so a crash or restart loses no job
+and no image: on start, queued jobs are queued again, a job that was running is marked `interrupted`
+with the reason (running it again could crash-loop a server), and files that no job lists (a crash
+between a file and its row) are moved aside. A store that fails SQLite's check is never written to.
+Every SQLite failure comes out as `StoreError`, so callers can answer "try later" instead of crashing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PixArtSigmaError
 
+log = logging.getLogger(__name__)
+STORE_FILE = "jobs.sqlite3"
+IMAGE_FOLDER = "images"
+ORPHAN_FOLDER = "unlisted-images"  # beside the store: files found in images/ that no job lists
+MAX_IMAGE_BYTES = 256 << 20  # far above a 2048x2048 PNG; a file past it is not one of ours
 # Names the store makes, and the patterns a request's id or image name must match before any lookup.
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 IMAGE_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{1,3}\.png")
@@ -48,11 +61,22 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), written REAL NOT NULL);
 """
+# A page of the job list starts after this cursor: the (created, id) of the last job of the page before.
+CURSOR = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,3})?)_([0-9a-f]{32})")
 
 
 class FolderInUse(PixArtSigmaError):
     """Another server holds the data folder."""
+
+
+class StoreDamaged(PixArtSigmaError):
+    """The job store failed SQLite's check at start; nothing was written to it."""
+
+
+class StoreError(PixArtSigmaError):
+    """The job store cannot be read or written now (a full disk, an I/O error, a damaged page)."""
 
 
 def _claim_folder(data_dir: Path):
@@ -87,6 +111,9 @@ class Job:
     error: Optional[str] = None
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
+    # Never stored: a job the service failed because its images or its end could not be stored.
+    storage_failed: bool = False
+    end_recorded: bool = True
 
     @property
     def done(self) -> bool:
@@ -100,32 +127,89 @@ def _job(row: sqlite3.Row) -> Job:
                error=row["error"], idempotency_key=row["idempotency_key"], request_hash=row["request_hash"])
 
 
+def cursor_of(job: Job) -> str:
+    """The cursor that starts the page after `job` (repr keeps the float exact)."""
+    return f"{job.created!r}_{job.id}"
+
+
+def _check(path: Path) -> None:
+    """StoreDamaged when `path` is not a sound SQLite database; reads only."""
+    if not path.exists():
+        return
+    advice = (f"move it aside (mv {path} {path}.damaged, and its -wal and -shm files if there are any) and start "
+              f"again: a new empty store is made, and the {IMAGE_FOLDER} folder beside it is kept")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            rows = [row[0] for row in db.execute("PRAGMA quick_check(5)").fetchall()]
+            db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreDamaged(f"the job store {path} cannot be used ({exc}); nothing was written to it: {advice}") from None
+    if rows != ["ok"]:
+        raise StoreDamaged(f"the job store {path} is damaged (SQLite's check says: {'; '.join(rows)[:300]}); "
+                           f"nothing was written to it: {advice}")
+
+
 class JobStore:
     """Jobs in SQLite; thread-safe (one connection, one lock: every statement is short)."""
 
     def __init__(self, data_dir: Path):
         self.data_dir = Path(data_dir)
-        self.image_dir = self.data_dir / "images"
+        self.image_dir = self.data_dir / IMAGE_FOLDER
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._claim = _claim_folder(self.data_dir)
-        self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a finished job survives a power cut, not only a crash
-        self._db.executescript(SCHEMA)
+        self.path = self.data_dir / STORE_FILE
+        self.writable = True  # False from a failed write until the next write that works
+        try:
+            _check(self.path)  # before the first write: WAL and the schema would write into a damaged file
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a finished job survives a power cut, not only a crash
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            self._claim.close()
+            raise StoreError(f"the job store {self.path} cannot be opened: {exc}") from None
+        except BaseException:
+            self._claim.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
         self._claim.close()
 
+    @contextmanager
+    def _using(self, writes: bool):
+        """The connection under the lock; SQLite's failures as StoreError, and whether writes work now."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                if writes:
+                    self.writable = False
+                action = "written" if writes else "read"
+                raise StoreError(f"the job store {self.path} cannot be {action} now: {exc}") from None
+            if writes:
+                self.writable = True
+
+    def check_writable(self) -> bool:
+        """Whether a write works now (a tiny one), for /readyz."""
+        try:
+            with self._using(writes=True) as db:
+                db.execute("INSERT OR REPLACE INTO probe (id, written) VALUES (1, ?)", (time.time(),))
+        except StoreError:
+            return False
+        return True
+
     def add(self, model_name: str, prompt: str, settings: dict[str, Any], seeds: list[int],
             idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> Job:
         job = Job(id=uuid.uuid4().hex, created=time.time(), status="queued", model_name=model_name, prompt=prompt,
                   settings=settings, seeds=seeds, idempotency_key=idempotency_key, request_hash=request_hash)
-        with self._lock:
-            self._db.execute(
+        with self._using(writes=True) as db:
+            db.execute(
                 "INSERT INTO jobs (id, created, status, model_name, prompt, settings, seeds, idempotency_key, "
                 "request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.created, job.status, model_name, prompt, json.dumps(settings), json.dumps(seeds),
@@ -133,69 +217,82 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> Optional[Job]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._using(writes=False) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
     def by_idempotency_key(self, key: str) -> Optional[Job]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+        with self._using(writes=False) as db:
+            row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
         return _job(row) if row else None
 
     def update(self, job_id: str, **values: Any) -> None:
         encoded = {key: json.dumps(value) if key in ("images", "seeds", "settings") else value
                    for key, value in values.items()}
         assignments = ", ".join(f"{key} = ?" for key in encoded)
-        with self._lock:
-            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*encoded.values(), job_id))
+        with self._using(writes=True) as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*encoded.values(), job_id))
 
     def start(self, job_id: str) -> bool:
         """queued -> running, atomically: False when the job was cancelled meanwhile."""
-        with self._lock:
-            cursor = self._db.execute("UPDATE jobs SET status = 'running', started = ? WHERE id = ? AND status = 'queued'",
-                                      (time.time(), job_id))
+        with self._using(writes=True) as db:
+            cursor = db.execute("UPDATE jobs SET status = 'running', started = ? WHERE id = ? AND status = 'queued'",
+                                (time.time(), job_id))
         return cursor.rowcount == 1
 
     def finish_if(self, job_id: str, from_statuses: tuple[str, ...], status: str, error: Optional[str] = None) -> bool:
         """Set a final status only when the job is still in one of `from_statuses` (atomic)."""
-        with self._lock:
-            marks = ", ".join("?" for _ in from_statuses)
-            cursor = self._db.execute(
+        marks = ", ".join("?" for _ in from_statuses)
+        with self._using(writes=True) as db:
+            cursor = db.execute(
                 f"UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN ({marks})",
                 (status, time.time(), error, job_id, *from_statuses))
         return cursor.rowcount == 1
 
-    def page(self, limit: int, offset: int) -> tuple[list[Job], int]:
-        """Newest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC, id LIMIT ? OFFSET ?",
-                                    (limit, offset)).fetchall()
-            total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        return [_job(row) for row in rows], total
+    def page(self, limit: int, before: Optional[str] = None) -> tuple[list[Job], int, Optional[str]]:
+        """Newest first, from after the cursor `before` (a page's `next`): (jobs, total, the next page's cursor).
+
+        A keyset, not an offset: jobs added or deleted meanwhile never make a job repeat or go missing.
+        """
+        where, values = "", ()
+        if before is not None:
+            match = CURSOR.fullmatch(before)
+            if match is None:
+                raise ValueError(before)
+            where, values = "WHERE created < ? OR (created = ? AND id < ?)", (float(match[1]), float(match[1]), match[2])
+        with self._using(writes=False) as db:
+            rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created DESC, id DESC LIMIT ?",
+                              (*values, limit + 1)).fetchall()
+            total = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        jobs = [_job(row) for row in rows[:limit]]
+        return jobs, total, cursor_of(jobs[-1]) if len(rows) > limit else None
 
     def with_status(self, *statuses: str) -> list[Job]:
         """Oldest first."""
         marks = ", ".join("?" for _ in statuses)
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created, id",
-                                    statuses).fetchall()
+        with self._using(writes=False) as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created, id",
+                              statuses).fetchall()
         return [_job(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        with self._using(writes=False) as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: 0 for status in STATUSES} | {row[0]: row[1] for row in rows}
 
-    def prune(self, keep: int) -> int:
-        """Delete finished jobs beyond the newest `keep` and their images; how many went.
+    def prune(self, keep: int, finished_before: float, held: frozenset[str] = frozenset()) -> int:
+        """Delete finished jobs beyond the newest `keep` that finished before `finished_before` and are not
+        `held` (a request still waits for them), and their images; how many went.
 
-        Rows go first, then files: a crash in between leaves unlisted files, never a job whose images are gone.
+        Rows go first, then files: a crash in between leaves unlisted files (moved aside at the next
+        start), never a job whose images are gone.
         """
         marks = ", ".join("?" for _ in FINISHED)
-        with self._lock:
-            rows = self._db.execute(f"SELECT id, images FROM jobs WHERE status IN ({marks}) "
-                                    "ORDER BY created DESC, id LIMIT -1 OFFSET ?", (*FINISHED, keep)).fetchall()
-            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+        with self._using(writes=True) as db:
+            rows = db.execute(f"SELECT id, images, finished FROM jobs WHERE status IN ({marks}) "
+                              "ORDER BY created DESC, id DESC LIMIT -1 OFFSET ?", (*FINISHED, keep)).fetchall()
+            rows = [row for row in rows if row["id"] not in held and (row["finished"] or 0) < finished_before]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
         for row in rows:
             for name in json.loads(row["images"]):
                 (self.image_dir / name).unlink(missing_ok=True)
@@ -207,3 +304,44 @@ class JobStore:
             self.finish_if(job.id, ("running",), "interrupted",
                            "the server stopped while this job was running; submit it again (same settings, same seed)")
         return self.with_status("queued")
+
+    def reconcile(self) -> tuple[int, int]:
+        """At start, make the images folder agree with the store: (files moved aside, partial files removed).
+
+        A file no job lists (a crash between a file and its row, or something put there) goes to
+        `unlisted-images/` beside the store, never deleted; a `.partial-*` file (a crash while it was
+        written) is removed; links are removed, never followed.
+        """
+        with self._using(writes=False) as db:
+            listed = {name for (images,) in db.execute("SELECT images FROM jobs") for name in json.loads(images)}
+        moved = removed = 0
+        for entry in os.scandir(self.image_dir):
+            if entry.name in listed and entry.is_file(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink() or entry.name.startswith(".partial-"):
+                path.unlink(missing_ok=True)
+                removed += 1
+                continue
+            aside = self.data_dir / ORPHAN_FOLDER
+            aside.mkdir(exist_ok=True)
+            target = aside / entry.name
+            while target.exists():
+                target = aside / f"{uuid.uuid4().hex[:8]}-{entry.name}"
+            shutil.move(path, target)
+            moved += 1
+        return moved, removed
+
+    def read_image(self, name: str) -> Optional[bytes]:
+        """An image's bytes, or None when `name` is not one of ours or is not a plain file (links are not followed)."""
+        if not IMAGE_NAME.fullmatch(name):
+            return None
+        try:
+            handle = os.open(self.image_dir / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None
+        with os.fdopen(handle, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
+                return None
+            return stream.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
