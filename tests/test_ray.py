@@ -1,5 +1,6 @@
 """Ray: the batch on Ray Data (same files as the local batch, resumable, a worker killed mid-run) and the
-Serve application (OpenAI route, overload, a replica killed under load), on one local Ray on 127.0.0.1.
+Serve application (OpenAI route, the service's access rules, overload, a replica killed under load), on one
+local Ray on 127.0.0.1.
 
 One Ray session serves the whole module (started as `pixart-sigma batch --ray` starts its own); the
 batch tests run before Serve takes its share of the CPUs. The demo model, a few steps, 64x64.
@@ -248,6 +249,41 @@ def test_serve_refuses_bad_input_in_openais_shape(service, body, status, field):
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
 
 
+def _assert_guarded(response):
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+
+
+def test_serve_gateway_keeps_the_services_same_machine_rules_without_a_key(service):
+    body = b'{"prompt": "a red circle", "size": "64x64", "num_inference_steps": 1}'
+    url = "/v1/images/generations"
+    refusals = [  # each what a web page elsewhere could send: nothing reaches the routes
+        (service.post(url, content=body, headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        (service.post(url, content=body, headers={"content-type": "application/json", "host": "evil.test"}),
+         421, "wrong_host"),
+        (service.post(url, content=body, headers={"content-type": "application/json",
+                                                  "origin": "http://evil.example"}), 403, "cross_origin"),
+        (service.post(url, content=body, headers={"content-type": "application/json",
+                                                  "sec-fetch-site": "cross-site"}), 403, "cross_origin"),
+        (service.get("/healthz", headers={"host": "evil.test"}), 421, "wrong_host"),
+    ]
+    for response, status, code in refusals:
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+        _assert_guarded(response)
+    made = service.post(url, content=body, headers={"content-type": "application/json"})
+    assert made.status_code == 200, made.text
+    assert Image.open(io.BytesIO(base64.b64decode(made.json()["data"][0]["b64_json"]))).size == (64, 64)
+    _assert_guarded(made)
+    own_name = service.get("/healthz", headers={"host": f"localhost:{service.base_url.port}"})
+    assert own_name.status_code == 200 and own_name.headers["X-Frame-Options"] == "DENY"
+
+
+def test_the_gateway_reads_the_proxys_host_from_serve(service):
+    from pixart_sigma.integrations.ray.serve import proxy_host
+
+    assert proxy_host() == "127.0.0.1"  # Serve's private reader still works with this Ray
+
+
 def _crowd(service, count, steps):
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         return list(pool.map(lambda k: _post(service, prompt=f"a red circle {k}", num_inference_steps=steps,
@@ -289,6 +325,28 @@ def test_serve_replica_killed_under_load_fails_clearly_and_is_replaced(service):
     assert status.status == "HEALTHY"
 
 
+def test_serve_with_an_api_key_needs_it_except_on_healthz(service):
+    """Last of the Serve tests: it redeploys the module's app with a key."""
+    from ray import serve
+
+    from pixart_sigma.integrations.ray import app
+
+    serve.run(app({"model_name": "demo", "device": "cpu", "api_key": "s3cret-key"}), name="pixart", route_prefix="/")
+    body = {"prompt": "a red circle", "size": "64x64", "num_inference_steps": 1}
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-key"}):
+        refused = service.post("/v1/images/generations", json=body, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
+        _assert_guarded(refused)
+    made = service.post("/v1/images/generations", json=body, headers={"authorization": "Bearer s3cret-key"})
+    assert made.status_code == 200 and made.json()["data"][0]["b64_json"], made.text
+    _assert_guarded(made)
+    assert service.get("/healthz").json() == {"status": "ok"}  # open without the key
+    # With a key the gateway may serve any name (a load balancer's, the node's).
+    assert service.get("/v1/schema", headers={"host": "pixart.example", "authorization": "Bearer s3cret-key"}
+                       ).status_code == 200
+
+
 # -- without Ray ----------------------------------------------------------------------------------
 
 def test_health_check_fails_when_the_model_cannot_generate(monkeypatch):
@@ -325,3 +383,52 @@ def test_serve_builder_refuses_bad_arguments_naming_each():
         assert expected in message, message
     found = options({"model_name": "demo", "min_replicas": "0", "max_replicas": "4", "device": "cpu"})
     assert (found["autoscale"], found["min_replicas"], found["max_replicas"], found["num_gpus"]) == (True, 0, 4, 0)
+
+
+def test_serve_builder_takes_the_api_key_from_its_argument_or_the_services_variable(monkeypatch):
+    from pixart_sigma.integrations.ray.serve import options
+    from pixart_sigma.server.run import API_KEY_ENV
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert options({"model_name": "demo"})["api_key"] is None
+    monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
+    assert options({"model_name": "demo"})["api_key"] == "from-the-environment"
+    assert options({"model_name": "demo", "api_key": "from-the-argument"})["api_key"] == "from-the-argument"
+    for bad in ("", " padded", "two\nlines", 12345, None):
+        with pytest.raises(ValueError, match="api_key is not valid: it must be a non-empty string") as error:
+            options({"model_name": "demo", "api_key": bad})
+        assert "padded" not in str(error.value) and "lines" not in str(error.value)  # a secret is never shown
+    monkeypatch.setenv(API_KEY_ENV, "tab\tkey")
+    with pytest.raises(ValueError, match=f"{API_KEY_ENV} is not valid"):
+        options({"model_name": "demo"})
+
+
+def test_gateway_rules_are_the_services():
+    from pixart_sigma.integrations.ray.serve import gateway_rules
+
+    loopback = ("127.0.0.1", "localhost", "[::1]")
+    assert gateway_rules(None, "127.0.0.1") == gateway_rules(None, None) == (None, loopback)  # None: unknown
+    assert gateway_rules(None, "::1") == (None, loopback)
+    assert gateway_rules("key", "0.0.0.0") == ("key", None)  # with a key: any Host, the key checked instead
+    with pytest.raises(SettingsError, match="host='0.0.0.0', reachable from other machines: set an API key with "
+                                            "the api_key argument or PIXART_SIGMA_API_KEY"):
+        gateway_rules(None, "0.0.0.0")
+
+
+def test_gateway_middleware_refuses_everything_until_a_gateway_configures_it(monkeypatch):
+    import asyncio
+
+    from pixart_sigma.integrations.ray.serve import Guards, api
+
+    async def call(*requests):
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return [await client.request(method, path, headers=headers) for method, path, headers in requests]
+
+    monkeypatch.setattr(Guards, "rules", None)
+    [unconfigured] = asyncio.run(call(("GET", "/nowhere", {})))
+    assert unconfigured.status_code == 503 and unconfigured.json()["error"]["code"] == "not_configured"
+    _assert_guarded(unconfigured)
+    monkeypatch.setattr(Guards, "rules", ("k3y", None))  # as Gateway.__init__ sets them with a key
+    without, keyed = asyncio.run(call(("GET", "/nowhere", {}), ("GET", "/nowhere", {"authorization": "Bearer k3y"})))
+    assert without.status_code == 401 and keyed.status_code == 404  # past the key: the app's own 404
