@@ -1,7 +1,8 @@
 """The web page at /, in a real browser (Debian's Chromium driven by Playwright) against a real server.
 
 One server for the module, started with the fault hooks so `[slow]` prompts take 0.2 s a step and a test
-can watch progress and cancel. Every test's page records its requests: none may leave the server.
+can watch progress and cancel. Every test's page records its requests (none may leave the server) and
+Content-Security-Policy violations (none may happen).
 Set PIXART_SIGMA_SCREENSHOT=docs/page.png to write a screenshot of the page with a finished image.
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -22,6 +24,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 WAIT_MS = 10_000
 NO_KEY = {"PIXART_SIGMA_API_KEY": ""}
 API_KEY = "sesame"
+PHONE = {"width": 390, "height": 844}
+# What the server sends on every answer; the page must work under it.
+POLICY = {"default-src": ["'self'"], "script-src": ["'self'"], "style-src": ["'self'"],
+          "img-src": ["'self'", "data:", "blob:"], "connect-src": ["'self'"], "font-src": ["'self'"],
+          "object-src": ["'none'"], "base-uri": ["'none'"], "form-action": ["'self'"],
+          "frame-ancestors": ["'none'"]}
+# Run before the page's own script: collects the policy's refusals, which the console alone would hide.
+RECORD_VIOLATIONS = """window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => window.cspViolations.push(
+    `${e.effectiveDirective} blocked ${e.blockedURI || "inline"} at ${e.sourceFile}:${e.lineNumber} ${e.sample}`));"""
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} to drive the page with")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -43,16 +55,23 @@ def browser():
     playwright.stop()
 
 
-def open_page(browser, url: str, width: int = 1100, height: int = 800, ready: str = "#field-width"):
-    """A fresh page on `url` that records every request and every script error."""
+def new_page(browser, width: int = 1100, height: int = 800):
+    """A fresh page that records every request, every script error and every policy violation."""
     context = browser.new_context(viewport={"width": width, "height": height})
     context.set_default_timeout(WAIT_MS)
+    context.add_init_script(RECORD_VIOLATIONS)
     page = context.new_page()
     page.requests, page.errors = [], []
     page.on("request", lambda request: page.requests.append(request.url))
     page.on("pageerror", lambda error: page.errors.append(str(error)))
+    return page
+
+
+def open_page(browser, url: str, width: int = 1100, height: int = 800, ready: str = "#field-width"):
+    """A fresh page (`new_page`) on `url`."""
+    page = new_page(browser, width, height)
     page.goto(url + "/")
-    page.wait_for_selector(ready)  # by default: the form, built from /v1/schema
+    page.wait_for_selector(ready, state="attached")  # by default: the form, built from /v1/schema (maybe folded)
     return page
 
 
@@ -61,6 +80,7 @@ def close_page(page, url: str, also_allowed: tuple[str, ...] = ()):
         outside = [u for u in page.requests if not u.startswith((url + "/",) + also_allowed)]
         assert not outside, f"requests left the server: {outside}"
         assert not page.errors, f"script errors: {page.errors}"
+        assert page.evaluate("() => window.cspViolations") == [], "the page broke its Content-Security-Policy"
     finally:
         page.context.close()
 
@@ -124,6 +144,7 @@ def test_form_is_built_from_the_schema_and_labelled(page, server):
         assert (button.get_attribute("aria-label") or button.inner_text()).strip()
     assert page.get_by_role("button", name="Generate").is_enabled()
     assert page.get_by_role("button", name="Cancel").is_disabled()
+    assert page.locator("#settings").evaluate("d => d.open")  # unfolded where there is room
 
 
 def test_generate_shows_progress_then_the_image(page, server):
@@ -255,14 +276,42 @@ def test_queue_full_and_network_errors_in_the_general_area(page, server):
     assert page.get_by_role("alert").filter(has_text="Cannot reach").count() == 1
 
 
+def test_phone_shows_prompt_and_generate_first_and_unfolds_settings_in_error(browser, server):
+    page = open_page(browser, server.url, **PHONE)
+    try:
+        settings, width = page.locator("#settings"), page.get_by_label("Width")
+        assert page.evaluate("() => scrollY") == 0
+        for control in (page.get_by_label("Prompt", exact=True), page.get_by_role("button", name="Generate")):
+            box = control.bounding_box()
+            assert control.is_visible() and box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], box
+        assert not settings.evaluate("d => d.open") and width.is_hidden()  # folded on a phone
+        settings.locator("summary").click()  # the user opens them, sets a wrong width, folds them again
+        width.fill("1001")
+        settings.locator("summary").click()
+        assert width.is_hidden()
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        page.get_by_role("button", name="Generate").click()
+        width_error = page.locator('[data-field="width"] .field-error')
+        width_error.wait_for(state="visible")  # the server's 422 unfolded the section
+        assert settings.evaluate("d => d.open") and "multiple of 8" in width_error.inner_text()
+        assert width.evaluate("e => e === document.activeElement")  # and took the user there
+        assert width_error.evaluate("e => { const r = e.getBoundingClientRect(); "
+                                    "return r.top >= 0 && r.bottom <= innerHeight + 1; }")  # + subpixels
+        settings.locator("summary").click()  # folded again, the summary still says a setting is wrong
+        assert "needs fixing" in settings.locator("summary").evaluate("s => getComputedStyle(s, '::after').content")
+    finally:
+        close_page(page, server.url)
+
+
 def test_phone_width_has_no_horizontal_scroll(browser, server, styled_job):
-    page = open_page(browser, server.url, width=390, height=844)
+    page = open_page(browser, server.url, **PHONE)
     try:
         item = gallery_item(page, styled_job["id"])
         item.scroll_into_view_if_needed()  # gallery pictures load lazily, when near the screen
         assert natural_width(page, f'#gallery li[data-id="{styled_job["id"]}"] img') == 64
         item.locator("button.use").click()
         assert natural_width(page, "#result img") == 64
+        page.locator("#settings summary").click()
         page.get_by_label("Width").fill("1001")
         page.get_by_role("button", name="Generate").click()
         page.locator('[data-field="width"] .field-error').wait_for()
@@ -284,12 +333,7 @@ def keyed_server(tmp_path_factory):
 
 def test_api_key_is_asked_for_kept_and_sent(browser, keyed_server):
     server = keyed_server
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
-    context.set_default_timeout(WAIT_MS)
-    page = context.new_page()
-    page.requests, page.errors = [], []
-    page.on("request", lambda request: page.requests.append(request.url))
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page = new_page(browser)
     try:
         page.goto(server.url + "/")
         key = page.get_by_label("API key")
@@ -319,3 +363,153 @@ def test_api_key_is_asked_for_kept_and_sent(browser, keyed_server):
         assert key.is_hidden()
     finally:
         close_page(page, server.url, also_allowed=(f"blob:{server.url}/",))
+
+
+def policy_of(answer) -> dict[str, list[str]]:
+    """A Content-Security-Policy header as directive -> sources."""
+    directives = (part.split() for part in answer.headers.get("content-security-policy", "").split(";"))
+    return {name: sources for name, *sources in filter(None, directives)}
+
+
+def test_page_works_under_its_content_security_policy(browser, server):
+    """The server forbids inline scripts and styles, eval and other origins: a generation, a refused setting and
+    a gallery pick run without one violation (close_page checks every page test the same way)."""
+    with server.client() as client:
+        for path in ("/", "/static/app.js", "/static/style.css"):
+            answer = client.get(path)
+            assert policy_of(answer) == POLICY, path  # without it the checks below would prove nothing
+            assert answer.headers.get("x-content-type-options") == "nosniff", path  # so the types must be right
+    page = open_page(browser, server.url)
+    try:
+        page.get_by_label("Prompt", exact=True).fill("[slow] a blue square on a red background")
+        page.get_by_label("Inference steps").fill("3")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_selector('#status[data-state="succeeded"]', timeout=20_000)
+        assert natural_width(page, "#result img") == 64
+        page.wait_for_selector('#gallery li:first-child[data-status="succeeded"]')
+        assert natural_width(page, "#gallery li:first-child img") == 64
+        page.locator("#gallery li:first-child button.use").click()
+        page.get_by_label("Height").fill("1001")
+        page.get_by_role("button", name="Generate").click()
+        page.locator('[data-field="height"] .field-error').wait_for()
+        assert page.evaluate("() => window.cspViolations") == []
+        # the policy is enforced and heard: an inline style attribute is refused and recorded
+        page.evaluate("() => document.body.setAttribute('style', 'background: red')")
+        page.wait_for_function("() => window.cspViolations.length === 1", timeout=WAIT_MS)
+        assert page.evaluate("() => getComputedStyle(document.body).backgroundColor") != "rgb(255, 0, 0)"
+        page.evaluate("() => { window.cspViolations = []; }")
+    finally:
+        close_page(page, server.url)
+
+
+@pytest.mark.parametrize("which", ["server", "keyed_server"])
+def test_page_refuses_to_be_framed(browser, request, which):
+    """A page elsewhere cannot show the app in a frame (clickjacking): the frame stays without it."""
+    server = request.getfixturevalue(which)
+    page = new_page(browser)
+    try:
+        # about:blank is another origin (Chromium keeps public sites from framing loopback addresses at all)
+        page.set_content(f'<!doctype html><iframe id="app" src="{server.url}/"></iframe>')  # waits for the frame
+        assert server.url + "/" in page.requests  # the frame did ask
+        frame = page.frame_locator("#app")
+        assert frame.locator("#generate-form").count() == 0 and frame.locator("#settings").count() == 0
+        assert not [url for url in page.requests if "/static/" in url or "/v1/" in url]  # its script never ran
+    finally:
+        close_page(page, server.url)
+
+
+def fake_job(number: int) -> dict:
+    return {"id": f"job{number:02d}", "status": "cancelled", "prompt": f"picture {number}", "model_name": "demo",
+            "settings": {"width": 64, "height": 64, "seed": number}, "seeds": [number], "images": [],
+            "progress": {"step": 0, "total": 20}, "error": "cancelled before it started"}
+
+
+def shown_ids(page) -> list[str]:
+    return page.locator("#gallery li.job").evaluate_all("items => items.map(item => item.dataset.id)")
+
+
+def test_show_older_follows_the_cursor_and_never_repeats_a_job(page, server):
+    """The history's pages, served here by the page's rules: `next` goes back as `before`, never an offset."""
+    jobs = [fake_job(number) for number in range(30, 0, -1)]  # newest first, as the server lists them
+    asked = []
+
+    def cursor(job):
+        return f"{job['id']} +/=&"  # opaque to the page, which must send it back intact
+
+    def history(route):
+        query = parse_qs(urlsplit(route.request.url).query)
+        asked.append(query)
+        limit, before = int(query["limit"][0]), query.get("before", [None])[0]
+        starts = [index + 1 for index, job in enumerate(jobs) if cursor(job) == before]
+        if before is not None and not starts:
+            return route.fulfill(status=422, json={"error": {"message": f"unknown cursor {before!r}"}})
+        start = starts[0] if starts else 0
+        listed = jobs[start:start + limit]
+        route.fulfill(json={"jobs": listed, "total": len(jobs), "limit": limit,
+                            "next": cursor(listed[-1]) if start + limit < len(jobs) else None})
+
+    page.route(lambda url: urlsplit(url).path == "/v1/jobs", history)
+    page.reload()
+    page.wait_for_selector('#gallery li[data-id="job30"]')
+    limit = int(asked[0]["limit"][0])
+    assert limit < len(jobs) <= 2 * limit  # one older page holds the rest
+    assert shown_ids(page) == [job["id"] for job in jobs[:limit]]
+    older = page.get_by_role("button", name="Show older")
+    jobs.insert(0, fake_job(31))  # another client adds a job: an offset would now repeat the last one shown
+    older.click()
+    page.wait_for_selector('#gallery li[data-id="job01"]')
+    assert shown_ids(page) == [f"job{number:02d}" for number in range(30, 0, -1)]
+    assert older.is_hidden()  # `next` was null
+    page.get_by_role("button", name="Refresh").click()  # new jobs come in at the top, older pages stay
+    page.wait_for_selector('#gallery li:first-child[data-id="job31"]')
+    assert shown_ids(page) == [f"job{number:02d}" for number in range(31, 0, -1)]
+    assert older.is_hidden()
+    assert [query.get("before") for query in asked] == [None, [cursor(jobs[limit])], None]
+    assert not [query for query in asked if "offset" in query]
+
+
+@pytest.fixture(scope="module")
+def history_server(tmp_path_factory):
+    """A server of its own, whose history outgrows the page's first page."""
+    server = start_server(tmp_path_factory.mktemp("page-history") / "data", faults=True, env=NO_KEY)
+    yield server
+    server.stop(signal.SIGTERM, timeout=20)
+
+
+def add_cancelled_jobs(client, count: int) -> None:
+    """`count` jobs cancelled while queued behind a slow one (plus that one), so none has to run."""
+    blocker = client.post("/v1/generations", json={"prompt": "[slow] ahead", "num_inference_steps": 100}).json()
+    try:
+        for number in range(count):
+            job = client.post("/v1/generations", json={"prompt": f"picture {number}"})
+            assert job.status_code == 202, job.text
+            assert client.delete(f"/v1/jobs/{job.json()['id']}").status_code == 202
+    finally:
+        client.delete(f"/v1/jobs/{blocker['id']}")
+        wait_for_job(client, blocker["id"], timeout=30)
+
+
+def test_show_older_against_the_server(browser, history_server):
+    """The same with the server's own cursor: every job once, in the server's order, new ones on top."""
+    server = history_server
+    with server.client() as client:
+        add_cancelled_jobs(client, 29)  # 30 jobs
+        page = open_page(browser, server.url)
+        try:
+            page.wait_for_selector("#gallery li.job")
+            limit = int(parse_qs(urlsplit(next(u for u in page.requests if "/v1/jobs?" in u)).query)["limit"][0])
+            assert limit < 30 <= 2 * limit
+            first = shown_ids(page)
+            add_cancelled_jobs(client, 1)  # two more, from another client
+            everything = [job["id"] for job in client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]]
+            assert len(everything) == 32 and everything[2:2 + limit] == first
+            older = page.get_by_role("button", name="Show older")
+            older.click()
+            sync_api.expect(page.locator("#gallery li.job")).to_have_count(30)
+            assert shown_ids(page) == everything[2:] and older.is_hidden()
+            page.get_by_role("button", name="Refresh").click()
+            sync_api.expect(page.locator("#gallery li.job")).to_have_count(32)
+            assert shown_ids(page) == everything and older.is_hidden()
+            assert not [u for u in page.requests if "/v1/jobs?" in u and "offset=" in u]
+        finally:
+            close_page(page, server.url)

@@ -7,6 +7,7 @@
   const KEY_STORAGE = "pixart-sigma-api-key";
   const PAGE_SIZE = 24;
   const FINISHED = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
+  const NARROW = "(max-width: 760px)";  // as in style.css
 
   const $ = (id) => document.getElementById(id);
   const form = $("generate-form");
@@ -20,8 +21,10 @@
   const moreButton = $("more");
   const generalError = $("general-error");
   const keyForm = $("key-form");
+  const settingsPanel = $("settings");
 
-  const state = { specs: [], inputs: {}, job: null, stream: null, nextOffset: null, blobs: new Map() };
+  // before: the history cursor for "Show older" (the server's `next`); null when nothing older is left.
+  const state = { specs: [], inputs: {}, job: null, stream: null, before: null, blobs: new Map() };
 
   // -- small helpers ---------------------------------------------------------------------------
   function el(tag, attrs = {}, ...children) {
@@ -195,7 +198,8 @@
     const wrap = spec.kind === "boolean"
       ? el("div", { class: "field field-boolean", "data-field": spec.name },
         el("div", { class: "check" }, input, label), help, error)
-      : el("div", { class: `field field-${spec.kind}`, "data-field": spec.name }, label, input, help, error);
+      : el("div", { class: `field field-${spec.kind}${spec.promptLike ? " field-wide" : ""}`, "data-field": spec.name },
+        label, input, help, error);
     state.inputs[spec.name] = input;
     return wrap;
   }
@@ -208,8 +212,10 @@
     const settingsFields = $("settings-fields");
     promptFields.replaceChildren();
     settingsFields.replaceChildren();
-    for (const spec of state.specs) {
-      (spec.promptLike ? promptFields : settingsFields).append(buildField(spec));
+    // the negative prompt leads the settings: as a full-width row below the others it would leave a gap
+    const wideFirst = [...state.specs].sort((a, b) => Number(b.promptLike) - Number(a.promptLike));
+    for (const spec of wideFirst) {
+      (spec.name === "prompt" ? promptFields : settingsFields).append(buildField(spec));
     }
     resetSettings();
     generateButton.disabled = false;
@@ -296,10 +302,14 @@
       }
       $(`error-${name}`).textContent = text;
       input.setAttribute("aria-invalid", "true");
+      if (settingsPanel.contains(input)) settingsPanel.open = true;  // a folded message would go unseen
       first = first || input;
     }
     if (unplaced.length) showGeneral(unplaced.join(" "));
-    if (first) first.focus();
+    if (first) {
+      first.focus({ preventScroll: true });
+      first.closest(".field").scrollIntoView({ block: "nearest" });  // the message under it too
+    }
   }
 
   function showError(err) {
@@ -514,15 +524,24 @@
     result.replaceChildren(...(job.images || []).map((image, index) => imageFigure(job, image, index)));
   }
 
-  async function loadGallery(append = false) {
-    const offset = append ? state.nextOffset || 0 : 0;
-    const page = await api(`/v1/jobs?limit=${PAGE_SIZE}&offset=${offset}`);
-    const items = page.jobs.map(galleryItem);
-    if (append) gallery.append(...items);
-    else gallery.replaceChildren(...items);
-    if (!page.jobs.length && !append) gallery.append(el("li", { class: "empty muted", text: "No pictures yet." }));
-    state.nextOffset = page.next_offset;
-    moreButton.hidden = page.next_offset === null || page.next_offset === undefined;
+  // The newest page, merged into what is shown: shown jobs are redrawn in place, new ones go on top, and
+  // older pages already opened stay. `older`: the page after the cursor, for "Show older". The cursor
+  // moves only with "Show older" (or the first load), so jobs added meanwhile are never fetched twice.
+  async function loadGallery(older = false) {
+    const query = older && state.before !== null ? `&before=${encodeURIComponent(state.before)}` : "";
+    const page = await api(`/v1/jobs?limit=${PAGE_SIZE}${query}`);
+    const shown = new Map([...gallery.querySelectorAll("li.job")].map((item) => [item.dataset.id, item]));
+    const fresh = [];
+    for (const job of page.jobs) {
+      if (shown.has(job.id)) shown.get(job.id).replaceWith(galleryItem(job));
+      else fresh.push(galleryItem(job));
+    }
+    gallery.querySelectorAll("li.empty").forEach((item) => item.remove());
+    if (older) gallery.append(...fresh);
+    else gallery.prepend(...fresh);
+    if (older || !shown.size) state.before = page.next ?? null;
+    if (!gallery.children.length) gallery.append(el("li", { class: "empty muted", text: "No pictures yet." }));
+    moreButton.hidden = state.before === null;
     return page;
   }
 
@@ -540,7 +559,7 @@
       const job = await api("/v1/generations", { method: "POST", json: body });
       follow(job);
       loadGallery().catch(() => {});
-      if (window.matchMedia("(max-width: 760px)").matches) {
+      if (window.matchMedia(NARROW).matches) {
         document.querySelector(".result").scrollIntoView({ behavior: "smooth", block: "start" });
       }
     } catch (err) {
@@ -568,6 +587,8 @@
   resetButton.addEventListener("click", resetSettings);
   $("refresh").addEventListener("click", () => loadGallery().catch(showError));
   moreButton.addEventListener("click", () => loadGallery(true).catch(showError));
+
+  if (!window.matchMedia(NARROW).matches) settingsPanel.open = true;  // there is room to show them
 
   async function start() {
     clearErrors();
