@@ -326,19 +326,22 @@ class Service:
             return progress
 
     def _next(self) -> Optional[str]:
-        with self._wake:
-            while not self._queue and not self._stop:
-                self._wake.wait()
-            if self._stop:
-                return None
-            job_id = self._queue.popleft()
-            self._running = job_id
-            self._queue_moved()
-            return job_id
+        """The next job to run (None: stop); meanwhile, failures not yet recorded are retried every few seconds."""
+        while True:
+            self._record_unsaved()
+            with self._wake:
+                if self._stop:
+                    return None
+                if self._queue:
+                    job_id = self._queue.popleft()
+                    self._running = job_id
+                    self._queue_moved()
+                    return job_id
+                unrecorded = any(not job.end_recorded for job in self._unsaved.values())
+                self._wake.wait(STORE_RETRY_SECONDS[-1] if unrecorded else None)
 
     def _work(self) -> None:
         while True:
-            self._record_unsaved()
             job_id = self._next()
             if job_id is None:
                 return
