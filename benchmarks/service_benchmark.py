@@ -7,9 +7,13 @@ helper), then measures, in one run:
   against `PixArtSigmaModel(model_name="demo").generate(...)` in this process, same settings;
   the ratio and the absolute overhead (target: under 10% of a job or under 30 ms, whichever is larger);
 - jobs per second with 8 concurrent clients (each submits, follows the events, fetches the image);
-- the resident memory (VmRSS) of the idle server process, before and after the load.
+- the resident memory (VmRSS) of the idle server process, before and after the load;
+- the queue's cost with 10 and with 5,000 jobs waiting (a fresh server each, its worker held by a slow
+  job): submit latency (median and 99th percentile of the last 100 submissions), the server's memory
+  after the submissions and after 100 jobs have started from the full queue, and how fast those ran.
 
-    python benchmarks/service_benchmark.py                 # 20 steps, N=10, 32 jobs for the throughput
+    python benchmarks/service_benchmark.py                 # 20 steps, N=10, 32 jobs, queues of 10 and 5000
+    python benchmarks/service_benchmark.py --queue-only    # only the queue's cost
     python benchmarks/service_benchmark.py --json out.json # also write the numbers as JSON
 
 All traffic goes to 127.0.0.1, bounded in count and time.
@@ -87,14 +91,74 @@ def http_job(client: httpx.Client, body: dict, timeout: float = 120) -> tuple[fl
     return time.perf_counter() - started, done
 
 
+def queue_cost(waiting: int, starts: int) -> dict:
+    """A fresh server with `waiting` jobs queued behind a slow one: submit latency, memory, start rate."""
+    data = Path(tempfile.mkdtemp(prefix="pixart-queue-bench-")) / "data"
+    server = start_server(data, "--model-name", "demo", "--queue-size", str(waiting + 1), faults=True,
+                          env={"PYTHONWARNINGS": "ignore"})
+    try:
+        pid = server.process.pid
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            holder = client.post("/v1/generations", json={"prompt": "[slow] hold", "num_inference_steps": 200}).json()
+            time.sleep(1.0)
+            rss_before = rss_mib(pid)
+            latencies = []
+            for k in range(waiting):
+                started = time.perf_counter()
+                response = client.post("/v1/generations", json={"prompt": PROMPT, "seed": k, "num_inference_steps": 1})
+                latencies.append(time.perf_counter() - started)
+                response.raise_for_status()
+            rss_queued = rss_mib(pid)
+            started = time.perf_counter()
+            client.delete(f"/v1/jobs/{holder['id']}")
+            ran = 0
+            while ran < starts:  # the first queued jobs run, each start from a (nearly) full queue
+                counts = {line.split('"')[1]: float(line.split()[-1]) for line in client.get("/metrics").text.splitlines()
+                          if line.startswith("pixart_jobs{")}
+                ran = int(counts.get("succeeded", 0))
+                time.sleep(0.01)
+            starts_s = time.perf_counter() - started
+            time.sleep(0.5)
+            rss_started = rss_mib(pid)
+    finally:
+        server.stop(timeout=120)
+    tail = sorted(latencies[-100:])
+    return {"waiting": waiting, "submit_median_ms": statistics.median(tail) * 1000,
+            "submit_p99_ms": tail[min(len(tail) - 1, int(0.99 * len(tail)))] * 1000,
+            "rss_before_mib": rss_before, "rss_queued_mib": rss_queued, "rss_after_starts_mib": rss_started,
+            "starts": starts, "starts_s": starts_s}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per job (default 20)")
     parser.add_argument("--repeats", type=int, default=10, help="N: jobs timed each way, median taken (default 10)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput (default 8)")
     parser.add_argument("--load-jobs", type=int, default=32, help="jobs in the throughput run (default 32)")
+    parser.add_argument("--queued", default="10,5000", help="queue lengths to measure, comma-separated (default 10,5000)")
+    parser.add_argument("--starts", type=int, default=100, help="jobs run from the full queue (default 100)")
+    parser.add_argument("--queue-only", action="store_true", help="measure only the queue's cost")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+
+    queues = []
+    for waiting in [int(part) for part in args.queued.split(",") if part.strip()]:
+        print(f"queue cost with {waiting} jobs waiting ...", file=sys.stderr, flush=True)
+        queues.append(queue_cost(waiting, min(args.starts, waiting)))
+    queue_rows = [(f"{q['waiting']} queued: submit latency, median / p99 of the last 100",
+                   f"{q['submit_median_ms']:.1f} / {q['submit_p99_ms']:.1f} ms") for q in queues]
+    queue_rows += [(f"{q['waiting']} queued: server RSS idle / queued / after {q['starts']} starts",
+                    f"{q['rss_before_mib']:.0f} / {q['rss_queued_mib']:.0f} / {q['rss_after_starts_mib']:.0f} MiB")
+                   for q in queues]
+    queue_rows += [(f"{q['waiting']} queued: the first {q['starts']} jobs (1 step each), per job",
+                    f"{q['starts_s'] / q['starts'] * 1000:.1f} ms") for q in queues]
+    if args.queue_only:
+        print("\nService benchmark: the queue's cost\n\n| measure | value |\n|---|---|")
+        for name, value in queue_rows:
+            print(f"| {name} | {value} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"queues": queues}, indent=2))
+        return 0
 
     from pixart_sigma import PixArtSigmaModel
 
@@ -191,7 +255,9 @@ def main(argv=None) -> int:
         ("a job's latency under that load (median)", f"{results['load_job_median_ms']:.0f} ms"),
         ("server RSS, idle after start", f"{rss_idle:.0f} MiB"),
         ("server RSS, idle after the load", f"{rss_after:.0f} MiB"),
+        *queue_rows,
     ]
+    results["queues"] = queues
     print(f"\nService benchmark: demo model, {args.steps} steps, 64x64, N={args.repeats}, {os.cpu_count()} CPUs\n")
     print("| measure | value |\n|---|---|")
     for name, value in rows:

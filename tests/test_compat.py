@@ -279,6 +279,42 @@ def test_txt2img_refusals_name_the_a1111_fields(http):
     assert job_total(http) == before
 
 
+def test_txt2img_seed_too_large_for_its_batches_names_the_batch_and_the_largest_seed(http):
+    from pixart_sigma.settings import MAX_SEED
+
+    before = job_total(http)
+    response = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "seed": MAX_SEED, "n_iter": 2})
+    assert response.status_code == 422
+    message = response.json()["error"]["fields"]["seed"][0]
+    assert f"seed={MAX_SEED} is too large for n_iter=2 batches of 1" in message
+    assert f"would use seed {MAX_SEED + 1}" in message and f"use a seed up to {MAX_SEED - 1}" in message
+    assert job_total(http) == before
+    ok = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "seed": MAX_SEED - 1, "n_iter": 2})
+    assert ok.status_code == 200 and json.loads(ok.json()["info"])["all_seeds"] == [MAX_SEED - 1, MAX_SEED]
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None, []])
+def test_txt2img_send_images_must_be_a_boolean(http, value):
+    response = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "send_images": value})
+    if value is None:  # null: left out
+        assert response.status_code == 200 and len(response.json()["images"]) == 1
+        return
+    assert response.status_code == 422 and "send_images" in response.json()["error"]["fields"]
+    assert "true or false" in response.json()["detail"]
+
+
+def test_txt2img_send_images_false_sends_none(http):
+    response = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "send_images": False})
+    assert response.status_code == 200 and response.json()["images"] == []
+    assert len(json.loads(response.json()["info"])["infotexts"]) == 1
+
+
+@pytest.mark.parametrize("size", ["64x64\n", "64x64 ", " 64x64", "64x64\n\n", "64X64"])
+def test_openai_size_with_anything_around_it_is_refused(http, size):
+    response = http.post("/v1/images/generations", json={"prompt": "x", "size": size, "num_inference_steps": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "size"
+
+
 def test_progress_and_interrupt(server, http):
     idle = http.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job"] == "" and idle["current_image"] is None

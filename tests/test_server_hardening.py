@@ -111,3 +111,38 @@ def test_keep_jobs_deletes_the_oldest_finished_jobs_and_their_images(tmp_path):
             assert client.get("/v1/jobs").json()["total"] == 2
     finally:
         server.stop()
+
+
+def test_compile_is_the_operators_choice(client, tmp_path):
+    before = client.get("/v1/jobs").json()["total"]
+    for path, body in (("/v1/generations", {"prompt": "x", "compile": True}),
+                       ("/v1/images/generations", {"prompt": "x", "compile": True}),
+                       ("/sdapi/v1/txt2img", {"prompt": "x", "compile": True})):
+        response = client.post(path, json=body)
+        assert response.status_code in (400, 422) and "compile" in response.json()["error"]["fields"], path
+        assert "--allow-compile" in response.json()["error"]["message"]
+    assert client.post("/v1/generations", json={"prompt": "x", "compile": False,
+                                                "num_inference_steps": 1}).status_code == 202
+    assert client.get("/v1/jobs").json()["total"] == before + 1
+    allowed = start_server(tmp_path / "data", "--model-name", "demo", "--allow-compile", faults=True)
+    try:
+        with allowed.client() as other:
+            other.post("/v1/generations", json={"prompt": "[slow] x", "num_inference_steps": 20})  # keeps the worker busy
+            response = other.post("/v1/generations", json={"prompt": "x", "compile": True})
+            assert response.status_code == 202
+            other.delete(f"/v1/jobs/{response.json()['id']}")  # accepted; not worth 20 s of compiling here
+    finally:
+        allowed.stop()
+
+
+@pytest.mark.parametrize("key", [None, "surrogate-key"])
+def test_a_lone_surrogate_is_the_same_422_with_or_without_an_idempotency_key(client, key):
+    headers = {"Content-Type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    response = client.post("/v1/generations", content=b'{"prompt": "\\ud800 a circle"}', headers=headers)
+    assert response.status_code == 422 and "prompt" in response.json()["error"]["fields"]
+
+
+def test_a_directory_that_is_no_checkpoint_is_named_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pixart_sigma", "serve", "--model-name", "/etc", "--port", "0",
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("model_name='/etc'") == 1, result.stderr

@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
-from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings
+from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings, shown
 from .protocol import Rejected, error_response, errors, read_json, rejected, request_schema, settings_error
 from .service import STORE_RETRY_AFTER, Service
 from .store import Job, StoreError
@@ -443,9 +443,9 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
                         f"one job in a queue of {service.queue_size}); raise batch_size for more images per batch")
         n_iter = 1
 
-    send_images = raw.get("send_images", True)
+    send_images = _send_images(raw)
     if not isinstance(send_images, bool):
-        problems.append(f"send_images={str(send_images)[:100]!r} is not valid: it must be true or false (JSON booleans)")
+        problems.append(f"send_images={shown(send_images)} is not valid: it must be true or false (JSON booleans)")
     seed, batch_size = body.get("seed"), body.get("num_images_per_prompt", 1)
     if (n_iter > 1 and type(seed) is int and type(batch_size) is int and 0 <= seed <= MAX_SEED and batch_size >= 1
             and seed + n_iter * batch_size - 1 > MAX_SEED):
@@ -457,6 +457,12 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
         if name not in body and raw.get(name) is not None:
             body[name] = raw[name]
     return body, n_iter, problems, _renamer(names)
+
+
+def _send_images(raw: dict[str, Any]) -> Any:
+    """A1111's send_images: true when left out (or null); any other non-boolean is refused in translation."""
+    value = raw.get("send_images")
+    return True if value is None else value
 
 
 def n_iter_cap(service: Service) -> int:
@@ -589,7 +595,7 @@ def install(app, service: Service) -> None:
             for job in jobs:
                 tasks.pop(job.id, None)
         first = jobs[0]
-        images = _base64(contents) if raw.get("send_images", True) else []
+        images = _base64(contents) if _send_images(raw) else []
         infotexts = await asyncio.to_thread(_infotexts, contents)
         settings = first.settings
         seeds = [first.seeds[0] + k for k in range(len(first.seeds) * n_iter)]
@@ -614,7 +620,7 @@ def install(app, service: Service) -> None:
             "seed": -1 if raw.get("seed") is None else raw["seed"],
             "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
             "width": settings["width"], "height": settings["height"], "sampler_name": sampler,
-            "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": raw.get("send_images", True),
+            "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": _send_images(raw),
             "override_settings": {"sd_model_checkpoint": first.model_name},
             "use_resolution_binning": settings["use_resolution_binning"],
             "max_sequence_length": settings["max_sequence_length"],
