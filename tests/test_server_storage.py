@@ -175,11 +175,13 @@ def test_the_start_moves_unlisted_files_aside_and_removes_partial_files_and_link
     stray.write_bytes(b"not listed by any job")
     (images / ".partial-feedfacefeedface.png").write_bytes(b"")
     (images / f"{'b' * 32}-0.png").symlink_to("/etc/passwd")
+    (images / ".partial-a-folder").mkdir()  # not a file we write: moved aside, not deleted
     server = start_server(data)
     try:
         assert list(images.iterdir()) == []
         assert (data / "unlisted-images" / stray.name).read_bytes() == b"not listed by any job"
-        assert "1 file(s) that no job lists moved to" in server.output()
+        assert (data / "unlisted-images" / ".partial-a-folder").is_dir()
+        assert "2 file(s) that no job lists moved to" in server.output()
         assert "2 partial file(s) or link(s) removed" in server.output()
         assert os.path.exists("/etc/passwd")
     finally:
@@ -195,6 +197,11 @@ def test_a_link_planted_among_the_images_is_not_followed(tmp_path):
         planted = server.data_dir / "images" / f"{'c' * 32}-0.png"
         planted.symlink_to("/etc/passwd")
         assert client.get(f"/v1/images/{planted.name}").status_code == 404
+        fifo = server.data_dir / "images" / f"{'d' * 32}-0.png"
+        os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+        for _ in range(10):  # more than the threads that read images
+            assert client.get(f"/v1/images/{fifo.name}", timeout=5).status_code == 404
+        assert client.get("/readyz", timeout=5).status_code == 200
         real = client.get(job["images"][0]["url"])
         head = client.head(job["images"][0]["url"])
         assert real.status_code == head.status_code == 200 and head.content == b""
@@ -275,5 +282,77 @@ def test_urls_just_handed_out_stay_within_the_grace_period(tmp_path):
         assert [answer.status_code for answer in answers] == [200, 200, 200]
         for answer in answers:
             assert httpx.get(answer.json()["data"][0]["url"], timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_the_start_refuses_when_the_place_for_unlisted_files_is_taken_by_a_file(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / f"{'a' * 32}-0.png").write_bytes(b"stray")
+    (data / "unlisted-images").write_bytes(b"a file, not a folder")
+    result = subprocess.run([*SERVE, "--port", str(free_port()), "--data-dir", str(data)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{data / 'unlisted-images'} is not a folder: move it away" in result.stderr
+
+
+def test_a_key_whose_job_failed_for_storage_makes_a_new_job_once_there_is_room(full_disk):
+    server, trigger = full_disk
+    client = server.client()
+    body = {"prompt": "[slow] a red circle", "num_inference_steps": 6}
+    headers = {"Idempotency-Key": "retry-me"}
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        client.post("/v1/images/generations", json=body, headers=headers, timeout=60)))
+    waiting.start()
+    wait_until(lambda: any(job["status"] == "running" for job in client.get("/v1/jobs").json()["jobs"]), 30)
+    trigger.touch()
+    waiting.join(60)
+    assert answers[0].status_code == 503
+    failed_id = next(job["id"] for job in client.get("/v1/jobs").json()["jobs"])
+    trigger.unlink()
+    assert wait_until(lambda: client.get("/readyz").status_code == 200, 10)
+    retried = wait_until(lambda: (lambda r: r if r.status_code != 503 else None)(
+        client.post("/v1/images/generations", json={**body, "num_inference_steps": 6}, headers=headers, timeout=60)), 30)
+    assert retried.status_code == 200, retried.text  # what Retry-After promised
+    assert retried.json()["job_id"] != failed_id and "Idempotent-Replayed" not in retried.headers
+    replay = client.post("/v1/images/generations", json=body, headers=headers, timeout=60)
+    assert replay.json()["job_id"] == retried.json()["job_id"]  # the new job owns the key now
+
+
+def test_a_txt2img_refused_half_way_can_be_retried_with_the_same_key(tmp_path):
+    server = start_server(tmp_path / "data", "--model-name", "demo", "--queue-size", "1", faults=True)
+    try:
+        client = server.client()
+        busy = client.post("/v1/generations", json={"prompt": "[slow] busy", "num_inference_steps": 10}).json()
+        wait_until(lambda: client.get(f"/v1/jobs/{busy['id']}").json()["status"] == "running", 30)
+        key = {"Idempotency-Key": "k" * 200}  # the longest key: each batch's derived key must still work
+        body = {"prompt": "a red circle", "steps": 1, "n_iter": 2, "seed": 5}
+        refused = client.post("/sdapi/v1/txt2img", json=body, headers=key)
+        assert refused.status_code == 429  # batch 2 found the queue full; batch 1 was withdrawn
+        wait_for_job(client, busy["id"])
+        retried = client.post("/sdapi/v1/txt2img", json=body, headers=key)
+        assert retried.status_code == 200, retried.text
+        assert len(retried.json()["images"]) == 2 and json.loads(retried.json()["info"])["interrupted"] is False
+    finally:
+        server.stop()
+
+
+def test_an_image_handed_out_stays_for_the_grace_period_from_then(tmp_path):
+    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "1", "--keep-grace", "2")
+    try:
+        client = server.client()
+        old = wait_for_job(client, client.post("/v1/generations", json={"prompt": "a red circle",
+                                                                         "num_inference_steps": 1}).json()["id"])
+        time.sleep(2.5)  # past the grace from its end
+        url = client.get(f"/v1/jobs/{old['id']}").json()["images"][0]["url"]  # handed out now
+        wait_for_job(client, client.post("/v1/generations", json={"prompt": "a blue square",
+                                                                  "num_inference_steps": 1}).json()["id"])
+        assert client.get(url).status_code == 200  # retention ran, but the URL had just gone out
+        time.sleep(2.5)
+        wait_for_job(client, client.post("/v1/generations", json={"prompt": "a green circle",
+                                                                  "num_inference_steps": 1}).json()["id"])
+        assert client.get(url).status_code == 404  # and once the grace had passed, it went
     finally:
         server.stop()

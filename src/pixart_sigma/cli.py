@@ -356,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keep-jobs", type=int, default=0, metavar="N",
                        help="keep the newest N finished jobs and their images, deleting older ones (default: 0, "
                             "keep all); a job is never deleted while a request waits for it, nor within "
-                            "--keep-grace seconds of its end (its answer or URLs may just have gone out)")
+                            "--keep-grace seconds of its end or of its image URLs going out to a client")
     serve.add_argument("--keep-grace", type=float, default=KEEP_GRACE_SECONDS, metavar="SECONDS",
-                       help=f"with --keep-jobs: how long a finished job is kept whatever N (default: "
+                       help=f"with --keep-jobs: how long a job just finished or just shown is kept whatever N (default: "
                             f"{KEEP_GRACE_SECONDS:g})")
     serve.add_argument("--allow-compile", action="store_true",
                        help="let requests ask for compile=true (about 20 s of server time per new image size, and "

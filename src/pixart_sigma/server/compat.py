@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import re
@@ -50,7 +51,7 @@ from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
 from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings, shown
 from .protocol import Rejected, error_response, errors, read_json, rejected, request_schema, settings_error
-from .service import STORE_RETRY_AFTER, Service
+from .service import MAX_IDEMPOTENCY_KEY, STORE_RETRY_AFTER, Service
 from .store import Job, StoreError
 
 POLL_SECONDS = 0.05
@@ -465,6 +466,16 @@ def _send_images(raw: dict[str, Any]) -> Any:
     return True if value is None else value
 
 
+def batch_key(key: Optional[str], index: int) -> Optional[str]:
+    """The Idempotency-Key of a txt2img request's batch `index`: its own for the first, derived for the rest."""
+    if not key or not index:
+        return key
+    derived = f"{key}#{index + 1}"
+    if len(derived) <= MAX_IDEMPOTENCY_KEY:
+        return derived
+    return f"{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}#{index + 1}"  # a long key: still unique
+
+
 def n_iter_cap(service: Service) -> int:
     """Batches one txt2img call may queue: each is a job, and all must fit the queue at once."""
     return max(1, min(MAX_N_ITER, service.queue_size + 1))
@@ -541,6 +552,7 @@ def install(app, service: Service) -> None:
         else:
             base = str(request.base_url).rstrip("/")
             items = [{"url": f"{base}/v1/images/{name}"} for name in job.images]
+            service.handed_out([job.id])
         content = openai_content(job.created, items, job.prompt, job.seeds, job.settings["width"],
                                  job.settings["height"], job.model_name, job_id=job.id)
         return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
@@ -558,17 +570,23 @@ def install(app, service: Service) -> None:
             return _a1111_error(_refusal(problems, 422, service, body, rename))
         key = request.headers.get("idempotency-key")
         jobs: list[Job] = []
+        made: list[str] = []  # the jobs this request created (not replays of an earlier one)
         try:
             for index in range(n_iter):
                 batch = dict(body)
                 if index:
                     batch["seed"] = jobs[0].seeds[0] + index * len(jobs[0].seeds)  # A1111's seeds follow on
-                job, _ = service.submit(batch, key if not key or not index else f"{key}#{index + 1}")
+                job, new = service.submit(batch, batch_key(key, index))
                 jobs.append(job)
+                made += [job.id] if new else []
                 tasks[job.id] = (index, n_iter)
         except (SettingsError, Rejected) as exc:
-            for job in jobs:  # all batches or none
-                service.cancel(job.id)
+            for job_id in made:  # all batches or none; their keys freed, so a retry makes them anew
+                try:
+                    service.cancel(job_id, release_key=True)
+                except StoreError:  # its cancel flag is set: it stops before its first step
+                    pass
+            for job in jobs:
                 tasks.pop(job.id, None)
             if isinstance(exc, Rejected):
                 return _a1111_error(rejected(exc))

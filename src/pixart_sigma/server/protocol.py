@@ -42,7 +42,8 @@ def errors(*statuses: int) -> dict[int, dict]:
     reasons = {400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found", 409: "Conflict",
                413: f"Body over {MAX_BODY_BYTES:,} bytes", 415: "Body not sent as application/json",
                421: "Not a loopback Host name (server without an API key)", 422: "Invalid settings, each named in error.fields",
-               429: "Queue full; see Retry-After", 500: "The job failed", 503: "Draining or not ready"}
+               429: "Queue full; see Retry-After", 500: "The job failed",
+               503: "Draining, or the job store cannot be written now; see Retry-After"}
     return {status: {"description": reasons[status], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for status in statuses}
 

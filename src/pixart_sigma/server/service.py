@@ -125,6 +125,7 @@ class Service:
         self._queue_listeners: set = set()  # (loop, asyncio.Event) of streams that show a queue position
         self._unsaved: OrderedDict[str, Job] = OrderedDict()  # jobs whose end the store could not record
         self._held: collections.Counter[str] = collections.Counter()  # jobs a request still waits for: retention keeps them
+        self._handed_out: OrderedDict[str, float] = OrderedDict()  # job id -> when its image URLs last went out
         self._stop = False
         self._worker: Optional[threading.Thread] = None
         self._average_job_seconds = 5.0
@@ -218,10 +219,19 @@ class Service:
             raise Rejected(409, "idempotency_conflict",
                            "this Idempotency-Key was used for a different request; use a new key for new work",
                            param="Idempotency-Key")
+        earlier = self.job(earlier.id) if earlier is not None else None
+        if earlier is not None and earlier.storage_failed:
+            # Its key is released once its failure is recorded; until then a retry cannot be stored either.
+            raise Rejected(503, "store_unwritable", f"job {earlier.id} with this Idempotency-Key failed because its "
+                           "result could not be stored; retry later with the same key", retry_after=STORE_RETRY_AFTER)
         return earlier
 
-    def cancel(self, job_id: str) -> Optional[Job]:
-        """Cancel a queued job at once, a running one within one step; None when there is no such job."""
+    def cancel(self, job_id: str, release_key: bool = False) -> Optional[Job]:
+        """Cancel a queued job at once, a running one within one step; None when there is no such job.
+
+        `release_key`: a queued job withdrawn by the request that made it (A1111's all-or-none batches) frees
+        its Idempotency-Key, so a retry of that request makes new jobs instead of replaying cancelled ones.
+        """
         job = self.job(job_id)
         if job is None:
             return None
@@ -230,7 +240,7 @@ class Service:
             # stops before its first step.
             self._progress_of(job_id).cancel.set()
             with self._wake:
-                if self.store.finish_if(job_id, ("queued",), "cancelled", "cancelled before it started"):
+                if self.store.finish_if(job_id, ("queued",), "cancelled", "cancelled before it started", release_key):
                     try:
                         self._queue.remove(job_id)
                     except ValueError:
@@ -354,6 +364,7 @@ class Service:
                 with self._wake:
                     self._running = None
                     self._queue.appendleft(job_id)
+                    self._queue_moved()
                     self._wake.wait(STORE_RETRY_SECONDS[-1])  # a drain wakes it at once
             except Exception:  # never let one job stop the worker
                 log.exception("job %s: unexpected failure in the worker", job_id)
@@ -408,8 +419,10 @@ class Service:
                 log.exception("job %s failed", job_id)
                 error = f"{type(exc).__name__}: {exc}"[:2000]
         finished, end_recorded = time.time(), True
+        # A job failed by storage frees its Idempotency-Key: a retry with it makes a new job.
+        released = {"idempotency_key": None} if storage_failed else {}
         try:
-            self._retrying(lambda: self.store.update(job_id, status=status, error=error, finished=finished))
+            self._retrying(lambda: self.store.update(job_id, status=status, error=error, finished=finished, **released))
         except StoreError as exc:
             storage_failed, end_recorded = True, False
             status, error = "failed", (f"this job's end could not be recorded ({exc}); it was {status}, but its "
@@ -426,13 +439,34 @@ class Service:
             self._average_job_seconds = 0.8 * self._average_job_seconds + 0.2 * (finished - started)
         progress.emit("done", status=status)
         if self.keep_jobs:
-            try:
-                with self._wake:
-                    held = frozenset(self._held)
-                self.store.prune(self.keep_jobs, time.time() - self.keep_grace_seconds, held)
-            except StoreError as exc:
-                log.warning("retention skipped: %s", exc)
+            self._prune()
         return status
+
+    def _prune(self) -> None:
+        """Retention: never what a request waits for, nor what was handed out within the grace period."""
+        recent = time.monotonic() - self.keep_grace_seconds
+        with self._wake:
+            while self._handed_out and next(iter(self._handed_out.values())) < recent:
+                self._handed_out.popitem(last=False)
+            held = frozenset(self._held) | frozenset(self._handed_out)
+        try:
+            deleted = self.store.prune(self.keep_jobs, time.time() - self.keep_grace_seconds, held)
+        except StoreError as exc:
+            log.warning("retention skipped: %s", exc)
+            return
+        with self._wake:
+            for job_id in deleted:
+                self._unsaved.pop(job_id, None)
+
+    def handed_out(self, job_ids: list[str]) -> None:
+        """These jobs' image URLs just went to a client: retention keeps them for the grace period from now."""
+        if not self.keep_jobs:
+            return
+        now = time.monotonic()
+        with self._wake:
+            for job_id in job_ids:
+                self._handed_out.pop(job_id, None)
+                self._handed_out[job_id] = now  # newest last, so the oldest expire first
 
     def _save(self, job_id: str, image, index: int, count: int, names: list[str]) -> None:
         """Write one image and list it in the job's row; a file whose row cannot be written is removed again."""
@@ -472,14 +506,16 @@ class Service:
             pending = [job for job in self._unsaved.values() if not job.end_recorded]
         for job in pending:
             try:
-                self.store.finish_if(job.id, ("running",), "failed", job.error)
+                self.store.finish_if(job.id, ("running",), "failed", job.error, release_key=True)
             except StoreError:
                 return
             job.end_recorded = True
 
     # -- views ------------------------------------------------------------------------------------
     def view(self, job: Job) -> dict[str, Any]:
-        """A job as the API shows it."""
+        """A job as the API shows it (its image URLs count as handed out, for retention)."""
+        if job.images:
+            self.handed_out([job.id])
         progress = self._progress.get(job.id)
         return {
             "id": job.id, "status": job.status, "created": job.created, "started": job.started,

@@ -240,12 +240,15 @@ class JobStore:
                                 (time.time(), job_id))
         return cursor.rowcount == 1
 
-    def finish_if(self, job_id: str, from_statuses: tuple[str, ...], status: str, error: Optional[str] = None) -> bool:
-        """Set a final status only when the job is still in one of `from_statuses` (atomic)."""
+    def finish_if(self, job_id: str, from_statuses: tuple[str, ...], status: str, error: Optional[str] = None,
+                  release_key: bool = False) -> bool:
+        """Set a final status only when the job is still in one of `from_statuses` (atomic). `release_key`:
+        its Idempotency-Key may name new work (a retry of a job that never got its chance)."""
         marks = ", ".join("?" for _ in from_statuses)
+        key = ", idempotency_key = NULL" if release_key else ""
         with self._using(writes=True) as db:
             cursor = db.execute(
-                f"UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN ({marks})",
+                f"UPDATE jobs SET status = ?, finished = ?, error = ?{key} WHERE id = ? AND status IN ({marks})",
                 (status, time.time(), error, job_id, *from_statuses))
         return cursor.rowcount == 1
 
@@ -280,9 +283,9 @@ class JobStore:
             rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {status: 0 for status in STATUSES} | {row[0]: row[1] for row in rows}
 
-    def prune(self, keep: int, finished_before: float, held: frozenset[str] = frozenset()) -> int:
+    def prune(self, keep: int, finished_before: float, held: frozenset[str] = frozenset()) -> list[str]:
         """Delete finished jobs beyond the newest `keep` that finished before `finished_before` and are not
-        `held` (a request still waits for them), and their images; how many went.
+        `held` (a request waits for them, or they were just handed out), and their images; the ids deleted.
 
         Rows go first, then files: a crash in between leaves unlisted files (moved aside at the next
         start), never a job whose images are gone.
@@ -296,7 +299,7 @@ class JobStore:
         for row in rows:
             for name in json.loads(row["images"]):
                 (self.image_dir / name).unlink(missing_ok=True)
-        return len(rows)
+        return [row["id"] for row in rows]
 
     def recover(self) -> list[Job]:
         """After a restart: mark jobs that were running as interrupted; return the queued ones, oldest first."""
@@ -315,15 +318,18 @@ class JobStore:
         with self._using(writes=False) as db:
             listed = {name for (images,) in db.execute("SELECT images FROM jobs") for name in json.loads(images)}
         moved = removed = 0
+        aside = self.data_dir / ORPHAN_FOLDER
         for entry in os.scandir(self.image_dir):
             if entry.name in listed and entry.is_file(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            if entry.is_symlink() or entry.name.startswith(".partial-"):
+            if entry.is_symlink() or (entry.name.startswith(".partial-") and entry.is_file(follow_symlinks=False)):
                 path.unlink(missing_ok=True)
                 removed += 1
                 continue
-            aside = self.data_dir / ORPHAN_FOLDER
+            if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+                raise StoreError(f"{aside} is not a folder: move it away, so that files no job lists can be put "
+                                 "there, and start again")
             aside.mkdir(exist_ok=True)
             target = aside / entry.name
             while target.exists():
@@ -337,7 +343,9 @@ class JobStore:
         if not IMAGE_NAME.fullmatch(name):
             return None
         try:
-            handle = os.open(self.image_dir / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+            # O_NONBLOCK: a FIFO planted under an image's name must not block a thread forever.
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+            handle = os.open(self.image_dir / name, flags)
         except OSError:
             return None
         with os.fdopen(handle, "rb") as stream:
