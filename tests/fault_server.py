@@ -2,7 +2,9 @@
 
 Prompts containing [oom] raise torch.OutOfMemoryError at step 1 (as a too-large job does on a GPU);
 prompts containing [slow] take 0.2 s a step, so a test can act while a job runs; prompts containing
-[slowsave] take 0.3 s after writing each image, so a test can kill the server between two images.
+[slowsave] take 0.3 s after writing each image, so a test can kill the server between two images;
+prompts containing [untilfull] wait at their first step until the disk is full (below), so the disk
+fills during that job whatever the machine's speed (only until it has been full once).
 While the file named by PIXART_FAULT_DISK_FULL exists, the disk is full: every write to the job store
 fails as SQLite fails then ("database or disk is full") and writing an image fails with ENOSPC.
 Everything else is the real CLI and the real service.
@@ -29,8 +31,16 @@ _real_save = service_module.save_image
 FULL = os.environ.get("PIXART_FAULT_DISK_FULL")
 
 
+_filled = False  # the disk has been full once: [untilfull] jobs wait no more (a retry must not wait)
+
+
 def _disk_full() -> bool:
     return bool(FULL) and Path(FULL).exists()
+
+
+def _note_fullness() -> None:
+    global _filled
+    _filled = _filled or _disk_full()
 
 
 def _generate(self, prompt, *, on_progress=None, cancel=None, **overrides):
@@ -39,6 +49,10 @@ def _generate(self, prompt, *, on_progress=None, cancel=None, **overrides):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
         if "[slow]" in prompt:
             time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while "[untilfull]" in prompt and step == 1 and not _filled and time.monotonic() < deadline:
+            _note_fullness()
+            time.sleep(0.02)
         if on_progress is not None:
             on_progress(step, total)
 

@@ -211,3 +211,16 @@ def test_the_memory_budget_setting_is_read_safely(monkeypatch, setting, expected
 def test_from_pipeline_refuses_what_is_not_a_pipeline():
     with pytest.raises(SettingsError, match="needs a diffusers PixArtSigmaPipeline; object has no transformer"):
         PixArtSigmaModel.from_pipeline(object())
+
+
+def test_a_model_says_whether_it_is_warm_and_what_the_budget_is(monkeypatch):
+    from pixart_sigma import MEMORY_BUDGET_ENV, unload_all
+
+    model = PixArtSigmaModel(model_name="demo", device="cpu")
+    model.generate("a red circle", num_inference_steps=1)
+    assert model.is_warm
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, "1.5")
+    assert model.warm_budget_bytes == int(1.5 * 2**30)
+    unload_all()
+    assert not model.is_warm  # asking did not load it
+    assert not model.is_warm

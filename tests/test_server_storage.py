@@ -120,7 +120,7 @@ def test_a_full_disk_as_a_job_ends_fails_it_for_its_clients_and_leaves_no_orphan
     answers = []
 
     def openai():  # a client waiting for its images while the disk fills
-        answers.append(client.post("/v1/images/generations", json={"prompt": "[slow] a red circle",
+        answers.append(client.post("/v1/images/generations", json={"prompt": "[untilfull] a red circle",
                                                                    "num_inference_steps": 6}, timeout=60))
 
     waiting = threading.Thread(target=openai)
@@ -300,7 +300,7 @@ def test_the_start_refuses_when_the_place_for_unlisted_files_is_taken_by_a_file(
 def test_a_key_whose_job_failed_for_storage_makes_a_new_job_once_there_is_room(full_disk):
     server, trigger = full_disk
     client = server.client()
-    body = {"prompt": "[slow] a red circle", "num_inference_steps": 6}
+    body = {"prompt": "[untilfull] a red circle", "num_inference_steps": 6}
     headers = {"Idempotency-Key": "retry-me"}
     answers = []
     waiting = threading.Thread(target=lambda: answers.append(
@@ -340,19 +340,39 @@ def test_a_txt2img_refused_half_way_can_be_retried_with_the_same_key(tmp_path):
 
 
 def test_an_image_handed_out_stays_for_the_grace_period_from_then(tmp_path):
-    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "1", "--keep-grace", "2")
+    grace = 3
+    server = start_server(tmp_path / "data", "--model-name", "demo", "--keep-jobs", "1", "--keep-grace", str(grace))
     try:
         client = server.client()
-        old = wait_for_job(client, client.post("/v1/generations", json={"prompt": "a red circle",
-                                                                         "num_inference_steps": 1}).json()["id"])
-        time.sleep(2.5)  # past the grace from its end
-        url = client.get(f"/v1/jobs/{old['id']}").json()["images"][0]["url"]  # handed out now
-        wait_for_job(client, client.post("/v1/generations", json={"prompt": "a blue square",
-                                                                  "num_inference_steps": 1}).json()["id"])
-        assert client.get(url).status_code == 200  # retention ran, but the URL had just gone out
-        time.sleep(2.5)
-        wait_for_job(client, client.post("/v1/generations", json={"prompt": "a green circle",
-                                                                  "num_inference_steps": 1}).json()["id"])
-        assert client.get(url).status_code == 404  # and once the grace had passed, it went
+
+        def run(prompt):
+            return wait_for_job(client, client.post("/v1/generations", json={"prompt": prompt,
+                                                                              "num_inference_steps": 1}).json()["id"])
+
+        def gone(url):
+            return client.get(url).status_code == 404
+
+        never_shown, shown_late = run("a blue square"), run("a red circle")
+        time.sleep(grace + 0.5)  # both past the grace from their end
+        url = client.get(f"/v1/jobs/{shown_late['id']}").json()["images"][0]["url"]  # handed out now
+        run("a green circle")  # its end prunes what retention may delete
+        assert wait_until(lambda: gone(never_shown["images"][0]["url"]), 10)  # retention did run
+        assert client.get(url).status_code == 200  # but the URL had just gone out
+        time.sleep(grace + 0.5)
+        run("a yellow triangle")
+        assert wait_until(lambda: gone(url), 10)  # once the grace had passed, it went
     finally:
         server.stop()
+
+
+def test_a_data_folder_whose_name_has_url_characters_opens_its_own_store(tmp_path):
+    data = tmp_path / "odd #name? 100%" / "data"
+    store = JobStore(data)
+    job_id = store.add("demo", "a red circle", {"seed": 1}, [1]).id
+    store.close()
+    store = JobStore(data)  # the check at start reads this very file, read-only
+    try:
+        assert store.get(job_id).prompt == "a red circle"
+    finally:
+        store.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["odd #name? 100%"]  # nothing made elsewhere

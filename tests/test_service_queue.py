@@ -31,8 +31,10 @@ def test_starting_jobs_adds_no_event_to_the_waiting_ones_and_positions_follow(tm
     service.start()
     try:
         ids = [service.submit({"prompt": f"job {k}"})[0].id for k in range(3000)]
-        assert service.queue_position(ids[-1]) == 3000 - 1  # the first is running or about to
-        for _ in range(20):
+        assert model.started.acquire(timeout=30)  # the first is running
+        assert service.queue_position(ids[-1]) == 3000 - 1
+        model.releases.release()
+        for _ in range(19):
             assert model.started.acquire(timeout=30)
             model.releases.release()
         assert model.started.acquire(timeout=30)  # the 21st is running now

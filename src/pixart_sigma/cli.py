@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
 
+    from .compiling import COMPILE_COST
+    from .server import API_KEY_ENV
     from .server.run import KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE  # light: the web stack loads only when serving
 
     serve = commands.add_parser(
@@ -361,11 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"with --keep-jobs: how long a job just finished or just shown is kept whatever N (default: "
                             f"{KEEP_GRACE_SECONDS:g})")
     serve.add_argument("--allow-compile", action="store_true",
-                       help="let requests ask for compile=true (about 20 s of server time per new image size, and "
-                            "a growing disk cache); without it such requests are refused with 422")
+                       help=f"let requests ask for compile=true ({COMPILE_COST}); without it such requests are "
+                            "refused with 422")
     serve.add_argument("--api-key", default=None,
                        help="bearer token every route requires but /healthz and the page's own files "
-                            "(default: $PIXART_SIGMA_API_KEY)")
+                            f"(default: ${API_KEY_ENV})")
     serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the known checkpoints: downloaded or not, size, folder")

@@ -22,6 +22,8 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch's own variable: a user's setting 
 # Compiled variants kept per function: one per (size, batch, guidance on/off). Past torch's default
 # of 8 further shapes would silently run uncompiled while their records say compile=True.
 RECOMPILE_LIMIT = 64
+# What a server operator weighs before letting clients ask for compile=true (measured: 20 s for the demo model).
+COMPILE_COST = "20 s to a minute of compiling per new image size, and a growing disk cache"
 
 
 def cache_dir() -> Path:

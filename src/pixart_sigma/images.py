@@ -34,6 +34,7 @@ from .settings import (DTYPES, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE,
                        check_text, parse_settings)
 
 JSON_KEY = "pixart_sigma"
+PARTIAL_PREFIX = ".partial-"  # an image being written; never a finished one
 A1111_KEY = "parameters"
 SAMPLER_NAMES = {name: sampler.a1111_name for name, sampler in SAMPLERS.items()}
 # Settings that decide the pixels; the rest of the JSON chunk is information.
@@ -134,7 +135,7 @@ def _save_options(image: Image.Image, path: Path) -> dict[str, Any]:
 def _create_temporary(path: Path) -> tuple[Path, int]:
     """A new empty file next to `path`, open for writing; mode 0o666 so the umask applies (mkstemp: 0o600)."""
     for _ in range(100):
-        temporary = path.with_name(f".partial-{secrets.token_hex(8)}{path.suffix}")
+        temporary = path.with_name(f"{PARTIAL_PREFIX}{secrets.token_hex(8)}{path.suffix}")
         try:
             flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
             return temporary, os.open(temporary, flags, 0o666)
@@ -191,6 +192,8 @@ def _publish(path: Path, write: Callable[[BinaryIO], Any], overwrite: bool) -> P
         temporary, handle = _create_temporary(path)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())  # on disk before it has its name: a power cut never leaves half an image
         if overwrite:
             os.replace(temporary, path)
         else:

@@ -11,7 +11,7 @@ from PIL import Image
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm
+from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm, memory_budget
 from .errors import CheckpointError, SettingsError
 from .images import attach
 from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
@@ -130,9 +130,15 @@ class PixArtSigmaModel:
         return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
 
     @property
+    def warm_budget_bytes(self) -> int:
+        """Bytes of warm weights kept on this model's device before the least recently used models go
+        (the variable MEMORY_BUDGET_ENV names, else 90% of a GPU or half the RAM)."""
+        return memory_budget(self.settings["torch_device"])
+
+    @property
     def is_warm(self) -> bool:
-        """Whether this model's weights are loaded now; False once evicted past the warm-model budget
-        (PIXART_SIGMA_CACHE_GB) or after `unload_all()`. Asking never loads them."""
+        """Whether this model's weights are loaded now; False once evicted past `warm_budget_bytes` or after
+        `unload_all()`. Asking never loads them."""
         if self._pipeline_engine is not None:
             return True
         s = self.settings

@@ -2,3 +2,19 @@
 
 An optional extra (`pip install "pixart-sigma[server]"`): the core library never imports it.
 """
+
+import ipaddress
+
+# Facts every front end that serves HTTP shares (the service, the Ray Serve gateway); light to import.
+API_KEY_ENV = "PIXART_SIGMA_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+

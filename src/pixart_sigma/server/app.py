@@ -22,8 +22,8 @@ from .. import SettingsError, __version__
 from ..settings import shown
 from .guards import LOOPBACK_NAMES, guarded
 from .protocol import (MAX_BODY_BYTES, BadRequest, Rejected, error_response, errors, read_json, rejected,
-                       request_schema, settings_error)
-from .service import STORE_RETRY_AFTER, Service
+                       request_schema, settings_error, store_unavailable)
+from .service import Service
 from .store import CURSOR, JOB_ID, StoreError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -68,8 +68,7 @@ def create_app(service: Service, api_key: Optional[str] = None,
 
     @app.exception_handler(StoreError)
     async def _store(request: Request, exc: StoreError):
-        return error_response(503, f"{exc}; retry later", kind="server_error", code="store_unavailable",
-                              headers={"Retry-After": str(STORE_RETRY_AFTER)})
+        return store_unavailable(f"{exc}; retry later")
 
     @app.exception_handler(404)
     async def _missing(request: Request, exc):
@@ -112,13 +111,15 @@ def create_app(service: Service, api_key: Optional[str] = None,
                        "page you have as `before`")
             return error_response(422, message, param="offset", code="invalid_request", fields={"offset": [message]})
         jobs, total, following = service.store.page(limit, before)
-        return {"jobs": [service.view(service.job(job.id) or job) for job in jobs], "total": total, "limit": limit,
+        return {"jobs": [service.view(service.current(job)) for job in jobs], "total": total, "limit": limit,
                 "next": following}
 
     @app.get("/v1/jobs/{job_id}", summary="One job: status, progress, seeds, images, error",
              responses=errors(401, 404))
     async def get_job(job_id: str):
-        return service.view(job_or_404(job_id))
+        job = job_or_404(job_id)
+        service.handed_out([job.id])  # a client polling for its result gets the image URLs here
+        return service.view(job)
 
     @app.delete("/v1/jobs/{job_id}", summary="Cancel a job: a queued one at once, a running one within a step",
                 status_code=202, responses=errors(401, 404, 409))
@@ -218,6 +219,7 @@ async def _events(service: Service, job_id: str, request: Request):
             if finished or progress is None:  # no events in memory: a job from before a restart
                 job = service.job(job_id)
                 if job is not None and (finished or job.done):
+                    service.handed_out([job.id])
                     yield _sse("done", service.view(job))
                     return
             try:

@@ -50,12 +50,12 @@ from fastapi.responses import JSONResponse, Response
 from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
 from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings, shown
-from .protocol import Rejected, error_response, errors, read_json, rejected, request_schema, settings_error
-from .service import MAX_IDEMPOTENCY_KEY, STORE_RETRY_AFTER, Service
+from .protocol import (Rejected, error_response, errors, read_json, rejected, request_schema, settings_error,
+                       store_unavailable)
+from .service import DRAIN_RETRY_AFTER, MAX_IDEMPOTENCY_KEY, Service
 from .store import Job, StoreError
 
 POLL_SECONDS = 0.05
-DRAIN_RETRY_AFTER = 5
 
 # -- OpenAI ------------------------------------------------------------------------------------------
 OPENAI_MAX_N = 10
@@ -154,9 +154,7 @@ async def _wait(service: Service, job_id: str, request: Request) -> tuple[Option
         try:
             job = service.job(job_id)
         except StoreError as exc:
-            return None, error_response(503, f"{exc}; job {job_id} is kept: follow it at /v1/jobs/{job_id}",
-                                        kind="server_error", code="store_unavailable",
-                                        headers={"Retry-After": str(STORE_RETRY_AFTER)})
+            return None, store_unavailable(f"{exc}; job {job_id} is kept: follow it at /v1/jobs/{job_id}")
         if job is None:
             return None, error_response(500, f"job {job_id} is no longer in the store", kind="server_error",
                                         code="job_missing")
@@ -176,8 +174,7 @@ def job_error(job: Job) -> JSONResponse:
     """A job that ended without images, as an error: never worth retrying as it stands."""
     no_retry = {"x-should-retry": "false"}
     if job.storage_failed:  # the server's disk, not the request: worth a retry later
-        return error_response(503, f"job {job.id} failed: {job.error}", kind="server_error", code="store_unwritable",
-                              headers={"Retry-After": str(STORE_RETRY_AFTER)})
+        return store_unavailable(f"job {job.id} failed: {job.error}", code="store_unwritable")
     if job.status == "failed":
         out_of_memory = (job.error or "").startswith("out of memory")
         return error_response(500, f"job {job.id} failed: {job.error}", kind="server_error",
@@ -569,29 +566,15 @@ def install(app, service: Service) -> None:
         if problems:
             return _a1111_error(_refusal(problems, 422, service, body, rename))
         key = request.headers.get("idempotency-key")
-        jobs: list[Job] = []
-        made: list[str] = []  # the jobs this request created (not replays of an earlier one)
-        try:
-            for index in range(n_iter):
-                batch = dict(body)
-                if index:
-                    batch["seed"] = jobs[0].seeds[0] + index * len(jobs[0].seeds)  # A1111's seeds follow on
-                job, new = service.submit(batch, batch_key(key, index))
-                jobs.append(job)
-                made += [job.id] if new else []
-                tasks[job.id] = (index, n_iter)
-        except (SettingsError, Rejected) as exc:
-            for job_id in made:  # all batches or none; their keys freed, so a retry makes them anew
-                try:
-                    service.cancel(job_id, release_key=True)
-                except StoreError:  # its cancel flag is set: it stops before its first step
-                    pass
-            for job in jobs:
-                tasks.pop(job.id, None)
-            if isinstance(exc, Rejected):
-                return _a1111_error(rejected(exc))
+        try:  # all batches or none
+            jobs = [job for job, _ in service.submit_batches(body, n_iter, [batch_key(key, i) for i in range(n_iter)])]
+        except Rejected as exc:
+            return _a1111_error(rejected(exc))
+        except SettingsError as exc:
             return _a1111_error(settings_error(_renamed(exc, rename), 422))
         try:
+            for index, job in enumerate(jobs):
+                tasks[job.id] = (index, n_iter)
             with service.hold([job.id for job in jobs]):  # retention keeps every batch until they are read
                 finished: list[Job] = []
                 stopped = None
@@ -609,6 +592,9 @@ def install(app, service: Service) -> None:
                         break
                 names = [name for job in finished for name in job.images]
                 contents = await asyncio.to_thread(_read_images, service, names)
+        except StoreError as exc:  # the jobs stay in the store (and run): say so in A1111's shape
+            return _a1111_error(store_unavailable(f"{exc}; the jobs {', '.join(job.id for job in jobs)} are kept: "
+                                                  "follow them at /v1/jobs/{id}"))
         finally:
             for job in jobs:
                 tasks.pop(job.id, None)

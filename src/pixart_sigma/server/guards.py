@@ -77,8 +77,9 @@ class SameMachineOnly:
 
     - the Host must be one of `hosts` (a DNS-rebinding page, whose Host is its own name, gets 421);
     - a request a browser marks as coming from another site or origin (`Sec-Fetch-Site` cross-site or
-      same-site, or an `Origin` other than this server's) gets 403, GET included: only a top-level
-      navigation to the page itself may come from elsewhere (a link to the server still opens it).
+      same-site, or an `Origin` other than this server's) gets 403, GET included: only a navigation to
+      the page itself may come from elsewhere (a link to the server still opens it; in a frame it is then
+      refused by the page's frame-ancestors policy).
       Clients that are not browsers send neither header and are not affected;
     - a POST body must be JSON (what a cross-site form or a text/plain `fetch` cannot send without a
       preflight), else 415.

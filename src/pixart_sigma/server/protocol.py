@@ -18,6 +18,7 @@ from .. import SettingsError
 from ..settings import LOAD_SETTINGS, MAX_PROMPT_CHARS, Settings
 
 MAX_BODY_BYTES = 1 << 20
+STORE_RETRY_AFTER = 30  # seconds a client is asked to wait while the job store cannot be used
 
 
 class Rejected(Exception):
@@ -39,7 +40,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
 
 def errors(*statuses: int) -> dict[int, dict]:
     """OpenAPI declarations of the error answers a route gives (one shape for all)."""
-    reasons = {400: "Malformed request", 401: "Missing or wrong API key", 404: "Not found", 409: "Conflict",
+    reasons = {400: "Malformed request", 401: "Missing or wrong API key",
+               403: "From another web site or origin (server without an API key)", 404: "Not found", 409: "Conflict",
                413: f"Body over {MAX_BODY_BYTES:,} bytes", 415: "Body not sent as application/json",
                421: "Not a loopback Host name (server without an API key)", 422: "Invalid settings, each named in error.fields",
                429: "Queue full; see Retry-After", 500: "The job failed",
@@ -63,6 +65,11 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 def settings_error(exc: SettingsError, status: int = 422) -> JSONResponse:
     fields = exc.by_field()
     return error_response(status, str(exc), param=next(iter(fields)), code="invalid_settings", fields=fields)
+
+
+def store_unavailable(message: str, code: str = "store_unavailable") -> JSONResponse:
+    """503 for work the job store cannot take or give now (a full disk, an I/O error): worth a retry later."""
+    return error_response(503, message, kind="server_error", code=code, headers={"Retry-After": str(STORE_RETRY_AFTER)})
 
 
 def rejected(exc: Rejected) -> JSONResponse:

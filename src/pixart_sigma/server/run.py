@@ -7,7 +7,7 @@ check, so a start that fails (a port in use, a damaged store) leaves every queue
 
 from __future__ import annotations
 
-import ipaddress
+import errno
 import logging
 import os
 import socket
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 from .. import MEMORY_BUDGET_ENV, PixArtSigmaError, PixArtSigmaModel, SettingsError
+from . import API_KEY_ENV, is_loopback
+from .store import KEEP_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 HOME_ENV = "PIXART_SIGMA_HOME"
-API_KEY_ENV = "PIXART_SIGMA_API_KEY"
 MAX_QUEUE_SIZE = 10_000
-KEEP_GRACE_SECONDS = 600  # retention never deletes a job that finished more recently: its answer may just have gone out
 
 
 def default_data_dir() -> Path:
@@ -34,15 +34,6 @@ def default_data_dir() -> Path:
     if sys.platform == "win32":
         return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "pixart-sigma"
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "pixart-sigma"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto") -> dict[str, PixArtSigmaModel]:
@@ -57,9 +48,12 @@ def load_models(model_names: list[str], device: str, dtype: str, memory: str = "
 
 def check_models_fit(models: dict[str, PixArtSigmaModel]) -> None:
     """Every served model must stay warm: past the cache budget each job would evict and reload another."""
-    if not all(model.is_warm for model in models.values()):
-        raise SettingsError([f"the {len(models)} served models do not fit the warm-model budget together: "
-                             f"serve fewer, or raise {MEMORY_BUDGET_ENV}"])
+    cold = [model for model in models.values() if not model.is_warm]
+    if cold:
+        budget = cold[0].warm_budget_bytes
+        raise SettingsError([f"the {len(models)} served models do not fit the warm-model budget together "
+                             f"({budget / 2**30:.1f} GiB on {cold[0].settings['device']}): serve fewer, or raise "
+                             f"{MEMORY_BUDGET_ENV}"])
 
 
 class StartError(PixArtSigmaError):
@@ -81,9 +75,20 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise StartError(f"port={port} on {host} cannot be used ({exc.strerror or exc}): another program may be "
-                         "serving there; choose another --port, or --port 0 for a free one") from None
+        why = {errno.EADDRINUSE: "another program is serving there; choose another --port, or --port 0 for a free one",
+               errno.EACCES: "ports below 1024 need privileges; choose a port from 1024, or --port 0 for a free one",
+               errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; give one of its own, e.g. 127.0.0.1"}
+        raise StartError(f"port={port} on {host} cannot be used ({exc.strerror or exc}): "
+                         f"{why.get(exc.errno, 'choose another --port or --host')}") from None
     return sock
+
+
+def listen(sock: socket.socket, host: str, port: int) -> None:
+    try:
+        sock.listen(2048)
+    except OSError as exc:  # bound minutes ago, while the models loaded; another program may have taken it since
+        raise StartError(f"port={port} on {host} cannot be used ({exc.strerror or exc}): choose another --port, "
+                         "or --port 0 for a free one") from None
 
 
 def url_of(sock: socket.socket) -> str:
@@ -136,7 +141,7 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
         service = Service(models, store, queue_size, keep_jobs, keep_grace_seconds, allow_compile)
         app = create_app(service, api_key, hosts=host_names(host) if is_loopback(host) and not api_key else None)
         server = _DrainingServer(uvicorn.Config(asgi(app), log_level=log_level, timeout_graceful_shutdown=5), service)
-        sock.listen(2048)
+        listen(sock, host, port)
         service.start()
         print(f"pixart-sigma serving {', '.join(names)} on {url_of(sock)} (data in {data_dir})",
               file=sys.stderr, flush=True)

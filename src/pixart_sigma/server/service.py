@@ -8,8 +8,8 @@ asked (from the one queue), so the cost of a start does not grow with the queue.
 
 Nothing accepted is lost to a storage failure: a job that cannot be marked running stays queued, each
 image is listed in the store as soon as its file is complete (a file whose row cannot be written is
-removed again), and a job whose end cannot be written is failed in memory, so its waiting clients are
-told at once (503, try again) while the store keeps the truth it could record.
+removed again), and a job whose end cannot be written (after a few seconds of retries) is failed in
+memory, so its waiting clients are told (503, try again) while the store keeps the truth it could record.
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from typing import Any, Mapping, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
+from ..compiling import COMPILE_COST
 from ..model import RANDOM_SEED_RANGE
-from ..settings import LOAD_SETTINGS, shown
-from .protocol import Rejected
-from .run import KEEP_GRACE_SECONDS
-from .store import Job, JobStore, StoreError, image_name
+from ..settings import LOAD_SETTINGS, MAX_SEED, shown
+from .protocol import STORE_RETRY_AFTER, Rejected
+from .store import KEEP_GRACE_SECONDS, Job, JobStore, StoreError, image_name
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
 KEPT_PROGRESS = 1000  # finished jobs whose event lists stay in memory for late SSE readers
 KEPT_UNSAVED = 10_000  # jobs whose end could not be stored, remembered for their clients
 STORE_RETRY_SECONDS = (0.2, 1.0, 3.0)  # waits between the tries of one write a job's result depends on
-STORE_RETRY_AFTER = 30  # seconds a client is asked to wait while the store cannot be written
+DRAIN_RETRY_AFTER = 5  # seconds a client is asked to wait while the server restarts
 
 
 @dataclass
@@ -123,6 +123,7 @@ class Service:
         self._wake = threading.Condition()
         self._progress: OrderedDict[str, Progress] = OrderedDict()
         self._queue_listeners: set = set()  # (loop, asyncio.Event) of streams that show a queue position
+        self._positions: Optional[dict[str, int]] = None  # job id -> queue position, derived when asked
         self._unsaved: OrderedDict[str, Job] = OrderedDict()  # jobs whose end the store could not record
         self._held: collections.Counter[str] = collections.Counter()  # jobs a request still waits for: retention keeps them
         self._handed_out: OrderedDict[str, float] = OrderedDict()  # job id -> when its image URLs last went out
@@ -142,6 +143,7 @@ class Service:
                 continue
             self._queue.append(job.id)
             self._progress_of(job.id)
+        self._queue_changed()
         # The loaded models never become garbage: keep them out of the collector's sight, so that a
         # collection costs microseconds instead of a quarter second of the event loop.
         gc.collect()
@@ -171,14 +173,25 @@ class Service:
 
     def submit(self, body: Any, idempotency_key: Optional[str] = None) -> tuple[Job, bool]:
         """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key."""
-        if idempotency_key is not None:
-            earlier = self._idempotent(body, idempotency_key)
-            if earlier is not None:
-                return earlier, False
+        return self.submit_batches(body, 1, [idempotency_key])[0]
+
+    def submit_batches(self, body: Any, batches: int, keys: list[Optional[str]]) -> list[tuple[Job, bool]]:
+        """`batches` jobs of one request (A1111's n_iter), each batch's seeds following on from the one before,
+        stored and queued together or not at all: (job, new) each. `keys`: each batch's Idempotency-Key or None;
+        a repeated request gets its earlier jobs back."""
+        hashes = [_request_hash(body if index == 0 else {"batch": index + 1, "request": body})
+                  for index in range(batches)]
+        if keys[0] is not None:
+            earlier = [self._idempotent(digest, key) for digest, key in zip(hashes, keys)]
+            if all(earlier):
+                return [(job, False) for job in earlier]
+            if any(earlier):  # retention deleted some of them
+                raise Rejected(409, "idempotency_conflict", "some jobs of the request with this Idempotency-Key "
+                               "were deleted; use a new key", param="Idempotency-Key")
         if self.draining:
             self.metrics.rejections.labels("draining").inc()
             raise Rejected(503, "draining", "the server is shutting down and takes no new jobs; retry shortly",
-                           retry_after=5)
+                           retry_after=DRAIN_RETRY_AFTER)
         try:
             model_name, prompt, settings = self.validate(body)
         except SettingsError:
@@ -186,40 +199,50 @@ class Service:
             raise
         with self._wake:
             waiting = len(self._queue) + (1 if self._running else 0)
-            if waiting >= self.queue_size + 1:  # the running job plus queue_size waiting
+            if waiting + batches > self.queue_size + 1:  # the running job plus queue_size waiting
                 self.metrics.rejections.labels("queue_full").inc()
-                raise Rejected(429, "queue_full", f"the queue is full ({self.queue_size} jobs waiting); retry later",
-                               retry_after=self.retry_after())
+                room = f"; this request needs {batches} places" if batches > 1 else ""
+                raise Rejected(429, "queue_full", f"the queue is full ({self.queue_size} jobs waiting{room}); retry "
+                               "later", retry_after=self.retry_after())
             if settings["seed"] == -1:  # drawn now and stored: a job run again after a restart makes the same pixels
                 settings["seed"] = secrets.randbelow(RANDOM_SEED_RANGE)
-            seeds = [settings["seed"] + k for k in range(settings["num_images_per_prompt"])]
+            count = settings["num_images_per_prompt"]
+            if settings["seed"] + batches * count - 1 > MAX_SEED:
+                raise SettingsError([f"seed={settings['seed']} is too large for {batches} batches of {count}: image "
+                                     f"seeds follow on and must stay at most {MAX_SEED}"])
+            entries = [(model_name, prompt, {**settings, "seed": settings["seed"] + index * count},
+                        [settings["seed"] + index * count + k for k in range(count)], key,
+                        digest if key is not None else None)
+                       for index, (key, digest) in enumerate(zip(keys, hashes))]
             try:
-                job = self.store.add(model_name, prompt, settings, seeds, idempotency_key,
-                                     _request_hash(body) if idempotency_key else None)
+                jobs = self.store.add_many(entries)
             except sqlite3.IntegrityError:  # the same key raced in from another request
-                earlier = self._idempotent(body, idempotency_key)
-                if earlier is None:
-                    raise
-                return earlier, False
+                earlier = [self._idempotent(digest, key) for digest, key in zip(hashes, keys)]
+                if not all(earlier):
+                    raise Rejected(409, "idempotency_conflict", "another request with this Idempotency-Key is being "
+                                   "stored; retry", param="Idempotency-Key") from None
+                return [(job, False) for job in earlier]
             except StoreError as exc:
                 self.metrics.rejections.labels("store_unwritable").inc()
                 raise Rejected(503, "store_unwritable", f"the job could not be stored, so it was not accepted: {exc}; "
                                "retry later", retry_after=STORE_RETRY_AFTER) from None
-            self._queue.append(job.id)
-            self._progress_of(job.id)  # its stream listens here for "running"
+            for job in jobs:
+                self._queue.append(job.id)
+                self._progress_of(job.id)  # its stream listens here for "running"
+            self._queue_changed()
             self._wake.notify_all()
-        return job, True
+        return [(job, True) for job in jobs]
 
-    def _idempotent(self, body: Any, key: str) -> Optional[Job]:
+    def _idempotent(self, request_hash: str, key: str) -> Optional[Job]:
         if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise Rejected(400, "invalid", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
                            param="Idempotency-Key")
         earlier = self.store.by_idempotency_key(key)
-        if earlier is not None and earlier.request_hash != _request_hash(body):
+        if earlier is not None and earlier.request_hash != request_hash:
             raise Rejected(409, "idempotency_conflict",
                            "this Idempotency-Key was used for a different request; use a new key for new work",
                            param="Idempotency-Key")
-        earlier = self.job(earlier.id) if earlier is not None else None
+        earlier = self.current(earlier) if earlier is not None else None
         if earlier is not None and earlier.storage_failed:
             # Its key is released once its failure is recorded; until then a retry cannot be stored either.
             raise Rejected(503, "store_unwritable", f"job {earlier.id} with this Idempotency-Key failed because its "
@@ -274,6 +297,10 @@ class Service:
         unsaved = self._unsaved.get(job_id)
         return unsaved if unsaved is not None else self.store.get(job_id)
 
+    def current(self, job: Job) -> Job:
+        """A job read from the store, as it stands (the failure the store could not record, if any)."""
+        return self._unsaved.get(job.id, job)
+
     def store_writable(self) -> bool:
         """Whether the store takes writes now (a tiny write, at most every 2 s), for /readyz."""
         when, writable = self._writable_checked
@@ -290,8 +317,13 @@ class Service:
         with self._wake:
             self._queue_listeners.discard((loop, woken))
 
+    def _queue_changed(self) -> None:
+        """The queue's order changed: positions are derived again when next asked (called with `_wake` held)."""
+        self._positions = None
+
     def _queue_moved(self) -> None:
-        """Wake the streams that show queue positions (called with `_wake` held)."""
+        """Jobs moved up or were put back: positions change; wake the streams that show them (`_wake` held)."""
+        self._queue_changed()
         for loop, woken in list(self._queue_listeners):
             try:
                 loop.call_soon_threadsafe(woken.set)
@@ -299,12 +331,12 @@ class Service:
                 pass
 
     def queue_position(self, job_id: str) -> Optional[int]:
-        """1 for the next job to run; None when not queued."""
+        """1 for the next job to run; None when not queued. Derived once per change of the queue, so many
+        streams asking after each start cost one pass over the queue, not one each."""
         with self._wake:
-            try:
-                return self._queue.index(job_id) + 1
-            except ValueError:
-                return None
+            if self._positions is None:
+                self._positions = {queued: position for position, queued in enumerate(self._queue, 1)}
+            return self._positions.get(job_id)
 
     def progress(self, job_id: str) -> Optional[Progress]:
         return self._progress.get(job_id)
@@ -425,8 +457,8 @@ class Service:
             self._retrying(lambda: self.store.update(job_id, status=status, error=error, finished=finished, **released))
         except StoreError as exc:
             storage_failed, end_recorded = True, False
-            status, error = "failed", (f"this job's end could not be recorded ({exc}); it was {status}, but its "
-                                       "result is not kept: submit it again later (same settings, same seed)")
+            status, error = "failed", (f"this job's end could not be recorded ({exc}); it had {status}: submit it "
+                                       "again later (same settings, same seed)")
             log.error("job %s: %s", job_id, error)
         if storage_failed:
             status = "failed"
@@ -513,9 +545,7 @@ class Service:
 
     # -- views ------------------------------------------------------------------------------------
     def view(self, job: Job) -> dict[str, Any]:
-        """A job as the API shows it (its image URLs count as handed out, for retention)."""
-        if job.images:
-            self.handed_out([job.id])
+        """A job as the API shows it."""
         progress = self._progress.get(job.id)
         return {
             "id": job.id, "status": job.status, "created": job.created, "started": job.started,
@@ -534,7 +564,7 @@ class Service:
 
 def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
                      set_by: str = "pixart-sigma serve --{flag}",
-                     allow_compile: bool = True) -> tuple[str, str, dict[str, Any]]:
+                     allow_compile: bool = False) -> tuple[str, str, dict[str, Any]]:
     """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise.
 
     `models`: each served name and what checks a call for it (`validate_call`, as PixArtSigmaModel's);
@@ -566,9 +596,9 @@ def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
         problems += exc.problems
         settings = None
     if settings is not None and settings.get("compile") and not allow_compile:
-        problems.append("compile=true is not allowed on this server: compiling costs about 20 s of server time for "
-                        "each new image size, so its operator decides (pixart-sigma serve --allow-compile); leave "
-                        "compile out")
+        where = set_by.format(flag="allow-compile", name="allow_compile")
+        problems.append(f"compile=true is not allowed on this server: it costs {COMPILE_COST}, so its operator "
+                        f"decides ({where}); leave compile out")
     if problems:
         raise SettingsError(problems)
     return model_name, prompt, settings

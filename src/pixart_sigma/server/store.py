@@ -20,17 +20,19 @@ import stat
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PixArtSigmaError
+from ..images import PARTIAL_PREFIX
 
 log = logging.getLogger(__name__)
 STORE_FILE = "jobs.sqlite3"
 IMAGE_FOLDER = "images"
 ORPHAN_FOLDER = "unlisted-images"  # beside the store: files found in images/ that no job lists
+KEEP_GRACE_SECONDS = 600  # retention keeps a job this long after its end or its URLs going out
 MAX_IMAGE_BYTES = 256 << 20  # far above a 2048x2048 PNG; a file past it is not one of ours
 # Names the store makes, and the patterns a request's id or image name must match before any lookup.
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
@@ -134,14 +136,14 @@ def cursor_of(job: Job) -> str:
 
 def _check(path: Path) -> None:
     """StoreDamaged when `path` is not a sound SQLite database; reads only."""
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # new, or created by a start that could write nothing
         return
     advice = (f"move it aside (mv {path} {path}.damaged, and its -wal and -shm files if there are any) and start "
               f"again: a new empty store is made, and the {IMAGE_FOLDER} folder beside it is kept")
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        # as_uri() percent-encodes the path: a '#' or '?' in a folder name must not cut it (or drop mode=ro).
+        with closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
             rows = [row[0] for row in db.execute("PRAGMA quick_check(5)").fetchall()]
-            db.execute("SELECT COUNT(*) FROM jobs").fetchone()
     except sqlite3.DatabaseError as exc:
         raise StoreDamaged(f"the job store {path} cannot be used ({exc}); nothing was written to it: {advice}") from None
     if rows != ["ok"]:
@@ -206,15 +208,29 @@ class JobStore:
 
     def add(self, model_name: str, prompt: str, settings: dict[str, Any], seeds: list[int],
             idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> Job:
-        job = Job(id=uuid.uuid4().hex, created=time.time(), status="queued", model_name=model_name, prompt=prompt,
-                  settings=settings, seeds=seeds, idempotency_key=idempotency_key, request_hash=request_hash)
+        return self.add_many([(model_name, prompt, settings, seeds, idempotency_key, request_hash)])[0]
+
+    def add_many(self, entries: list[tuple]) -> list[Job]:
+        """Queued jobs, all stored or none (one transaction); each entry is (model_name, prompt, settings, seeds,
+        idempotency_key, request_hash). They run in the order given, also after a restart."""
+        now = time.time()
+        jobs = [Job(id=uuid.uuid4().hex, created=now + index * 1e-6, status="queued", model_name=model_name,
+                    prompt=prompt, settings=settings, seeds=seeds, idempotency_key=key, request_hash=digest)
+                for index, (model_name, prompt, settings, seeds, key, digest) in enumerate(entries)]
         with self._using(writes=True) as db:
-            db.execute(
-                "INSERT INTO jobs (id, created, status, model_name, prompt, settings, seeds, idempotency_key, "
-                "request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.created, job.status, model_name, prompt, json.dumps(settings), json.dumps(seeds),
-                 idempotency_key, request_hash))
-        return job
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO jobs (id, created, status, model_name, prompt, settings, seeds, idempotency_key, "
+                    "request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(job.id, job.created, job.status, job.model_name, job.prompt, json.dumps(job.settings),
+                      json.dumps(job.seeds), job.idempotency_key, job.request_hash) for job in jobs])
+                db.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):  # SQLite may have rolled back by itself already
+                    db.execute("ROLLBACK")
+                raise
+        return jobs
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._using(writes=False) as db:
@@ -323,7 +339,7 @@ class JobStore:
             if entry.name in listed and entry.is_file(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            if entry.is_symlink() or (entry.name.startswith(".partial-") and entry.is_file(follow_symlinks=False)):
+            if entry.is_symlink() or (entry.name.startswith(PARTIAL_PREFIX) and entry.is_file(follow_symlinks=False)):
                 path.unlink(missing_ok=True)
                 removed += 1
                 continue
