@@ -279,9 +279,32 @@ def test_serve_gateway_keeps_the_services_same_machine_rules_without_a_key(servi
 
 
 def test_the_gateway_reads_the_proxys_host_from_serve(service):
+    from ray import serve
+
     from pixart_sigma.integrations.ray.serve import proxy_host
 
-    assert proxy_host() == "127.0.0.1"  # Serve's private reader still works with this Ray
+    assert proxy_host() == "127.0.0.1"  # Serve's private reader still works with this Ray, in this driver ...
+    # ... and in the Gateway replica, where it runs: without a key the gateway fails closed when it cannot read
+    # the host (its __init__ raises, the deploy fails), so this keyless gateway serving at all, with the
+    # loopback-only Host rule, proves the replica read 127.0.0.1 (the keyless tests above prove it too).
+    assert serve.status().applications["pixart"].deployments["Gateway"].status == "HEALTHY"
+    assert service.get("/healthz").status_code == 200
+    assert service.get("/healthz", headers={"host": "evil.test"}).status_code == 421
+
+
+def test_serve_refuses_compile_unless_the_app_allows_it(service):
+    """The module's app is built without allow_compile: compile=true is refused before it reaches a replica."""
+    response = _post(service, prompt="a red circle", size="64x64", num_inference_steps=1, compile=True)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_settings", "compile")
+    assert list(error["fields"]) == ["compile"]
+    # The shared validator words the remedy from the gateway's set_by: this app's argument, not the service's flag.
+    assert "compile=true is not allowed" in error["message"], error["message"]
+    assert "serve run pixart_sigma.integrations.ray:app allow_compile=" in error["message"], error["message"]
+    assert "--allow-compile" not in error["message"]
+    made = _post(service, prompt="a red circle", size="64x64", num_inference_steps=1, compile=False)
+    assert made.status_code == 200, made.text
 
 
 def _crowd(service, count, steps):
@@ -387,7 +410,7 @@ def test_serve_builder_refuses_bad_arguments_naming_each():
 
 def test_serve_builder_takes_the_api_key_from_its_argument_or_the_services_variable(monkeypatch):
     from pixart_sigma.integrations.ray.serve import options
-    from pixart_sigma.server.run import API_KEY_ENV
+    from pixart_sigma.server import API_KEY_ENV
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert options({"model_name": "demo"})["api_key"] is None
@@ -407,12 +430,103 @@ def test_gateway_rules_are_the_services():
     from pixart_sigma.integrations.ray.serve import gateway_rules
 
     loopback = ("127.0.0.1", "localhost", "[::1]")
-    assert gateway_rules(None, "127.0.0.1") == gateway_rules(None, None) == (None, loopback)  # None: unknown
-    assert gateway_rules(None, "::1") == (None, loopback)
-    assert gateway_rules("key", "0.0.0.0") == ("key", None)  # with a key: any Host, the key checked instead
+    assert gateway_rules(None, "127.0.0.1") == gateway_rules(None, "::1") == (None, loopback)
+    # With a key: any Host, the key checked instead, whatever the proxy binds (known or not).
+    assert gateway_rules("key", "0.0.0.0") == gateway_rules("key", None) == ("key", None)
     with pytest.raises(SettingsError, match="host='0.0.0.0', reachable from other machines: set an API key with "
                                             "the api_key argument or PIXART_SIGMA_API_KEY"):
         gateway_rules(None, "0.0.0.0")
+    # Unknown (None), without a key: refused. A remote client of a proxy on 0.0.0.0 can send Host: 127.0.0.1.
+    with pytest.raises(SettingsError) as error:
+        gateway_rules(None, None, "reading it failed: RuntimeError: no controller")
+    message = str(error.value)
+    for expected in ("Serve's HTTP proxy host is unknown (reading it failed: RuntimeError: no controller)",
+                     "refuses to start", "set an API key with the api_key argument or PIXART_SIGMA_API_KEY",
+                     "make sure Serve's http_options host is readable"):
+        assert expected in message, message
+    with pytest.raises(SettingsError, match=r"host is unknown \(it could not be read\)"):
+        gateway_rules(None, None)
+
+
+def _gateway(*args, **kwargs):
+    """The Gateway as its replica constructs it, outside Serve (the class under serve.ingress's async wrapper)."""
+    from pixart_sigma.integrations.ray.serve import Gateway
+
+    cls = Gateway.__bases__[0]
+    gateway = cls.__new__(cls)
+    cls.__init__(gateway, *args, **kwargs)
+    return gateway
+
+
+def test_the_gateway_fails_closed_when_it_cannot_read_the_proxys_host(monkeypatch):
+    import ray.serve.context
+
+    from pixart_sigma.integrations.ray.serve import Guards, proxy_host, read_proxy_host
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("no Serve controller (injected)")
+
+    monkeypatch.setattr(Guards, "rules", None)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", unreadable)
+    assert proxy_host() is None
+    assert read_proxy_host() == (None, "reading it failed: RuntimeError: no Serve controller (injected)")
+    load = {"model_name": "demo"}
+    with pytest.raises(SettingsError, match=r"host is unknown \(reading it failed: RuntimeError: no Serve controller"):
+        _gateway(None, load, 1, 300.0)
+    assert Guards.rules is None  # still refusing every request (503)
+    _gateway(None, load, 1, 300.0, api_key="k3y")
+    assert Guards.rules == ("k3y", None)  # with a key the host is not needed
+
+    class NoProxy:  # http_options host None: Serve starts no HTTP proxy; unknown all the same
+        class http_config:
+            host = None
+
+    monkeypatch.setattr(Guards, "rules", None)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda *args, **kwargs: NoProxy)
+    assert read_proxy_host() == (None, "Serve's http_options host is None")
+    with pytest.raises(SettingsError, match="host is unknown"):
+        _gateway(None, load, 1, 300.0)
+    assert Guards.rules is None
+
+
+def test_serve_builder_parses_allow_compile_as_true_or_false():
+    from pixart_sigma.integrations.ray.serve import options
+
+    assert options({"model_name": "demo"})["allow_compile"] is False
+    for value, expected in ((True, True), (False, False), ("true", True), ("false", False), ("True", True),
+                            (" FALSE ", False)):
+        assert options({"model_name": "demo", "allow_compile": value})["allow_compile"] is expected, value
+    for bad in ("yes", "no", "1", "0", "", "on", 1, 0, None, ["true"]):
+        with pytest.raises(ValueError) as error:
+            options({"model_name": "demo", "allow_compile": bad})
+        assert f"allow_compile={bad!r} is not valid: it must be true or false" in str(error.value)
+
+
+def test_the_apps_allow_compile_reaches_the_gateways_checks(monkeypatch):
+    import ray.serve.context
+
+    from pixart_sigma.integrations.ray import app
+    from pixart_sigma.integrations.ray.serve import Guards
+
+    class Local:
+        class http_config:
+            host = "127.0.0.1"
+
+    monkeypatch.delenv("PIXART_SIGMA_API_KEY", raising=False)  # keyless: the host is read, as in a replica
+    monkeypatch.setattr(Guards, "rules", None)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda *args, **kwargs: Local)
+    body = {"prompt": "a red circle", "compile": True}
+    for value, allowed in (("true", True), ("false", False), (None, False)):
+        args = {"model_name": "demo", "device": "cpu", **({"allow_compile": value} if value else {})}
+        bound = app(args)._bound_deployment  # what Serve will construct the Gateway replica with
+        gateway = _gateway(*bound.init_args, **bound.init_kwargs)
+        assert gateway.catalog.allow_compile is allowed
+        if allowed:
+            assert gateway.catalog.validate(body)[2]["compile"] is True
+        else:
+            with pytest.raises(SettingsError) as error:
+                gateway.catalog.validate(body)
+            assert list(error.value.by_field()) == ["compile"]
 
 
 def test_gateway_middleware_refuses_everything_until_a_gateway_configures_it(monkeypatch):

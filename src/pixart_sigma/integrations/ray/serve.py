@@ -14,6 +14,10 @@ Two deployments:
   is a 503 with Retry-After, which OpenAI's client retries by itself. Around the routes, the rules of
   `pixart-sigma serve` (`server.guards`): without an API key only this machine's own clients (loopback
   Host, no cross-site browser requests, JSON bodies only), with one `Authorization: Bearer <key>`.
+  Without a key the gateway starts only when Serve's HTTP proxy is known to bind a loopback address:
+  a proxy reachable from other machines, or one whose address cannot be read, is refused (fail closed).
+  `compile=true` is refused unless the app is built with `allow_compile=true`, as the service's
+  `--allow-compile`.
 
 Images come back as `b64_json`: nothing is stored, so there is no URL to give (`response_format=url`
 is refused with a message saying so).
@@ -36,13 +40,14 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from ... import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, __version__, read_settings
+from ...compiling import COMPILE_COST
 from ...images import image_bytes
 from ...model import RANDOM_SEED_RANGE
 from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, Settings, check_text, parse_settings, shown
 from ...server.guards import SecurityHeaders, guarded, host_names
 from ...server.protocol import MAX_BODY_BYTES, BadRequest, error_response, read_json, request_schema
 from ...server.compat import openai_content, openai_refusal, translate_openai
-from ...server.run import API_KEY_ENV, is_loopback
+from ...server import API_KEY_ENV, is_loopback
 from ...server.service import validate_request
 
 IMPORT_PATH = "pixart_sigma.integrations.ray:app"
@@ -141,40 +146,60 @@ class Checker:
 
 
 class Catalog:
-    """The served model for the OpenAI translation (server.compat's `Served`)."""
+    """The served model for the OpenAI translation (server.compat's `Served`); `allow_compile`: whether a
+    request may ask for compile=true (the operator's choice, as `pixart-sigma serve --allow-compile`)."""
 
-    def __init__(self, load: dict[str, Any]):
+    def __init__(self, load: dict[str, Any], allow_compile: bool = False):
         self.default_model = load["model_name"]
         self.models = {self.default_model: Checker(load)}
+        self.allow_compile = allow_compile
 
     def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
-        return validate_request(self.models, self.default_model, body, set_by=f"serve run {IMPORT_PATH} {{name}}=...")
+        return validate_request(self.models, self.default_model, body, set_by=f"serve run {IMPORT_PATH} {{name}}=...",
+                                allow_compile=self.allow_compile)
 
 
 Rules = tuple[Optional[str], Optional[tuple[str, ...]]]  # guarded's api_key and hosts
 
 
-def gateway_rules(api_key: Optional[str], proxy_host: Optional[str]) -> Rules:
-    """`server.guards.guarded`'s (api_key, hosts) for a gateway whose HTTP proxies bind `proxy_host` (None:
-    unknown, so only the loopback names are served without a key); like `pixart-sigma serve`, no key with a
-    proxy reachable from other machines is refused."""
+def gateway_rules(api_key: Optional[str], proxy_host: Optional[str], unread: str = "it could not be read") -> Rules:
+    """`server.guards.guarded`'s (api_key, hosts) for a gateway whose HTTP proxies bind `proxy_host`.
+
+    With a key: any Host, the key checked. Without one, like `pixart-sigma serve`, only a proxy known to bind
+    a loopback address is served (loopback Host names only); a proxy reachable from other machines is refused,
+    and so is one whose host is unknown (None; `unread` says why): a remote client of a proxy on 0.0.0.0 could
+    send `Host: 127.0.0.1`, so without the bound address the Host check alone proves nothing. Fail closed."""
     if api_key:
         return api_key, None
-    if proxy_host is not None and not is_loopback(proxy_host):
+    if proxy_host is None:
+        raise SettingsError([f"Serve's HTTP proxy host is unknown ({unread}), so nothing shows that only this "
+                             "machine can reach the gateway, and without an API key it refuses to start: set an API "
+                             f"key with the api_key argument or {API_KEY_ENV}, or make sure Serve's http_options "
+                             "host is readable (Serve started with its HTTP proxy on, and this Ray's "
+                             "ray.serve.context._get_global_client().http_config.host working: tested with Ray 2.60)"])
+    if not is_loopback(proxy_host):
         raise SettingsError([f"Serve's HTTP proxy binds host={proxy_host!r}, reachable from other machines: set "
                              f"an API key with the api_key argument or {API_KEY_ENV} (or give Serve http_options "
                              "host 127.0.0.1)"])
-    return None, host_names(proxy_host or "127.0.0.1")
+    return None, host_names(proxy_host)
+
+
+def read_proxy_host() -> tuple[Optional[str], str]:
+    """(the host Serve's HTTP proxies bind (its `http_options`), "") or (None, why it cannot be read)."""
+    try:
+        from ray.serve.context import _get_global_client  # Serve has no public reader of its http_options
+
+        host = _get_global_client().http_config.host
+    except Exception as exc:
+        return None, f"reading it failed: {type(exc).__name__}: {str(exc)[:200]}"
+    if not isinstance(host, str) or not host:
+        return None, f"Serve's http_options host is {host!r}"  # None: Serve's HTTP proxies are off
+    return host, ""
 
 
 def proxy_host() -> Optional[str]:
     """The host Serve's HTTP proxies bind (its `http_options`), or None when it cannot be read."""
-    try:
-        from ray.serve.context import _get_global_client  # Serve has no public reader of its http_options
-
-        return _get_global_client().http_config.host
-    except Exception:
-        return None
+    return read_proxy_host()[0]
 
 
 class Guards:
@@ -227,10 +252,12 @@ class Gateway:
     """The HTTP routes; every request checked here, then generated by a `Generator` replica."""
 
     def __init__(self, generator, load: dict[str, Any], replicas: int, request_timeout_s: float,
-                 api_key: Optional[str] = None):
-        Guards.rules = gateway_rules(api_key, None if api_key else proxy_host())
+                 api_key: Optional[str] = None, allow_compile: bool = False):
+        # Read here, in the replica, where the rules apply; without a key an unreadable host refuses the deploy.
+        host, unread = (None, "") if api_key else read_proxy_host()
+        Guards.rules = gateway_rules(api_key, host, unread)
         self.generator = generator
-        self.catalog = Catalog(load)
+        self.catalog = Catalog(load, allow_compile)
         self.replicas = replicas
         self.timeout = request_timeout_s
         self.seconds: Optional[float] = None  # a running average of one generation, for Retry-After
@@ -301,7 +328,10 @@ ARGUMENTS = {
     "request_timeout_s": "seconds a request may take, queue included, before it is cancelled (default 300)",
     "health_check_period_s": "seconds between Serve's health checks of each replica (default 10)",
     "api_key": f"the key clients must send as 'Authorization: Bearer <key>' (default: {API_KEY_ENV} where the app "
-               "is built); without one only this machine's own clients may use the gateway",
+               "is built); without one only this machine's own clients may use the gateway, and only when "
+               "Serve's HTTP proxy binds a loopback address",
+    "allow_compile": f"true lets requests ask for compile=true ({COMPILE_COST}); default false: such requests "
+                     "are refused (400)",
 }
 
 
@@ -324,6 +354,17 @@ def _number(args: dict[str, Any], name: str, kind: type, low: float, high: float
         problems.append(f"{name}={shown(value)} is not valid: it must be from {low:g} to {high:g}")
         return default
     return number
+
+
+def _boolean(args: dict[str, Any], name: str, default: bool, problems: list[str]) -> bool:
+    """A boolean argument: true or false (a config file's YAML boolean, or `key=true` on `serve run`'s line)."""
+    value = args.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    problems.append(f"{name}={shown(value)} is not valid: it must be true or false")
+    return default
 
 
 def options(args: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +413,7 @@ def options(args: dict[str, Any]) -> dict[str, Any]:
         "request_timeout_s": _number(args, "request_timeout_s", float, 1, 86_400, 300.0, problems),
         "health_check_period_s": _number(args, "health_check_period_s", float, 1, 3600, 10.0, problems),
         "api_key": api_key,
+        "allow_compile": _boolean(args, "allow_compile", False, problems),
     }
     if problems:
         raise ValueError(f"{IMPORT_PATH} cannot start:\n" + "\n".join(f"  - {problem}" for problem in problems))
@@ -399,4 +441,5 @@ def app(args: dict[str, Any]):
     replicas = found["max_replicas"] if found["autoscale"] else found["replicas"]
     return serve.deployment(Gateway, name="Gateway").options(
         num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0},
-    ).bind(generator, found["load"], replicas, found["request_timeout_s"], found["api_key"])
+    ).bind(generator, found["load"], replicas, found["request_timeout_s"], api_key=found["api_key"],
+           allow_compile=found["allow_compile"])
