@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .calls import random_seed
 from .errors import MetadataError, SettingsError
 from .images import read_settings, safe_stem
 from .settings import PLACEMENT_SETTINGS, Settings, check_text
@@ -87,6 +88,17 @@ class BatchItem:
                 if "batch_seed" in record:
                     return record["batch_seed"]
         return None
+
+    def first_seed(self, seed: int, output_dir: Optional[Path]) -> int:
+        """The first seed to make this prompt's images with: `seed`, or for -1 the seed an earlier run drew
+        when it left this prompt's images half made (the missing ones then complete its batch), else a new one."""
+        if seed != -1:
+            return seed
+        if output_dir is not None and 0 < len(self.missing(output_dir)) < len(self.names):
+            earlier = self.earlier_seed(output_dir)
+            if earlier is not None:
+                return earlier
+        return random_seed()
 
 
 def content_key(prompt: str, settings: dict[str, Any], occurrence: int) -> str:

@@ -64,8 +64,7 @@ class _Progress:
 
 def _write(images, output_dir: Path) -> list[Path]:
     """Save new images under names we choose; an existing file is never replaced."""
-    from . import read_settings, save_image
-    from .images import output_name
+    from . import output_name, read_settings, save_image
 
     written = []
     for image in images:
@@ -100,9 +99,7 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
     A PNG is somebody else's file: it may name a known checkpoint or the demo, but a local folder
     only when the user names it too (--model-name), so a shared image cannot choose what code loads.
     """
-    from . import read_settings
-    from .checkpoints import DEMO_NAME, KNOWN_MODEL_NAMES
-    from .images import batch_settings
+    from . import DEMO_NAME, KNOWN_MODEL_NAMES, batch_settings, read_settings
 
     record = read_settings(path)
     settings, index = batch_settings(record)
@@ -119,8 +116,7 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import check_output_dir, read_settings
-    from .settings import check_text
+    from . import check_output_dir, check_text, read_settings
 
     settings: dict[str, Any] = {}
     prompt, keep = args.prompt, None
@@ -148,9 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import PixArtSigmaModel, check_output_dir, save_image
-    from .batch import plan_batch, read_prompt_file
-    from .settings import check_images_per_call, check_pixel_budget
+    from . import (PixArtSigmaModel, check_images_per_call, check_output_dir, check_pixel_budget, plan_batch,
+                   read_prompt_file, save_image)
 
     if not args.ray and (args.ray_address or args.workers):
         raise _UsageError("--ray-address and --workers are for runs on Ray: add --ray")
@@ -174,13 +169,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                disable=args.quiet, file=sys.stderr)
     for start in range(0, len(pending), args.prompts_per_call):
         group = pending[start:start + args.prompts_per_call]
-        seeds = []
-        for item in group:
-            seed = model.settings["seed"]
-            if seed == -1 and len(item.missing(output_dir)) < len(item.names):
-                earlier = item.earlier_seed(output_dir)  # make the missing images of the batch the earlier run drew
-                seed = earlier if earlier is not None else seed
-            seeds.append(seed)
+        seeds = [item.first_seed(model.settings["seed"], output_dir) for item in group]
         for item, images in zip(group, model.generate_many([item.prompt for item in group], seeds=seeds)):
             for index in item.missing(output_dir):
                 try:
@@ -199,8 +188,8 @@ def _batch_on_ray(args: argparse.Namespace, prompts: list[tuple[int, str]], outp
     try:
         import ray
 
+        from . import DEFAULT_MODEL
         from .integrations.ray import batch as on_ray
-        from .settings import DEFAULT_MODEL
     except ImportError as exc:
         raise _UsageError(f"--ray needs the ray extra: pip install \"pixart-sigma[ray]\" ({exc})") from None
     _quiet_libraries()
@@ -251,7 +240,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .checkpoints import checkpoint_statuses
+    from . import checkpoint_statuses
 
     statuses = checkpoint_statuses()
     if args.json:
@@ -272,7 +261,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server.run import serve
+        from .server import serve
     except ImportError as exc:
         raise _UsageError(f"the service needs its extra: pip install \"pixart-sigma[server]\" ({exc})") from None
     _quiet_libraries()
@@ -286,7 +275,7 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import MEMORY_MODES
+    from . import MEMORY_MODES
 
     parser = argparse.ArgumentParser(prog="pixart-sigma", description="PixArt-Sigma text-to-image generation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -333,9 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", metavar="IMAGE.png")
     info.set_defaults(handler=cmd_info)
 
-    from .compiling import COMPILE_COST
-    from .server import API_KEY_ENV
-    from .server.run import KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE  # light: the web stack loads only when serving
+    from . import COMPILE_COST
+    from .server import API_KEY_ENV, KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE  # light: the web stack loads only when serving
 
     serve = commands.add_parser(
         "serve", help="run the HTTP service and its web page",
@@ -378,14 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bar is enough: silence the per-file loading bars and chatter of diffusers/transformers."""
-    import diffusers
-    import transformers
+    from . import quiet_libraries
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import secrets
 from typing import Any, Optional, Sequence
 
 from PIL import Image
@@ -11,26 +10,12 @@ from PIL import Image
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .engine import COMPILE_STREAMED, CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm, memory_budget
+from .calls import call_settings, check_call, check_prompt, fill_size, random_seed
+from .engine import CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm, memory_budget
 from .errors import CheckpointError, SettingsError
 from .images import attach
 from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
-                       check_pixel_budget, check_text,
-                       json_schema, parse_settings, shown)
-
-FALLBACK_SIZE = 1024
-RANDOM_SEED_RANGE = 2**32
-
-
-def _fill_size(values: dict[str, Any], native: Optional[int]) -> None:
-    """width/height default to the checkpoint's native size; the pixel budget and seed range then apply."""
-    values["width"] = values["width"] or native or FALLBACK_SIZE
-    values["height"] = values["height"] or native or FALLBACK_SIZE
-    check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"])
-    if values["seed"] + values["num_images_per_prompt"] - 1 > MAX_SEED:
-        raise SettingsError([f"seed={values['seed']} is too large for {values['num_images_per_prompt']} images: "
-                             f"image k uses seed + k, which must stay at most {MAX_SEED}"])
-
+                       check_pixel_budget, json_schema, parse_settings, shown)
 
 def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
     """Check user values and resolve what the model needs; raises SettingsError, never loads weights."""
@@ -52,19 +37,10 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
         problems += exc.problems
     if problems:
         raise SettingsError(problems)
-    _fill_size(values, checkpoint.native_size)
+    fill_size(values, checkpoint.native_size)
     values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype,
                   text_encoder_dtype=text_encoder_dtype(settings.dtype, device, dtype))
     return values
-
-
-def _check_prompt(prompt: Any) -> str:
-    if isinstance(prompt, bytes):
-        try:
-            prompt = prompt.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SettingsError([f"prompt is not valid UTF-8 (byte {exc.start}): send UTF-8 text"]) from None
-    return check_text("prompt", prompt, required=True)
 
 
 class PixArtSigmaModel:
@@ -79,7 +55,8 @@ class PixArtSigmaModel:
     def __init__(self, **kwargs: Any):
         self.settings = self.validate_and_transform(kwargs)
         self._pipeline_engine: Optional[Engine] = None
-        self.engine  # load (or find warm) now, not at the first generate
+        # Load (or find warm) now, not at the first generate; calls are checked against the mode it resolved.
+        self.memory_mode = self.engine.memory
 
     @classmethod
     def from_pipeline(cls, pipeline, memory: str = "resident", **kwargs: Any) -> "PixArtSigmaModel":
@@ -112,13 +89,14 @@ class PixArtSigmaModel:
             engine.placement.settle()
         name = str(getattr(pipeline, "name_or_path", "") or getattr(transformer.config, "_name_or_path", "")
                    or "from_pipeline")
-        _fill_size(values, engine.native_size)
+        fill_size(values, engine.native_size)
         values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype), memory=mode,
                       checkpoint=Checkpoint(name, name, None, engine.native_size), torch_device=engine.device,
                       torch_dtype=engine.dtype, text_encoder_dtype=pipeline.text_encoder.dtype)
         model = cls.__new__(cls)
         model.settings = values
         model._pipeline_engine = engine
+        model.memory_mode = mode
         return model
 
     @property
@@ -156,38 +134,18 @@ class PixArtSigmaModel:
         return validate(raw_data)
 
     def call_settings(self, overrides: dict[str, Any]) -> Settings:
-        """This model's settings with per-call overrides, checked by the same rules as at construction."""
-        loaded = sorted(set(overrides) & set(LOAD_SETTINGS))
-        if loaded:
-            raise SettingsError([f"{name} cannot change per call (it chooses the weights): make another "
-                                 f"PixArtSigmaModel with {name}=..." for name in loaded])
-        values = {name: self.settings[name] for name in Settings.field_names()}
-        values.update(overrides)
-        values = parse_settings(values).model_dump()
-        if values["compile"] and self.settings["memory"] == "sequential-offload":
-            raise SettingsError([COMPILE_STREAMED])
-        _fill_size(values, self.settings["checkpoint"].native_size)
-        return Settings.model_construct(**values)
+        """This model's settings with per-call overrides, checked by the rules of a call (calls.py)."""
+        return call_settings(self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
+                             memory_mode=self.memory_mode)
 
     def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
         """The checked prompt and per-call settings that `generate(prompt, **overrides)` would use.
 
         Raises SettingsError exactly as `generate` would, without touching the model: a service checks
-        a request with it before queueing the work.
+        a request with it before queueing the work, against the memory mode the weights were placed in.
         """
-        problems: list[str] = []
-        checked = settings = None
-        try:
-            checked = _check_prompt(prompt)
-        except SettingsError as exc:
-            problems += exc.problems
-        try:
-            settings = self.call_settings(overrides)
-        except SettingsError as exc:
-            problems += exc.problems
-        if problems:
-            raise SettingsError(problems)
-        return checked, {name: getattr(settings, name) for name in Settings.per_call_names()}
+        return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
+                          memory_mode=self.memory_mode)
 
     def generate(self, input: str, *, on_progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None, **overrides: Any) -> list[Image.Image]:
@@ -220,7 +178,7 @@ class PixArtSigmaModel:
         checked = []
         for index, prompt in enumerate(prompts):
             try:
-                checked.append(_check_prompt(prompt))
+                checked.append(check_prompt(prompt))
             except SettingsError as exc:
                 problems += [f"prompts[{index}]: {problem}" if len(prompts) > 1 else problem
                              for problem in exc.problems]
@@ -256,8 +214,7 @@ class PixArtSigmaModel:
     @staticmethod
     def _first_seeds(settings: Settings, count: int, seeds: Optional[Sequence[int]], problems: list[str]) -> list[int]:
         if seeds is None:
-            return [settings.seed if settings.seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE)
-                    for _ in range(count)]
+            return [settings.seed if settings.seed >= 0 else random_seed() for _ in range(count)]
         if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
             problems.append(f"seeds={shown(seeds)} is not valid: pass one first seed per prompt ({count})")
             return []
@@ -266,5 +223,5 @@ class PixArtSigmaModel:
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -1 <= seed <= last:
                 problems.append(f"seeds[{index}]={shown(seed)} is not valid: it must be an integer from 0 to {last}, "
                                 "or -1 to draw one")
-        return [int(seed) if seed >= 0 else secrets.randbelow(RANDOM_SEED_RANGE) for seed in seeds
+        return [int(seed) if seed >= 0 else random_seed() for seed in seeds
                 if isinstance(seed, numbers.Integral)]

@@ -7,12 +7,15 @@ into sentences that name the field, the value, the rule and what would be valid.
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema
 
 from .errors import SettingsError
 
@@ -118,6 +121,11 @@ def check_text(field: str, text: str, *, required: bool) -> str:
     """Reject text a person did not mean to send: control characters, broken UTF-8, empty prompts."""
     if not isinstance(text, str):
         raise SettingsError([f"{field}={shown(text)} is not valid: it must be a string"])
+    if len(text) > MAX_PROMPT_CHARS:  # first: a huge text is refused without reading it
+        raise SettingsError([
+            f"{field} is {len(text)} characters long: at most {MAX_PROMPT_CHARS} are accepted "
+            f"(the text encoder reads only the first {MAX_SEQUENCE_LENGTH} tokens anyway)"
+        ])
     for index, char in enumerate(text):
         if char in "\t\n\r":
             continue
@@ -132,11 +140,6 @@ def check_text(field: str, text: str, *, required: bool) -> str:
                 f"{field} contains invalid UTF-8 (a lone surrogate U+{ord(char):04X} at position {index}): "
                 "send the text as valid UTF-8"
             ])
-    if len(text) > MAX_PROMPT_CHARS:
-        raise SettingsError([
-            f"{field} is {len(text)} characters long: at most {MAX_PROMPT_CHARS} are accepted "
-            f"(the text encoder reads only the first {MAX_SEQUENCE_LENGTH} tokens anyway)"
-        ])
     if required and not text.strip():
         raise SettingsError([f"{field} is empty: describe the image you want, e.g. \"a red fox in the snow\""])
     return text
@@ -146,6 +149,41 @@ def _printable(field: str, text: str) -> None:
     for index, char in enumerate(text):
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise ValueError(f"{field} contains the control character U+{ord(char):04X} at position {index}: remove it")
+
+
+class _SelfContainedSchema(GenerateJsonSchema):
+    """Pydantic's JSON Schema with every $ref replaced by its definition and factory defaults shown.
+
+    Front ends read one property at a time (DashAI's form, the service's request schema, the CLI, the
+    README table): a list of objects must not point into a $defs that they leave behind.
+    """
+
+    def generate(self, schema, mode="validation"):
+        result = super().generate(schema, mode)
+        return _inline(result, result.pop("$defs", {}))
+
+    def get_default_value(self, schema):
+        if "default_factory" in schema and not schema.get("default_factory_takes_data"):
+            return schema["default_factory"]()  # e.g. list: an empty list is a default like any other
+        return super().get_default_value(schema)
+
+
+def _inline(node: Any, definitions: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    if isinstance(node, list):
+        return [_inline(item, definitions, seen) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        if name in seen:
+            raise TypeError(f"{name} contains itself: a setting's value must be finite JSON")
+        siblings = {key: value for key, value in node.items() if key != "$ref"}  # the field's own title, default...
+        return _inline({**definitions[name], **siblings}, definitions, seen + (name,))
+    return {key: _inline(value, definitions, seen) for key, value in node.items()}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class Settings(BaseModel):
@@ -278,6 +316,40 @@ class Settings(BaseModel):
     def per_call_names(cls) -> list[str]:
         """Settings `generate` accepts per call: all but those that choose the weights (LOAD_SETTINGS)."""
         return [name for name in cls.model_fields if name not in LOAD_SETTINGS]
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Pydantic's schema, self-contained: every property can be read on its own (see _SelfContainedSchema)."""
+        kwargs.setdefault("schema_generator", _SelfContainedSchema)
+        return super().model_json_schema(*args, **kwargs)
+
+    @classmethod
+    def field_schemas(cls) -> dict[str, dict[str, Any]]:
+        """Each setting's schema property with an Optional one's non-null branch merged in: the type, items,
+        bounds, choices, default and examples a front end builds its input from."""
+        schemas = {}
+        for name, prop in cls.model_json_schema()["properties"].items():
+            merged = {key: value for key, value in prop.items() if key != "anyOf"}
+            for branch in prop.get("anyOf", []):
+                if branch.get("type") != "null":
+                    merged.update(branch)
+            schemas[name] = merged
+        return schemas
+
+    @classmethod
+    def json_value(cls, name: str, text: str) -> Any:
+        """A list or object setting written as JSON text (a CLI flag, a form's text box), decoded for validation.
+
+        Only the JSON is read here; what it holds is Settings' to check. SettingsError says what is wrong.
+        """
+        try:
+            return json.loads(text, parse_constant=_no_constant)  # NaN and Infinity: Python's, not JSON
+        except (ValueError, RecursionError) as exc:
+            schema = cls.field_schemas()[name]
+            what = {"array": "a list", "object": "an object"}.get(schema.get("type"), "the value")
+            example = f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else ""
+            problem = f"{name}={shown(text)} is not valid JSON ({exc}): write {what} in JSON{example}"
+        raise SettingsError([problem])
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string"}

@@ -5,8 +5,18 @@ An optional extra (`pip install "pixart-sigma[server]"`): the core library never
 
 import ipaddress
 
-# Facts every front end that serves HTTP shares (the service, the Ray Serve gateway); light to import.
+# Facts every front end that serves HTTP shares (the service, the Ray Serve gateway, the CLI's flags);
+# light to import: the web stack loads only when serving.
 API_KEY_ENV = "PIXART_SIGMA_API_KEY"
+MAX_QUEUE_SIZE = 10_000
+KEEP_GRACE_SECONDS = 600  # retention keeps a job this long after its end or its URLs going out
+
+
+def serve(*args, **kwargs) -> int:
+    """`pixart-sigma serve`: see run.serve."""
+    from .run import serve as run
+
+    return run(*args, **kwargs)
 
 
 def is_loopback(host: str) -> bool:

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 from .. import MEMORY_BUDGET_ENV, PixArtSigmaError, PixArtSigmaModel, SettingsError
-from . import API_KEY_ENV, is_loopback
-from .store import KEEP_GRACE_SECONDS
+from . import API_KEY_ENV, KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE, is_loopback
 
 log = logging.getLogger(__name__)
 HOME_ENV = "PIXART_SIGMA_HOME"
-MAX_QUEUE_SIZE = 10_000
 
 
 def default_data_dir() -> Path:

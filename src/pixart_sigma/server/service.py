@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import secrets
 import sqlite3
 import threading
 import time
@@ -31,12 +30,12 @@ from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, save_image
+from .. import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, random_seed, save_image
 from ..compiling import COMPILE_COST
-from ..model import RANDOM_SEED_RANGE
 from ..settings import LOAD_SETTINGS, MAX_SEED, shown
 from .protocol import STORE_RETRY_AFTER, Rejected
-from .store import KEEP_GRACE_SECONDS, Job, JobStore, StoreError, image_name
+from . import KEEP_GRACE_SECONDS
+from .store import Job, JobStore, StoreError, image_name
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
@@ -205,7 +204,7 @@ class Service:
                 raise Rejected(429, "queue_full", f"the queue is full ({self.queue_size} jobs waiting{room}); retry "
                                "later", retry_after=self.retry_after())
             if settings["seed"] == -1:  # drawn now and stored: a job run again after a restart makes the same pixels
-                settings["seed"] = secrets.randbelow(RANDOM_SEED_RANGE)
+                settings["seed"] = random_seed()
             count = settings["num_images_per_prompt"]
             if settings["seed"] + batches * count - 1 > MAX_SEED:
                 raise SettingsError([f"seed={settings['seed']} is too large for {batches} batches of {count}: image "

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 STORE_FILE = "jobs.sqlite3"
 IMAGE_FOLDER = "images"
 ORPHAN_FOLDER = "unlisted-images"  # beside the store: files found in images/ that no job lists
-KEEP_GRACE_SECONDS = 600  # retention keeps a job this long after its end or its URLs going out
 MAX_IMAGE_BYTES = 256 << 20  # far above a 2048x2048 PNG; a file past it is not one of ours
 # Names the store makes, and the patterns a request's id or image name must match before any lookup.
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex

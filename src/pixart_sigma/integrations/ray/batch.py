@@ -16,17 +16,15 @@ import io
 import json
 import logging
 import os
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from ... import PixArtSigmaError, PixArtSigmaModel, SettingsError, check_output_dir
+from ... import PixArtSigmaError, PixArtSigmaModel, SettingsError, check_output_dir, quiet_libraries
 from ...batch import BatchItem, plan_batch
 from ...images import image_bytes, save_bytes
-from ...model import RANDOM_SEED_RANGE
 from ...settings import LOAD_SETTINGS, Settings, check_text, shown
 
 log = logging.getLogger(__name__)
@@ -136,12 +134,8 @@ def plan(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], settings: dict[
             unit = work[index]
             unit.item = item
             unit.missing = item.missing(output_dir) if output_dir is not None else list(range(len(item.names)))
-            unit.seed = values["seed"]
-            if unit.seed == -1 and unit.missing:
-                if output_dir is not None and len(unit.missing) < len(item.names):
-                    unit.seed = item.earlier_seed(output_dir)  # complete the batch an earlier run drew
-                if unit.seed in (-1, None):
-                    unit.seed = secrets.randbelow(RANDOM_SEED_RANGE)  # drawn once: a retried batch makes the same images
+            # Drawn once, here: a retried row makes the same images.
+            unit.seed = item.first_seed(values["seed"], output_dir) if unit.missing else values["seed"]
     return Plan(work, settings, output_dir)
 
 
@@ -159,7 +153,7 @@ class Worker:
 
         if threads:  # on the CPU the thread count changes float rounding: the driver says how many, for its pixels
             torch.set_num_threads(threads)
-        _quiet_libraries()
+        quiet_libraries()
         self.model: Optional[PixArtSigmaModel] = None
         self.refused: Optional[PixArtSigmaError] = None
         try:
@@ -202,15 +196,6 @@ def _raised(error: str, unit: Work) -> PixArtSigmaError:
     if not (isinstance(kind, type) and issubclass(kind, PixArtSigmaError)):
         kind = PixArtSigmaError
     return kind(f"{where}: " + "\n".join(data["problems"]))
-
-
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.disable_progress_bar()
-        library.utils.logging.set_verbosity_error()
 
 
 # -- the driver ---------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import math
 import os
-import secrets
 import threading
 import time
 from typing import Any, Optional
@@ -39,11 +38,12 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from ... import Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, __version__, read_settings
+from ... import (Cancelled, PixArtSigmaError, PixArtSigmaModel, SettingsError, __version__, quiet_libraries, random_seed,
+                  read_settings)
+from ...calls import check_call
 from ...compiling import COMPILE_COST
 from ...images import image_bytes
-from ...model import RANDOM_SEED_RANGE
-from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, Settings, check_text, parse_settings, shown
+from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, parse_settings, shown
 from ...server.guards import SecurityHeaders, guarded, host_names
 from ...server.protocol import MAX_BODY_BYTES, BadRequest, error_response, read_json, request_schema
 from ...server.compat import openai_content, openai_refusal, translate_openai
@@ -66,9 +66,8 @@ class Generator:
             import torch
 
             torch.set_num_threads(threads)
-        from .batch import _quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         self.model = PixArtSigmaModel(**load)
         self.model.generate("warm-up", **PROBE)  # kernels chosen, caches filled: the first request is not slower
         self._busy = threading.Lock()
@@ -127,22 +126,14 @@ class Checker:
         self.load = {"model_name": load["model_name"]}
         # On this machine's CPU: only the checkpoint's native size matters here, the replicas resolve the device.
         self.settings = PixArtSigmaModel.validate_and_transform({**self.load, "device": "cpu"})
+        # The replicas resolve memory=auto on their own devices: a call that cannot run there (compile with a
+        # streamed model) is refused by the replica, and answered 400 all the same (see `images`).
+        self.memory_mode = load.get("memory", "auto")
 
     def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
-        """The checked prompt and per-call settings, as `PixArtSigmaModel.validate_call` gives them."""
-        problems: list[str] = []
-        values = None
-        try:
-            prompt = check_text("prompt", prompt, required=True)
-        except SettingsError as exc:
-            problems += exc.problems
-        try:
-            values = PixArtSigmaModel.validate_and_transform({**overrides, **self.load, "device": "cpu"})
-        except SettingsError as exc:
-            problems += exc.problems
-        if problems:
-            raise SettingsError(problems)
-        return prompt, {name: values[name] for name in Settings.per_call_names()}
+        """The checked prompt and per-call settings, by the library's one check of a call."""
+        return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
+                          memory_mode=self.memory_mode)
 
 
 class Catalog:
@@ -281,7 +272,7 @@ class Gateway:
         except SettingsError as exc:
             return openai_refusal(exc, rename)
         if settings["seed"] == -1:  # drawn here, so a retried request makes the same images
-            settings["seed"] = secrets.randbelow(RANDOM_SEED_RANGE)
+            settings["seed"] = random_seed()
         try:
             result = await asyncio.wait_for(self.generator.generate.remote(prompt, settings), self.timeout)
         except BackPressureError as exc:
@@ -297,6 +288,8 @@ class Gateway:
             return error_response(504, f"no answer in {self.timeout:g} s: the request was cancelled; retry, or ask "
                                   "for fewer or smaller images", kind="server_error", code="timeout",
                                   headers={"x-should-retry": "false"})
+        except SettingsError as exc:  # what the replica's weights cannot do (memory=auto made concrete there)
+            return openai_refusal(exc, rename)
         except PixArtSigmaError as exc:  # raised by the model (Serve re-raises it here as the same class)
             return error_response(500, f"generation failed: {str(exc).splitlines()[0][:500]}", kind="server_error",
                                   code="generation_failed", headers={"x-should-retry": "false"})

@@ -1,0 +1,88 @@
+"""The one check of a generation call, used by every front end and the engine: the prompt, the per-call
+settings laid over a model's, the size filled in, compile against the memory mode, and the seeds drawn.
+
+Pure (no torch, no weights): a service or a gateway checks a request with it before any work is queued,
+against what the loaded model really is (its native size, the memory mode its weights were placed in).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Mapping, Optional
+
+from .errors import SettingsError
+from .settings import LOAD_SETTINGS, MAX_SEED, Settings, check_pixel_budget, check_text, parse_settings
+
+FALLBACK_SIZE = 1024  # width/height when neither the call nor the checkpoint says
+RANDOM_SEED_RANGE = 2**32  # seed=-1 draws from [0, 2**32): room for seed + k up to MAX_SEED
+COMPILE_STREAMED = ("compile=True cannot be used with memory='sequential-offload' (memory=auto picks it when the "
+                    "model does not fit whole; its hooks stream the weights block by block): use model-offload, "
+                    "text-offload or resident, or compile=False")
+
+
+def random_seed() -> int:
+    """A seed for seed=-1, drawn once and then recorded, so the same image can be made again."""
+    return secrets.randbelow(RANDOM_SEED_RANGE)
+
+
+def check_prompt(prompt: Any) -> str:
+    """The prompt as text (UTF-8 bytes decoded), checked like any text a person sends."""
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SettingsError([f"prompt is not valid UTF-8 (byte {exc.start}): send UTF-8 text"]) from None
+    return check_text("prompt", prompt, required=True)
+
+
+def fill_size(values: dict[str, Any], native_size: Optional[int]) -> None:
+    """width/height default to the checkpoint's native size; the pixel budget and the seed range then apply."""
+    values["width"] = values["width"] or native_size or FALLBACK_SIZE
+    values["height"] = values["height"] or native_size or FALLBACK_SIZE
+    check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"])
+    if values["seed"] + values["num_images_per_prompt"] - 1 > MAX_SEED:
+        raise SettingsError([f"seed={values['seed']} is too large for {values['num_images_per_prompt']} images: "
+                             f"image k uses seed + k, which must stay at most {MAX_SEED}"])
+
+
+def call_settings(model_settings: Mapping[str, Any], overrides: Mapping[str, Any], *, native_size: Optional[int],
+                  memory_mode: str) -> Settings:
+    """A model's settings with per-call overrides, checked by the rules of a call.
+
+    `memory_mode`: the mode the model's weights are placed in (auto made concrete when they loaded),
+    so a call that cannot run on them (compile with sequential-offload) is refused before it is queued.
+    """
+    loaded = sorted(set(overrides) & set(LOAD_SETTINGS))
+    if loaded:
+        raise SettingsError([f"{name} cannot change per call (it chooses the weights): make another "
+                             f"PixArtSigmaModel with {name}=..." for name in loaded])
+    values = {name: model_settings[name] for name in Settings.field_names()}
+    values.update(overrides)
+    values = parse_settings(values).model_dump()
+    check_compile(values["compile"], memory_mode)
+    fill_size(values, native_size)
+    return Settings.model_construct(**values)
+
+
+def check_call(prompt: Any, model_settings: Mapping[str, Any], overrides: Mapping[str, Any], *,
+               native_size: Optional[int], memory_mode: str) -> tuple[str, dict[str, Any]]:
+    """The checked prompt and the per-call settings a generation would use; every problem at once."""
+    problems: list[str] = []
+    checked = settings = None
+    try:
+        checked = check_prompt(prompt)
+    except SettingsError as exc:
+        problems += exc.problems
+    try:
+        settings = call_settings(model_settings, overrides, native_size=native_size, memory_mode=memory_mode)
+    except SettingsError as exc:
+        problems += exc.problems
+    if problems:
+        raise SettingsError(problems)
+    return checked, {name: getattr(settings, name) for name in Settings.per_call_names()}
+
+
+def check_compile(compile: bool, memory_mode: str) -> None:
+    """compile only where the weights stay whole on the device (a streamed model's hooks move them)."""
+    if compile and memory_mode == "sequential-offload":
+        raise SettingsError([COMPILE_STREAMED])
