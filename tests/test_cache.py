@@ -60,6 +60,40 @@ def test_concurrent_first_uses_of_one_checkpoint_load_it_once(second_dir):
     assert models[0].engine is models[1].engine is models[2].engine
 
 
+class RecordingLock:
+    """Stands in for engine._lock: notes the load counts each time the lock is taken and released."""
+
+    def __init__(self):
+        self.lock, self.taken, self.released = threading.Lock(), [], []
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.taken.append(load_counts())
+        return self
+
+    def __exit__(self, *exc):
+        self.released.append(load_counts())
+        self.lock.release()
+        return False
+
+
+def load_counts() -> tuple[int, int]:
+    return engine.load_count, engine.part_load_count
+
+
+def test_load_counts_change_only_under_the_cache_lock(second_dir, monkeypatch):
+    # `count += 1` outside the lock can lose a count when two loads finish at once; here, one thread
+    # shows where the counts move: never between a release of the lock and the next take.
+    lock = RecordingLock()
+    monkeypatch.setattr(engine, "_lock", lock)
+    before = load_counts()
+    PixArtSigmaModel(model_name=str(second_dir))
+    after = load_counts()
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 5
+    outside_the_lock = zip([before] + lock.released, lock.taken + [after])
+    assert all(left == right for left, right in outside_the_lock), (before, lock.taken, lock.released, after)
+
+
 def test_512_and_1024_share_text_encoder_tokenizer_vae_and_prompt_cache(hub_cache):
     unload_all()
     parts = engine.part_load_count

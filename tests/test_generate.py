@@ -244,3 +244,22 @@ def test_from_pipeline_wraps_a_pipeline_the_user_already_has(tiny, image_array):
     assert wrapped.engine.pipeline is pipe and read_settings(image)["seed"] == 4
     with pytest.raises(SettingsError, match="come from the pipeline"):
         PixArtSigmaModel.from_pipeline(pipe, device="cpu")
+
+
+def test_the_per_call_caps_count_the_seeds_handed_to_the_engine(tiny):
+    # One image per seed, whatever num_images_per_prompt (1 here) says. The cancel flag is set, so a call that
+    # got past the caps would stop before drawing anything (and raise Cancelled, not SettingsError).
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=1)
+    engine, large = model.engine, model.call_settings({"width": 1024, "height": 1024})
+    assert large.num_images_per_prompt == 1
+    cancelled, calls = threading.Event(), model.engine.text_encoder_calls
+    cancelled.set()
+    with pytest.raises(SettingsError, match="1024x1024x17"):
+        engine.generate(PROMPT, large, list(range(17)), cancel=cancelled)
+    with pytest.raises(SettingsError, match="1024x1024x18"):  # prompts with different counts: all their images
+        engine.generate_many([PROMPT, "a blue square"], large, [list(range(10)), list(range(8))], cancel=cancelled)
+    with pytest.raises(SettingsError, match="65 images is too many"):
+        engine.generate_many([PROMPT], model.call_settings({}), [list(range(65))], cancel=cancelled)
+    assert engine.text_encoder_calls == calls
+    with pytest.raises(Cancelled):  # within the caps: it starts (and stops at once)
+        engine.generate(PROMPT, large, list(range(16)), cancel=cancelled)

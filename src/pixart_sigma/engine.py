@@ -1,9 +1,10 @@
 """The warm pipeline: one place that encodes, denoises and decodes, and the cache that keeps it warm.
 
 An `Engine` wraps a diffusers `PixArtSigmaPipeline` that already sits on its device and runs
-PixArt-Sigma's sampling loop itself, so that it can cache prompt embeddings, seed every image
-on its own, report progress, stop between steps and guard the VAE against NaN. The test suite
-proves the images equal diffusers' own `PixArtSigmaPipeline.__call__` for the same weights.
+PixArt-Sigma's sampling loop itself (in the stages of sampling.py), so that it can cache prompt
+embeddings, seed every image on its own, report progress, stop between steps and guard the VAE
+against NaN. The test suite proves the images equal diffusers' own `PixArtSigmaPipeline.__call__`
+for the same weights.
 
 The warm cache loads each checkpoint once per (device, dtype), shares the text encoder, tokenizer
 and VAE between checkpoints that use the same files, loads different keys in parallel, evicts the
@@ -23,28 +24,23 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from . import sampling
+from .calls import check_compile
 from .errors import Cancelled, GenerationError, SettingsError
 from .placement import OFFLOADED, PARTS, PartSizes, Placement, place, resolve_mode
+from .sampling import CancelFlag, Conditioning, LatentLayout, ProgressCallback, StartStage, StepHook
 from .settings import SAMPLERS, Settings, check_images_per_call, check_pixel_budget
-from .sizes import fit_to_size, plan_size
+from .sizes import SizePlan, fit_to_size, plan_size
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-COMPILE_STREAMED = ("compile=True cannot be used with memory='sequential-offload' (memory=auto picks it when the "
-                    "model does not fit whole; its hooks stream the weights block by block): use model-offload, "
-                    "text-offload or resident, or compile=False")
 EMBEDDING_CACHE_SIZE = 32  # texts per text encoder; a fixed negative prompt stays in it
 WAIT_POLL_SECONDS = 0.05  # how often a call waiting for its device looks at its cancel flag
 MEMORY_BUDGET_ENV = "PIXART_SIGMA_CACHE_GB"  # warm weights kept per device before the least recent go
-
-
-class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
 
 
 def check_callbacks(on_progress: Any, cancel: Any) -> None:
@@ -247,133 +243,159 @@ class Engine:
         """Latents to pixels in [-1, 1]; a half-precision overflow is decoded again in float32."""
         vae = self.pipeline.vae
         scaled = latents / vae.config.scaling_factor
+        return self._run_vae(lambda inputs: vae.decode(inputs, return_dict=False)[0], scaled, tiled, "decode")
+
+    def encode_pixels(self, pixels: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Pixels (images, 3, height, width) in [-1, 1] to scaled latents in this engine's dtype: `decode`'s inverse.
+
+        Deterministic: the mean of the VAE's latent distribution, not a sample from it. The posterior's
+        spread is small (the demo VAE's about 0.02) and denoising re-noises the latents anyway, while a
+        sample would need noise of its own: the mean keeps an encode a function of the pixels alone, the
+        same on every call and machine, and draws nothing from the images' generators. Sides must be
+        multiples of `pipeline.vae_scale_factor`. Like `decode`, it switches the shared VAE's tiling: run it
+        inside a generation (a start stage) or while nothing else generates on this device.
+        """
+        vae = self.pipeline.vae
+        mean = self._run_vae(lambda inputs: vae.encode(inputs).latent_dist.mean, pixels, tiled, "encode")
+        return (mean * vae.config.scaling_factor).to(self.dtype)
+
+    def _run_vae(self, run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, tiled: bool,
+                 what: str) -> torch.Tensor:
+        """`run(inputs)` with the VAE on the device in its dtype; a half-precision overflow runs again in float32."""
+        vae = self.pipeline.vae
         # The VAE is shared between checkpoints on this device; the device turn makes this switch private.
         (vae.enable_tiling if tiled else vae.disable_tiling)()
         with torch.inference_mode(), self.placement.using("vae"):
-            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+            output = run(inputs.to(vae.dtype))
             # A streamed VAE's hooks keep their own copies of the weights: it cannot be recast here.
-            if not torch.isfinite(image).all() and vae.dtype != torch.float32 and self.memory != "sequential-offload":
-                log.warning("VAE decode in %s gave non-finite values; decoding again in float32", vae.dtype)
+            if not torch.isfinite(output).all() and vae.dtype != torch.float32 and self.memory != "sequential-offload":
+                log.warning("VAE %s in %s gave non-finite values; running it again in float32", what, vae.dtype)
                 dtype = vae.dtype
                 vae.to(torch.float32)
                 try:
-                    image = vae.decode(scaled.float(), return_dict=False)[0]
+                    output = run(inputs.float())
                 finally:
                     vae.to(dtype)
-        if not torch.isfinite(image).all():
-            raise GenerationError("the VAE produced non-finite pixels (NaN/inf); try dtype='float32'")
-        return image
+        if not torch.isfinite(output).all():
+            produced = "pixels" if what == "decode" else "latents"
+            raise GenerationError(f"the VAE produced non-finite {produced} (NaN/inf); try dtype='float32'")
+        return output
 
     def generate(self, prompt: str, settings: Settings, seeds: list[int],
-                 on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> Output:
+                 on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
+                 start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = ()) -> Output:
         """Images for one prompt, one per seed; `settings` already validated, with width and height set."""
-        return self.generate_many([prompt], settings, [seeds], on_progress, cancel)[0]
+        return self.generate_many([prompt], settings, [seeds], on_progress, cancel, start=start, hooks=hooks)[0]
 
     def generate_many(self, prompts: list[str], settings: Settings, seeds: list[list[int]],
-                      on_progress: Optional[ProgressCallback] = None,
-                      cancel: Optional[CancelFlag] = None) -> list[Output]:
+                      on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
+                      start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = ()) -> list[Output]:
         """Several prompts denoised together in one batch, one Output per prompt with one image per seed.
 
         Fills the device better than one call per prompt; image k of a prompt depends only on that prompt,
-        its seed and the settings, as in `generate`.
+        its seed and the settings, as in `generate`. `start` makes the latents and timesteps to begin
+        from (default: each seed's noise, every step); `hooks` run after each step (sampling.py).
         """
         check_callbacks(on_progress, cancel)
         if len(prompts) != len(seeds) or not prompts or not all(seeds):
             raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
                                  f"prompt(s) and {len(seeds)} seed list(s)"])
-        check_images_per_call(len(prompts), settings.num_images_per_prompt)
-        check_pixel_budget(settings.width, settings.height, settings.num_images_per_prompt, prompts=len(prompts))
-        if settings.compile and self.memory == "sequential-offload":
-            raise SettingsError([COMPILE_STREAMED])
+        check_image_count(settings.width, settings.height, seeds)
+        check_compile(settings.compile, self.memory)
         with _DeviceTurn(self.device, cancel), torch.inference_mode():
-            return self._generate(prompts, settings, seeds, on_progress, cancel)
+            return self._generate(prompts, settings, seeds, start, hooks, on_progress, cancel)
 
-    def _generate(self, prompts: list[str], s: Settings, seed_groups: list[list[int]], on_progress,
-                  cancel) -> list[Output]:
-        from diffusers.utils.torch_utils import randn_tensor
+    def _generate(self, prompts: list[str], s: Settings, seed_groups: list[list[int]], start_stage: StartStage,
+                  hooks: Sequence[StepHook], on_progress: Optional[ProgressCallback],
+                  cancel: Optional[CancelFlag]) -> list[Output]:
+        images_per_prompt = [len(group) for group in seed_groups]
+        # Conditioning.
+        negative_prompt = (s.negative_prompt or "") if sampling.uses_guidance(s.guidance_scale) else None
+        texts, negative = self.encode_prompts(prompts, negative_prompt, s.max_sequence_length, cancel)
+        conditioning = sampling.batch_conditioning(texts, images_per_prompt, negative, self.dtype)
 
-        pipe = self.pipeline
-        transformer = pipe.transformer
-        guided = s.guidance_scale > 1.0  # PixArt's rule: guidance <= 1 means no CFG pass
-        # T5 comes to the device at most once for all the new texts of this call (offload modes).
+        # Start.
+        plan = self.plan(s.width, s.height, s.use_resolution_binning)
+        scheduler = make_scheduler(s.scheduler, self.pipeline.scheduler.config)
+        scheduler.set_timesteps(s.num_inference_steps, device=self.device)
+        # One CPU generator per image: image k depends only on seeds[k], on any device and batch size.
+        generators = [torch.Generator("cpu").manual_seed(seed) for group in seed_groups for seed in group]
+        layout = self.latent_layout(len(generators), plan)
+        start = start_stage(scheduler, layout, generators)
+        sampling.check_start(start, layout)
+
+        # Denoise, then finish.
+        latents = self.denoise(conditioning, scheduler, start, guidance_scale=s.guidance_scale, compile=s.compile,
+                               generators=generators, hooks=hooks, on_progress=on_progress, cancel=cancel)
+        images = self.finish(latents, plan, tiled=s.vae_tiling)
+        outputs, first = [], 0
+        for text, count in zip(texts, images_per_prompt):
+            outputs.append(Output(images[first:first + count], text.truncated_tokens,
+                                  (plan.sample_width, plan.sample_height)))
+            first += count
+        return outputs
+
+    def encode_prompts(self, prompts: list[str], negative_prompt: Optional[str], max_length: int,
+                       cancel: Optional[CancelFlag] = None) -> tuple[list[Encoded], Optional[Encoded]]:
+        """The conditioning stage's T5 work: each prompt's embeddings, and the negative prompt's unless None.
+
+        T5 comes to the device at most once for all the new texts of the call (offload modes); cached
+        texts do not bring it at all.
+        """
         with contextlib.closing(_Stage(self.placement, "text_encoder")) as stage:
             texts = []
             for prompt in prompts:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("cancelled while encoding the prompts")
-                texts.append(self.encode(prompt, s.max_sequence_length, placed=stage))
-            negative = self.encode(s.negative_prompt or "", s.max_sequence_length, placed=stage) if guided else None
-        seeds = [seed for group in seed_groups for seed in group]
-        count = len(seeds)
+                texts.append(self.encode(prompt, max_length, placed=stage))
+            negative = None if negative_prompt is None else self.encode(negative_prompt, max_length, placed=stage)
+        return texts, negative
 
-        # The embeddings are in the text encoder's dtype (bfloat16 on a CPU even in float32): cast once.
-        embeds = torch.cat([text.embeds.repeat(len(group), 1, 1) for text, group in zip(texts, seed_groups)])
-        embeds = embeds.to(self.dtype)
-        mask = torch.cat([text.mask.repeat(len(group), 1) for text, group in zip(texts, seed_groups)])
-        if guided:
-            embeds = torch.cat([negative.embeds.to(self.dtype).repeat(count, 1, 1), embeds])
-            mask = torch.cat([negative.mask.repeat(count, 1), mask])
+    def latent_layout(self, images: int, plan: SizePlan) -> LatentLayout:
+        """The latents a batch of `images` is denoised in, at the plan's sample size, in this engine's dtype."""
+        factor = self.pipeline.vae_scale_factor
+        channels = self.pipeline.transformer.config.in_channels
+        shape = (images, channels, plan.sample_height // factor, plan.sample_width // factor)
+        return LatentLayout(shape, self.dtype, self.device)
 
-        plan = self.plan(s.width, s.height, s.use_resolution_binning)
-        scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
-        scheduler.set_timesteps(s.num_inference_steps, device=self.device)
+    def denoise(self, conditioning: Conditioning, scheduler, start: sampling.Start, *, guidance_scale: float,
+                compile: bool, generators: list[torch.Generator], hooks: Sequence[StepHook] = (),
+                on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> torch.Tensor:
+        """The denoising stage: the transformer (compiled if asked) on the device for the whole loop.
 
-        # One CPU generator per image: image k depends only on seeds[k], on any device and batch size.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        factor = pipe.vae_scale_factor
-        shape = (count, transformer.config.in_channels, plan.sample_height // factor, plan.sample_width // factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        `generators`: the images' own, for a stochastic sampler's steps. Raises on NaN/inf latents, and
+        `Cancelled` when cancel was set during the last step (before the decode is paid for).
+        """
+        config = self.pipeline.transformer.config
+        learned_sigma = config.out_channels // 2 == config.in_channels  # PixArt predicts noise and variance
         step_kwargs = _step_kwargs(scheduler, generators)
-        learned_sigma = transformer.config.out_channels // 2 == transformer.config.in_channels
-
-        total = len(scheduler.timesteps)
         with self.placement.using("transformer"):
-            latents = self._denoise(self.denoiser(s.compile), latents, embeds, mask, scheduler, step_kwargs,
-                                    s.guidance_scale if guided else None, learned_sigma, on_progress, cancel)
-
+            denoiser = sampling.GuidedDenoiser(self.denoiser(compile), conditioning, guidance_scale, learned_sigma)
+            latents = sampling.denoise(denoiser, scheduler, start, step_kwargs=step_kwargs, hooks=hooks,
+                                       on_progress=on_progress, cancel=cancel)
         if not torch.isfinite(latents).all():
             raise GenerationError(
                 f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
+        total = len(start.timesteps)
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled after step {total} of {total}")
-        pixels = fit_to_size(self.decode(latents, tiled=s.vae_tiling), plan)
-        images = pipe.image_processor.postprocess(pixels, output_type="pil")
-        outputs, start = [], 0
-        for text, group in zip(texts, seed_groups):
-            outputs.append(Output(images[start:start + len(group)], text.truncated_tokens,
-                                  (plan.sample_width, plan.sample_height)))
-            start += len(group)
-        return outputs
-
-    def _denoise(self, transformer, latents, embeds, mask, scheduler, step_kwargs, guidance: Optional[float],
-                 learned_sigma: bool, on_progress, cancel):
-        conditions = {"resolution": None, "aspect_ratio": None}
-        guided = guidance is not None
-        timesteps = scheduler.timesteps
-        total = len(timesteps)
-        for index, timestep in enumerate(timesteps):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled before step {index + 1} of {total}")
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, timestep)
-            noise = transformer(
-                model_input,
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=mask,
-                timestep=timestep[None].to(self.device).expand(model_input.shape[0]),
-                added_cond_kwargs=conditions,
-                return_dict=False,
-            )[0]
-            if guided:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
-            if learned_sigma:
-                noise = noise.chunk(2, dim=1)[0]
-            latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
-            if on_progress is not None:
-                on_progress(index + 1, total)
         return latents
+
+    def finish(self, latents: torch.Tensor, plan: SizePlan, tiled: bool = False) -> list:
+        """The finishing stage: decode, fit to the requested size, and make PIL images (one per latent)."""
+        pixels = fit_to_size(self.decode(latents, tiled=tiled), plan)
+        return self.pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+
+def check_image_count(width: int, height: int, seed_groups: list[list[int]]) -> None:
+    """The per-call caps on images and pixels, counted on the seeds handed over (one image per seed)."""
+    counts = {len(group) for group in seed_groups}
+    if len(counts) == 1:  # what every front end sends: n images per prompt, worded as the settings are
+        prompts, per_prompt = len(seed_groups), counts.pop()
+    else:
+        prompts, per_prompt = 1, sum(len(group) for group in seed_groups)
+    check_images_per_call(prompts, per_prompt)
+    check_pixel_budget(width, height, per_prompt, prompts=prompts)
 
 
 # -- the warm-model cache ---------------------------------------------------------------------
@@ -395,7 +417,10 @@ part_load_count = 0  # how many times a part's weights were read
 
 
 def _once(key: tuple, lookup: Callable[[], Any], build: Callable[[], Any], store: Callable[[Any], None]):
-    """Load `key` once even when many threads ask at the same time; other keys load in parallel."""
+    """Load `key` once even when many threads ask at the same time; other keys load in parallel.
+
+    `build` runs without the lock; `store` runs under it (where shared state such as the load counts changes).
+    """
     while True:
         with _lock:
             found = lookup()
@@ -441,7 +466,6 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
         return ref() if ref is not None else None
 
     def build():
-        global part_load_count
         # One read at a time: diffusers and transformers build models under process-wide switches (meta
         # device, default dtype, lazy imports) that concurrent loads trip over. Lookups of warm keys never
         # take this lock, so they do not wait.
@@ -449,11 +473,12 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
             value = load_part(folder, part, dtype)
             if not device_free:
                 place(value, memory, part, device)
-        part_load_count += 1
         return value
 
     def store(value):
+        global part_load_count
         _parts[key] = weakref.ref(value)
+        part_load_count += 1  # here, under _lock: loads of different parts finish at the same time
 
     return _once(key, lookup, build, store)
 
@@ -542,7 +567,6 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype:
         return engine
 
     def build():
-        global load_count
         with _read_lock:  # diffusers' lazy imports are not thread-safe either
             from diffusers import PixArtSigmaPipeline
         located = locate(checkpoint)
@@ -554,11 +578,12 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype:
         text = _shared_text_encoder(text_key, parts["tokenizer"], parts["text_encoder"], device)
         engine = Engine(PixArtSigmaPipeline(**parts), device, dtype, text=text, move=False, located=located,
                         memory=mode)
-        load_count += 1
         return engine
 
     def store(engine):
+        global load_count
         _engines[key] = engine
+        load_count += 1  # here, under _lock: engines of different keys finish loading at the same time
         _evict_over_budget(device, key)
 
     return _once(key, lookup, build, store)
