@@ -57,7 +57,7 @@ SCHEDULERS = tuple(SAMPLERS)
 
 # Settings that pick the weights and where they live: changing one means another load. Every
 # other setting can be given per call of `generate`.
-LOAD_SETTINGS = ("model_name", "device", "dtype", "memory")
+LOAD_SETTINGS = ("model_name", "device", "dtype", "text_encoder_dtype", "memory")
 # Settings that decide where and how the work runs, never which image comes out: they are left out of
 # the image's record and of the batch's file names.
 PLACEMENT_SETTINGS = ("device", "memory")
@@ -236,6 +236,11 @@ class Settings(BaseModel):
         "(AVX512-BF16, AMX), float16 on older GPUs (T4, V100), float32 on other CPUs (with the T5 encoder in bfloat16, "
         "half the RAM) and mps."
     )
+    text_encoder_dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", title="Text encoder number format", description="Number format of the T5 text encoder: auto = as "
+        "dtype, except bfloat16 on a CPU when dtype is auto (T5-XXL in float32 is 19 GB). Each image records the "
+        "formats it was made with, so a remake (--from) uses the same."
+    )
     memory: Literal[tuple(MEMORY_MODES)] = Field(  # type: ignore[valid-type]
         "auto", title="Memory mode", description="Where the weights wait between uses; no mode changes the image. "
         + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + "."
@@ -345,14 +350,19 @@ class Settings(BaseModel):
         try:
             return json.loads(text, parse_constant=_no_constant)  # NaN and Infinity: Python's, not JSON
         except (ValueError, RecursionError) as exc:
-            schema = cls.field_schemas()[name]
-            what = {"array": "a list", "object": "an object"}.get(schema.get("type"), "the value")
-            example = f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else ""
-            problem = f"{name}={shown(text)} is not valid JSON ({exc}): write {what} in JSON{example}"
+            problem = f"{name}={shown(text)} is not valid JSON ({exc}): write {cls.json_hint(name)}"
         raise SettingsError([problem])
 
+    @classmethod
+    def json_hint(cls, name: str) -> str:
+        """How to write a list or object setting, for help and messages: its kind and its first example."""
+        schema = cls.field_schemas()[name]
+        what = {"array": "a list", "object": "an object"}.get(schema.get("type"), "the value")
+        return f"{what} in JSON" + (f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else "")
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "str": "a string"}
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "str": "a string", "list": "a list", "tuple": "a list", "dict": "an object", "model": "an object"}
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -361,16 +371,38 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _describe(error: dict) -> str:
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model a field holds, alone or inside a list or Optional (None for plain values)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _model_in(arg))), None)
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[Optional[type[BaseModel]], Optional[FieldInfo]]:
+    """The model an error's location ends in and the field it names: loc ("loras", 0, "scale") is LoRA's scale."""
+    owner, info = model, None
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's model holds it
+        if owner is None or part not in owner.model_fields:
+            return owner, None
+        info = owner.model_fields[part]
+        owner = _model_in(info.annotation)
+    return owner, info
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
     field = ".".join(str(part) for part in error["loc"])[:80] or "settings"
     value = error.get("input")
     kind = error["type"]
     ctx = error.get("ctx", {})
+    owner, info = _locate(model, error["loc"])
     if kind == "extra_forbidden":
-        return f"unknown setting {field!r}: valid names are {', '.join(Settings.field_names())}"
+        return f"unknown setting {field!r}: valid names are {', '.join(owner.model_fields if owner else [])}"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
-    info = Settings.model_fields.get(field)
+    if kind == "missing":
+        return f"{field} is missing: it is required" + (f" ({info.description})" if info and info.description else "")
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         low = next((m.ge for m in info.metadata if hasattr(m, "ge")), None) if info else None
         high = next((m.le for m in info.metadata if hasattr(m, "le")), None) if info else None
@@ -388,19 +420,21 @@ def _describe(error: dict) -> str:
     return f"{field}={shown(value)} is not valid: {error['msg']}"
 
 
-def parse_settings(raw: dict[str, Any]) -> Settings:
-    """Validate user values; raise SettingsError listing every problem in plain words."""
+def parse_settings(raw: dict[str, Any], model: type[Settings] = Settings) -> Settings:
+    """Validate user values (against `model`, Settings or a subclass); raise SettingsError listing every
+    problem in plain words."""
     if not isinstance(raw, dict):
         raise SettingsError([f"settings must be a mapping of names to values, not {type(raw).__name__}"])
     try:
-        return Settings.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise SettingsError([_describe(error) for error in exc.errors()]) from None
+        raise SettingsError([_describe(error, model) for error in exc.errors()]) from None
 
 
-def json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of the settings, good enough to build a form from."""
-    schema = Settings.model_json_schema()
+def json_schema(model: type[Settings] = Settings) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the settings (`model`: Settings or a subclass), good enough to build a
+    form from: self-contained, every property readable on its own."""
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "PixArtSigmaModel settings"
     schema["additionalProperties"] = False

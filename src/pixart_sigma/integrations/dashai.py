@@ -8,15 +8,15 @@ a process finds the weights warm instead of loading them again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from types import UnionType
-from typing import Any, List, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, List, Optional, get_args
 
-from pydantic import BaseModel, create_model
-from pydantic.fields import FieldInfo
+from pydantic import AfterValidator, create_model
 
-from DashAI.back.core.schema_fields import bool_field, enum_field, float_field, int_field, schema_field, string_field
+from DashAI.back.core.schema_fields import (bool_field, enum_field, float_field, int_field, list_field, schema_field,
+                                            string_field)
 from DashAI.back.core.schema_fields.base_schema import BaseSchema
 from DashAI.back.core.utils import MultilingualString
 from DashAI.back.dependencies.downloads.downloadable import DownloadableMixin
@@ -26,7 +26,7 @@ from DashAI.back.models.utils import DEVICE_ENUM, DEVICE_PLACEHOLDER
 from .. import PixArtSigmaModel as CoreModel
 from ..checkpoints import (BASE_REPO, DEMO_NAME, KNOWN_CHECKPOINTS, KNOWN_MODEL_NAMES, is_available, locate,
                            resolve_checkpoint)
-from ..settings import DEFAULT_MODEL, Settings
+from ..settings import DEFAULT_MODEL, Settings, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +50,79 @@ NEVER_NULL = ("width", "height")
 # JSON Schema keyword -> int_field/float_field keyword.
 BOUND_KEYWORDS = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt",
                   "multipleOf": "multiple_of"}
+# JSON types DashAI has an input for; a list of them gets DashAI's list input (values separated by commas).
+SCALAR_TYPES = ("boolean", "integer", "number", "string")
 
 
-def _bounds(json_property: dict) -> dict:
-    """Bounds from a field's JSON Schema: Field(ge=...) and json_schema_extra both end up there."""
-    merged = dict(json_property)
-    for branch in json_property.get("anyOf", []):  # a nullable field may keep them in its non-null branch
-        merged.update(branch)
-    return {BOUND_KEYWORDS[key]: value for key, value in merged.items() if key in BOUND_KEYWORDS}
+def _bounds(schema: dict) -> dict:
+    """int_field/float_field keywords from a schema's bounds (Field(ge=...) and json_schema_extra both land there)."""
+    return {BOUND_KEYWORDS[key]: value for key, value in schema.items() if key in BOUND_KEYWORDS}
 
 
-def _form_type(name: str, field: FieldInfo, json_property: dict) -> Any:
-    """DashAI's type for one Settings field, without nullability."""
-    annotation = field.annotation
-    if get_origin(annotation) in (Union, UnionType):  # Optional[X] or X | None
-        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
-    if name in ENUMS:
-        return enum_field(enum=ENUMS[name])
-    if get_origin(annotation) is Literal:
-        return enum_field(enum=list(get_args(annotation)))
-    if annotation is bool:  # before int: bool is an int subclass
+def _is_json_text(schema: dict) -> bool:
+    """An object, or a list of anything but scalars: DashAI has no input for these, so the form takes JSON text."""
+    kind = schema.get("type")
+    return kind == "object" or (kind == "array" and schema.get("items", {}).get("type") not in SCALAR_TYPES)
+
+
+def _form_type(name: str, schema: dict) -> Any:
+    """DashAI's type for a setting's schema (Settings.field_schemas: nullability aside) or a list item's."""
+    if "enum" in schema:
+        return enum_field(enum=list(schema["enum"]))
+    kind = schema.get("type")
+    if kind == "boolean":
         return bool_field()
-    if annotation is int:
-        return int_field(**_bounds(json_property))
-    if annotation is float:
-        return float_field(**_bounds(json_property))
-    if annotation is str:
+    if kind == "integer":
+        return int_field(**_bounds(schema))
+    if kind == "number":
+        return float_field(**_bounds(schema))
+    if kind == "string":
         return string_field()
-    raise TypeError(f"Settings.{name}: no DashAI field for {field.annotation}; teach {__name__}._form_type")
+    if kind == "array" and not _is_json_text(schema):
+        return list_field(_form_type(name, schema["items"]), min_items=schema.get("minItems"),
+                          max_items=schema.get("maxItems"))
+    raise TypeError(f"Settings.{name}: no DashAI field for {schema}; teach {__name__}._form_type")
 
 
-def dashai_schema(settings: type[BaseModel] = Settings) -> type[BaseSchema]:
+def _json_text(settings: type[Settings], name: str) -> Any:
+    """DashAI's input for a list or object setting: text holding JSON, checked by `settings` as the form sends it."""
+    def check(text: str) -> str:
+        parse_settings({name: settings.json_value(name, text)}, settings)  # SettingsError: a ValueError to pydantic
+        return text  # DashAI stores the text as sent; the plugin decodes it again (from_form)
+    return Annotated[string_field(), AfterValidator(check)]
+
+
+def from_form(values: Any, settings: type[Settings] = Settings) -> Any:
+    """The form's values as `settings` takes them: JSON text decoded to lists and objects; the rest as sent."""
+    if not isinstance(values, dict):
+        return values  # Settings says what is wrong with it
+    schemas = settings.field_schemas()
+    return {name: settings.json_value(name, value)
+            if isinstance(value, str) and name in schemas and _is_json_text(schemas[name]) else value
+            for name, value in values.items()}
+
+
+def dashai_schema(settings: type[Settings] = Settings) -> type[BaseSchema]:
     """DashAI's form, built from `settings` so that each setting is declared once, in Settings.
 
     Label (title), description, default (placeholder), bounds and choices come from the Settings
     field; only what Settings cannot say lives in the tables above. Field order is Settings' order.
+    A list of scalars is DashAI's list input; an object or a list of objects is JSON text (_is_json_text).
     """
-    properties = settings.model_json_schema()["properties"]
+    schemas = settings.field_schemas()
     fields = {}
     for name, field in settings.model_fields.items():
-        annotation = schema_field(
-            _form_type(name, field, properties[name]), placeholder=PLACEHOLDERS.get(name, field.default),
-            description=field.description, alias=MultilingualString(en=field.title))
+        schema, description = schemas[name], field.description
+        placeholder = PLACEHOLDERS.get(name, schema.get("default"))
+        if name in ENUMS:
+            form_type = enum_field(enum=ENUMS[name])
+        elif _is_json_text(schema):
+            form_type, placeholder = _json_text(settings, name), json.dumps(placeholder)
+            description = f"{description} Write {settings.json_hint(name)}."
+        else:
+            form_type = _form_type(name, schema)
+        annotation = schema_field(form_type, placeholder=placeholder, description=description,
+                                  alias=MultilingualString(en=field.title))
         if type(None) in get_args(field.annotation) and name not in NEVER_NULL:
             # Optional outside schema_field, as DashAI's own components do: the description goes inside anyOf.
             annotation = Optional[annotation]
@@ -121,7 +152,8 @@ class PixArtSigmaModel(DownloadableMixin, TextToImageGenerationTaskModel):
 
     def __init__(self, **kwargs: Any):
         start = time.perf_counter()
-        settings = {name: value for name, value in kwargs.items() if value is not None or name == "negative_prompt"}
+        settings = {name: value for name, value in from_form(kwargs).items()
+                    if value is not None or name == "negative_prompt"}
         self.model = CoreModel(**settings)
         self.construction_seconds = time.perf_counter() - start
         log.info("PixArt-Sigma ready in %.2f s", self.construction_seconds)
@@ -129,7 +161,7 @@ class PixArtSigmaModel(DownloadableMixin, TextToImageGenerationTaskModel):
     @classmethod
     def validate_and_transform(cls, raw_data: dict) -> dict:
         """Our validation (messages that name field, value and what is valid), not only DashAI's schema."""
-        return CoreModel.validate_and_transform(raw_data)
+        return CoreModel.validate_and_transform(from_form(raw_data))
 
     def generate(self, input: str) -> List[Any]:
         return self.model.generate(input)
