@@ -224,7 +224,7 @@ def ours_pipeline(pipe, device):
     from pixart_sigma.devices import resolve_dtype, text_encoder_dtype
 
     dtype = resolve_dtype("auto", device)
-    text_dtype = text_encoder_dtype("auto", device, dtype)
+    text_dtype = text_encoder_dtype("auto", "auto", device, dtype)
     if pipe.transformer.dtype == dtype and pipe.text_encoder.dtype == text_dtype:
         return pipe
     ours = copy.deepcopy(pipe)

@@ -57,6 +57,40 @@ def test_generate_from_a_png_makes_the_same_pixels(tiny, tmp_path, capsys):
     assert read_settings(again[0])["seed"] == read_settings(source)["seed"]
 
 
+def test_from_replays_the_number_formats_resolved_when_the_image_was_made(tiny, tmp_path, capsys, monkeypatch):
+    import pixart_sigma.devices as devices
+
+    # A CPU without native bfloat16: dtype=auto is float32 there, with the T5 encoder in bfloat16.
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: False)
+    _, out, _ = run(capsys, "generate", "a blue square", "--model-name", tiny, "--num-inference-steps", 3,
+                    "--seed", 11, "-o", tmp_path / "first", "-q")
+    source = written(out)[0]
+    record = read_settings(source)
+    assert (record["dtype"], record["text_encoder_dtype"]) == ("float32", "bfloat16") and record["cpu_threads"] >= 1
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)  # remade where auto would pick bfloat16
+    code, out, _ = run(capsys, "generate", "--from", source, "--model-name", tiny, "-o", tmp_path / "again", "-q")
+    assert code == 0
+    again = read_settings(written(out)[0])
+    assert (again["dtype"], again["text_encoder_dtype"]) == ("float32", "bfloat16")
+    assert np.array_equal(np.asarray(Image.open(written(out)[0])), np.asarray(Image.open(source)))
+
+
+def test_from_says_when_this_machine_cannot_run_the_recorded_formats(tiny, tmp_path, capsys):
+    from pixart_sigma import save_image
+
+    _, out, _ = run(capsys, "generate", "a cat", "--model-name", tiny, "--num-inference-steps", 1, "-o", tmp_path, "-q")
+    made = Image.open(written(out)[0])
+    made.load()
+    record = json.loads(made.text["pixart_sigma"])
+    record.update(dtype="float16", text_encoder_dtype="float16", device="cuda:0")  # as a GPU made it
+    made.info["pixart_sigma"] = json.dumps(record)
+    save_image(made, tmp_path / "gpu.png")
+    code, _, err = run(capsys, "generate", "--from", tmp_path / "gpu.png", "--model-name", tiny, "--device", "cpu",
+                       "-o", tmp_path / "again")
+    assert code == 2 and "was made with dtype='float16'" in err and "on cuda:0" in err
+    assert "use float32 (the closest" in err and "--text-encoder-dtype" in err and "Traceback" not in err
+
+
 def test_a_png_cannot_choose_a_local_folder_to_load(tiny, tmp_path, capsys):
     _, out, _ = run(capsys, "generate", "a cat", "--model-name", tiny, "--num-inference-steps", 1, "-o", tmp_path, "-q")
     code, out, err = run(capsys, "generate", "--from", written(out)[0], "-o", tmp_path / "again", "-q")

@@ -27,6 +27,7 @@ from conftest import BASE_REPO  # noqa: E402
 
 GOOD = {"model_name": BASE_REPO, "negative_prompt": "", "num_inference_steps": 3, "guidance_scale": 4.5,
         "device": "CPU", "seed": 42, "width": 64, "height": 64, "num_images_per_prompt": 2, "dtype": "auto",
+        "text_encoder_dtype": "auto",
         "memory": "auto", "vae_tiling": False, "compile": False, "scheduler": "dpm-solver++", "use_resolution_binning": True, "max_sequence_length": 300}
 
 

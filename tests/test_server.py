@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import math
 import os
 import secrets
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -7,7 +7,6 @@ step 1; everything else is the real CLI and service. Traffic goes to 127.0.0.1 o
 from __future__ import annotations
 
 import io
-import json
 import signal
 import sqlite3
 import threading

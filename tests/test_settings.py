@@ -93,7 +93,7 @@ def test_validate_returns_values_and_the_objects_the_model_needs(tiny):
     assert values["torch_device"] == torch.device("cpu")
     # auto on a CPU: bfloat16 where it is native (AVX512-BF16, AMX), else float32; T5 in bfloat16 either way.
     assert values["torch_dtype"] == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
-    assert values["text_encoder_dtype"] == torch.bfloat16
+    assert values["torch_text_encoder_dtype"] == torch.bfloat16 and values["text_encoder_dtype"] == "auto"
     assert values["memory"] == "auto"
     assert values["checkpoint"].pipeline_source == tiny
     assert (values["width"], values["height"]) == (64, 64)  # the checkpoint's native size
@@ -156,8 +156,11 @@ def test_auto_dtype_on_a_cpu_never_holds_a_float32_text_encoder(monkeypatch, nat
     cpu = torch.device("cpu")
     dtype = resolve_dtype("auto", cpu)
     assert dtype == (torch.bfloat16 if native else torch.float32)
-    assert text_encoder_dtype("auto", cpu, dtype) == torch.bfloat16  # T5-XXL: 9.5 GB, not 19
-    assert text_encoder_dtype("float32", cpu, torch.float32) == torch.float32  # asked for: the exact reference
+    assert text_encoder_dtype("auto", "auto", cpu, dtype) == torch.bfloat16  # T5-XXL: 9.5 GB, not 19
+    assert text_encoder_dtype("auto", "float32", cpu, torch.float32) == torch.float32  # asked for: the exact reference
+    assert text_encoder_dtype("bfloat16", "float32", cpu, torch.float32) == torch.bfloat16  # replayed from a record
+    with pytest.raises(SettingsError, match="text_encoder_dtype='float16' is not supported on the CPU"):
+        text_encoder_dtype("float16", "float32", cpu, torch.float32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .calls import random_seed
+from .devices import dtype_name
 from .errors import MetadataError, SettingsError
 from .images import read_settings, safe_stem
 from .settings import PLACEMENT_SETTINGS, Settings, check_text
@@ -114,6 +115,12 @@ def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any]) -> list
              if name not in PLACEMENT_SETTINGS and KEYED_WHEN_SET.get(name, ...) != settings[name]}
     if "checkpoint" in settings:
         keyed["model_name"] = settings["checkpoint"].model_name
+    if "torch_dtype" in settings:  # the formats resolved decide the pixels, not "auto" (which differs by machine)
+        keyed["dtype"] = dtype_name(settings["torch_dtype"])
+        encoder = dtype_name(settings["torch_text_encoder_dtype"])
+        keyed.pop("text_encoder_dtype", None)
+        if encoder != keyed["dtype"]:  # only then: names from runs with one format stay as they were
+            keyed["text_encoder_dtype"] = encoder
     seen: dict[str, int] = {}
     items = []
     for line, prompt in prompts:

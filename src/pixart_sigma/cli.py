@@ -22,12 +22,32 @@ def _flag_type(annotation: Any):
     return annotation, None
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    from .settings import Settings
+def _json_flag(settings: type, name: str):
+    """argparse type of a list or object setting: one JSON value, read by Settings' own rule (json_value)."""
+    def parse(text: str) -> Any:
+        try:
+            return settings.json_value(name, text)
+        except ValueError as exc:  # SettingsError: argparse prefixes the flag and exits 2, without a traceback
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
+
+def _add_setting_flags(parser: argparse.ArgumentParser, settings: Optional[type] = None) -> None:
+    """A flag per setting of `settings` (default: Settings): a scalar by its type, a list or object as JSON."""
+    from . import Settings
+
+    settings = settings or Settings
+    schemas = settings.field_schemas()
     group = parser.add_argument_group("settings (defaults as in `pixart-sigma schema`)")
-    for name, field in Settings.model_fields.items():
+    for name, field in settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        schema = schemas[name]
+        if schema.get("type") in ("array", "object"):  # e.g. --loras '[{"path": "a.safetensors", "scale": 0.8}]'
+            default = json.dumps(schema["default"])
+            help_text = f"{field.description} Give {settings.json_hint(name)} (default: {default})"
+            group.add_argument(flag, dest=name, type=_json_flag(settings, name), default=argparse.SUPPRESS,
+                               metavar="JSON", help=help_text.replace("%", "%%"))  # argparse %-formats help
+            continue
         kind, choices = _flag_type(field.annotation)
         help_text = f"{field.description} (default: {field.default})"
         if kind is bool:
@@ -39,7 +59,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from .settings import Settings
+    from . import Settings
 
     return {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
 
@@ -93,8 +113,11 @@ def _load(settings: dict[str, Any], quiet: bool):
     return PixArtSigmaModel(**settings)
 
 
-def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, Any], Optional[int], str]:
-    """Settings, the index to keep (None: keep all), and the prompt stored in a PNG, for `--from`.
+def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, Any], Optional[int], dict[str, Any]]:
+    """Settings, the index to keep (None: keep all), and the record stored in a PNG, for `--from`.
+
+    The record's resolved number formats (dtype, text_encoder_dtype) are replayed as they are, whatever
+    this machine's `auto` would pick: the same formats make the same pixels.
 
     A PNG is somebody else's file: it may name a known checkpoint or the demo, but a local folder
     only when the user names it too (--model-name), so a shared image cannot choose what code loads.
@@ -112,18 +135,19 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
         raise _UsageError(
             f"{path} was made with model_name={stored!r}, a local folder: an image may only choose a known "
             f"checkpoint or {DEMO_NAME!r}. If you trust that folder, say so: --model-name {stored!r}")
-    return settings, keep, record["prompt"]
+    return settings, keep, record
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import check_output_dir, check_text, read_settings
+    from . import SettingsError, check_output_dir, check_text, read_settings
 
     settings: dict[str, Any] = {}
     prompt, keep = args.prompt, None
     given = _given_settings(args)
+    record: dict[str, Any] = {}
     if args.from_image:
-        settings, keep, stored_prompt = _settings_from_image(args.from_image, given)
-        prompt = prompt or stored_prompt
+        settings, keep, record = _settings_from_image(args.from_image, given)
+        prompt = prompt or record["prompt"]
         # Said even with -q: the file, not the user, picked these.
         print(f"from {args.from_image}: model_name={given.get('model_name', settings.get('model_name'))!r}, "
               f"seed={given.get('seed', settings.get('seed'))}", file=sys.stderr, flush=True)
@@ -132,7 +156,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
     check_text("prompt", prompt, required=True)  # before the model loads, not after
     output_dir = check_output_dir(args.output_dir)
-    model = _load(settings, args.quiet)
+    try:
+        model = _load(settings, args.quiet)
+    except SettingsError as exc:
+        if not record or not any("dtype" in problem for problem in exc.problems):
+            raise
+        raise _UsageError(f"{args.from_image} was made with dtype={record.get('dtype')!r}, text_encoder_dtype="
+                          f"{record.get('text_encoder_dtype')!r} on {record.get('device', 'another machine')}, which "
+                          f"this machine cannot run: {exc}. Give --dtype and --text-encoder-dtype to remake it in the "
+                          "closest formats (its pixels will then differ slightly)") from None
+    threads = record.get("cpu_threads")
+    if threads and model.settings["torch_device"].type == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)  # the thread count changes how a CPU rounds sums: replay it too
     images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"))
     if keep is not None:
         images = images[keep:keep + 1]
@@ -265,7 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _UsageError(f"the service needs its extra: pip install \"pixart-sigma[server]\" ({exc})") from None
     _quiet_libraries()
-    return serve(args.model_names or [], device=args.device, dtype=args.dtype, memory=args.memory, host=args.host,
+    return serve(args.model_names or [], device=args.device, dtype=args.dtype,
+                 text_encoder_dtype=args.text_encoder_dtype, memory=args.memory, host=args.host,
                  port=args.port, data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key,
                  keep_jobs=args.keep_jobs, keep_grace_seconds=args.keep_grace, allow_compile=args.allow_compile)
 
@@ -334,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the 1024 checkpoint")
     serve.add_argument("--device", default="auto", help="where the models run (default: auto)")
     serve.add_argument("--dtype", default="auto", help="number format (default: auto)")
+    serve.add_argument("--text-encoder-dtype", default="auto", help="the T5 encoder's number format (default: auto)")
     serve.add_argument("--memory", default="auto", choices=list(MEMORY_MODES),
                        help="memory mode, as in `pixart-sigma generate --help` (default: auto)")
     serve.add_argument("--host", default="127.0.0.1",

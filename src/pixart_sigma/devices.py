@@ -62,7 +62,7 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(cpu, check, lambda: False)() for check in checks)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, field: str = "dtype") -> torch.dtype:
     """auto: bfloat16 on GPUs and CPUs with native bfloat16, float16 on older GPUs, float32 on other CPUs and mps."""
     if name == "auto":
         if device.type == "cuda":
@@ -75,7 +75,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype = getattr(torch, name)
     if device.type == "cpu" and dtype == torch.float16:
         raise SettingsError([
-            "dtype='float16' is not supported on the CPU (slow and missing kernels): use float32 or bfloat16"
+            f"{field}='float16' is not supported on the CPU (slow and missing kernels): use float32 (the closest "
+            "to float16's precision) or bfloat16"
         ])
     return dtype
 
@@ -84,12 +85,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def text_encoder_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The T5 encoder's dtype: `dtype`, except that `auto` on a CPU never holds T5-XXL in float32.
+def text_encoder_dtype(setting: str, dtype_setting: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The T5 encoder's dtype: the `text_encoder_dtype` setting; for `auto`, `dtype`, except that dtype=auto on a
+    CPU never holds T5-XXL in float32.
 
     T5-XXL is 19 GB in float32 and 9.5 GB in bfloat16; it runs once per new prompt (the embeddings
     are cached), so on a CPU without native bfloat16 its slower emulated matmuls cost little.
     """
-    if name == "auto" and device.type == "cpu":
+    if setting != "auto":
+        return resolve_dtype(setting, device, field="text_encoder_dtype")
+    if dtype_setting == "auto" and device.type == "cpu":
         return torch.bfloat16
     return dtype

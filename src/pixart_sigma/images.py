@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
-from .settings import (DTYPES, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, Settings,
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, Settings,
                        check_text, parse_settings)
 
 JSON_KEY = "pixart_sigma"
@@ -42,7 +42,8 @@ REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields
                           if name not in PLACEMENT_SETTINGS and name != "num_images_per_prompt")
 # What a record may hold besides the settings and the prompt; any other key read from a file is dropped.
 INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
-             "base_revision", "version", "text_encoder_dtype")
+             "base_revision", "version", "cpu_threads")
+MAX_CPU_THREADS = 1024
 RECORD_KEYS = frozenset(Settings.model_fields) | {"prompt"} | frozenset(INFO_KEYS)
 
 # Bounds on what is read from a file: a record is a few KB (a prompt is at most 10,000 characters).
@@ -540,9 +541,7 @@ def _info_problems(record: dict[str, Any]) -> list[str]:
         if revision is not None and not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
             problems.append(f"{key}={revision!r} is not valid: it must be a 40 hexadecimal digit commit hash, "
                             "or null for a local checkpoint")
-    encoder_dtype = record.get("text_encoder_dtype")  # T5's own when it differs (dtype=auto on a CPU: bfloat16)
-    if "text_encoder_dtype" in record and encoder_dtype not in DTYPES[1:]:
-        problems.append(f"text_encoder_dtype={encoder_dtype!r} is not valid: choose one of {', '.join(DTYPES[1:])}")
+    integer("cpu_threads", 1, MAX_CPU_THREADS)  # on a CPU the thread count changes the rounding
     if "version" in record:
         try:
             check_text("version", record["version"], required=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Optional, Sequence
 
+import torch
 from PIL import Image
 
 from . import __version__
@@ -39,7 +40,7 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
         raise SettingsError(problems)
     fill_size(values, checkpoint.native_size)
     values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype,
-                  text_encoder_dtype=text_encoder_dtype(settings.dtype, device, dtype))
+                  torch_text_encoder_dtype=text_encoder_dtype(settings.text_encoder_dtype, settings.dtype, device, dtype))
     return values
 
 
@@ -92,7 +93,8 @@ class PixArtSigmaModel:
         fill_size(values, engine.native_size)
         values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype), memory=mode,
                       checkpoint=Checkpoint(name, name, None, engine.native_size), torch_device=engine.device,
-                      torch_dtype=engine.dtype, text_encoder_dtype=pipeline.text_encoder.dtype)
+                      text_encoder_dtype=dtype_name(pipeline.text_encoder.dtype), torch_dtype=engine.dtype,
+                      torch_text_encoder_dtype=pipeline.text_encoder.dtype)
         model = cls.__new__(cls)
         model.settings = values
         model._pipeline_engine = engine
@@ -105,7 +107,7 @@ class PixArtSigmaModel:
         if self._pipeline_engine is not None:
             return self._pipeline_engine
         s = self.settings
-        return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
+        return get_engine(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["torch_text_encoder_dtype"], s["memory"])
 
     @property
     def warm_budget_bytes(self) -> int:
@@ -120,7 +122,7 @@ class PixArtSigmaModel:
         if self._pipeline_engine is not None:
             return True
         s = self.settings
-        return is_warm(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["text_encoder_dtype"], s["memory"])
+        return is_warm(s["checkpoint"], s["torch_device"], s["torch_dtype"], s["torch_text_encoder_dtype"], s["memory"])
 
     @classmethod
     def get_schema(cls) -> dict[str, Any]:
@@ -129,7 +131,7 @@ class PixArtSigmaModel:
 
     @classmethod
     def validate_and_transform(cls, raw_data: dict[str, Any]) -> dict[str, Any]:
-        """The validated values plus `checkpoint`, `torch_device`, `torch_dtype` and `text_encoder_dtype`;
+        """The validated values plus `checkpoint`, `torch_device`, `torch_dtype` and `torch_text_encoder_dtype`;
         SettingsError on bad input."""
         return validate(raw_data)
 
@@ -197,6 +199,8 @@ class PixArtSigmaModel:
         outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
         located = engine.located
         chosen = settings.model_dump(exclude={"num_images_per_prompt", *LOAD_SETTINGS, *PLACEMENT_SETTINGS})
+        # On a CPU the thread count changes how sums are split, so the last bit of some pixels: recorded, replayed.
+        cpu_threads = {"cpu_threads": torch.get_num_threads()} if engine.device.type == "cpu" else {}
         for prompt, group, output in zip(checked, groups, outputs):
             for index, (image, seed) in enumerate(zip(output.images, group)):
                 attach(image, {
@@ -204,7 +208,7 @@ class PixArtSigmaModel:
                     "model_revision": located.revision if located else None,
                     "base_revision": located.base_revision if located else None,
                     "dtype": dtype_name(engine.dtype), "text_encoder_dtype": dtype_name(engine.text.encoder.dtype),
-                    "device": str(engine.device),
+                    "device": str(engine.device), **cpu_threads,
                     "batch_index": index, "batch_seed": group[0], "batch_size": len(group),
                     "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
                     "version": __version__,

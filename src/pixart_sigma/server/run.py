@@ -34,11 +34,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "pixart-sigma"
 
 
-def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto") -> dict[str, PixArtSigmaModel]:
+def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto",
+                text_encoder_dtype: str = "auto") -> dict[str, PixArtSigmaModel]:
     """Each served model, loaded and warmed by one small generation (kernels chosen, caches filled)."""
     models = {}
     for name in model_names:
-        model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype, memory=memory)
+        model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype, text_encoder_dtype=text_encoder_dtype,
+                                 memory=memory)
         model.generate("warm-up", num_inference_steps=1, width=64, height=64, num_images_per_prompt=1, seed=0)
         models[name] = model
     return models
@@ -95,6 +97,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", memory: str = "auto",
+          text_encoder_dtype: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
           api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0,
           keep_grace_seconds: Optional[float] = None, allow_compile: bool = False) -> int:
@@ -134,7 +137,7 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
                   f"{data_dir / ORPHAN_FOLDER}, {removed} partial file(s) or link(s) removed",
                   file=sys.stderr, flush=True)
         print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
-        models = load_models(names, device, dtype, memory)
+        models = load_models(names, device, dtype, memory, text_encoder_dtype)
         check_models_fit(models)
         service = Service(models, store, queue_size, keep_jobs, keep_grace_seconds, allow_compile)
         app = create_app(service, api_key, hosts=host_names(host) if is_loopback(host) and not api_key else None)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from ... import PixArtSigmaError, PixArtSigmaModel, SettingsError, check_output_dir, quiet_libraries
 from ...batch import BatchItem, plan_batch
+from ...devices import dtype_name
 from ...images import image_bytes, save_bytes
 from ...settings import LOAD_SETTINGS, Settings, check_text, shown
 
@@ -49,7 +50,7 @@ class Work:
 @dataclass
 class Plan:
     work: list[Work]
-    settings: dict[str, Any]  # the run's settings, as given (each worker validates and resolves them itself)
+    settings: dict[str, Any]  # the run's settings, dtype=auto resolved here: every worker uses the same formats
     output_dir: Optional[Path]
 
 
@@ -136,7 +137,16 @@ def plan(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], settings: dict[
             unit.missing = item.missing(output_dir) if output_dir is not None else list(range(len(item.names)))
             # Drawn once, here: a retried row makes the same images.
             unit.seed = item.first_seed(values["seed"], output_dir) if unit.missing else values["seed"]
-    return Plan(work, settings, output_dir)
+    return Plan(work, resolved_formats(settings), output_dir)
+
+
+def resolved_formats(settings: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings with dtype and text_encoder_dtype as this machine resolves them, once for all workers:
+    on nodes with and without native bfloat16, `auto` would pick different formats, so different pixels under
+    the same file names."""
+    values = PixArtSigmaModel.validate_and_transform(settings)
+    return {**settings, "dtype": dtype_name(values["torch_dtype"]),
+            "text_encoder_dtype": dtype_name(values["torch_text_encoder_dtype"])}
 
 
 # -- the workers --------------------------------------------------------------------------------------
