@@ -432,19 +432,51 @@ def _revision(folder: Path) -> Optional[str]:
     return name if folder.parent.name == "snapshots" and len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
 
 
-def locate(checkpoint: Checkpoint, local_only: bool = False) -> Located:
-    """Local folders of every part of a checkpoint; `local_only` never downloads."""
-    needed = []  # (source, gb, patterns, parts)
+SHARED_PATTERNS = [p for p in PIPELINE_PATTERNS if not p.startswith("transformer/")]
+
+
+def _needed(checkpoint: Checkpoint) -> list[tuple[str, float, list[str], tuple[str, ...]]]:
+    """The hub repos a checkpoint reads: (repo, GB, patterns, parts)."""
+    needed = []
     if not Path(checkpoint.pipeline_source).is_dir():
         if checkpoint.transformer_source:
-            patterns = [p for p in PIPELINE_PATTERNS if not p.startswith("transformer/")]
-            needed.append((checkpoint.pipeline_source, BASE_WITHOUT_TRANSFORMER_GB, patterns, SHARED_PARTS))
+            needed.append((checkpoint.pipeline_source, BASE_WITHOUT_TRANSFORMER_GB, SHARED_PATTERNS, SHARED_PARTS))
         else:
             needed.append((checkpoint.pipeline_source, KNOWN_CHECKPOINTS[BASE_REPO].download_gb, PIPELINE_PATTERNS,
                            ("transformer",) + SHARED_PARTS))
     if checkpoint.transformer_source and not Path(checkpoint.transformer_source).is_dir():
         needed.append((checkpoint.transformer_source, KNOWN_CHECKPOINTS[checkpoint.transformer_source].download_gb,
                        TRANSFORMER_PATTERNS, ("transformer",)))
+    return needed
+
+
+def _in_cache(repo_id: str, patterns: list[str], parts: tuple[str, ...]) -> bool:
+    try:
+        _locate_repo(repo_id, patterns, parts, local_only=True)
+        return True
+    except CheckpointError:
+        return False
+
+
+def download_cost(checkpoint: Checkpoint) -> tuple[float, float]:
+    """GB still to download for a checkpoint, and how many of them are the shared base (T5, VAE, tokenizer:
+    fetched once for all three releases). Reads only the local cache."""
+    total = shared = 0.0
+    for repo_id, gb, patterns, parts in _needed(checkpoint):
+        if _in_cache(repo_id, patterns, parts):
+            continue
+        if parts == ("transformer",):
+            total += gb
+        elif _in_cache(repo_id, SHARED_PATTERNS, SHARED_PARTS):  # the base is here, its transformer is not
+            total += gb - BASE_WITHOUT_TRANSFORMER_GB
+        else:
+            total, shared = total + gb, shared + BASE_WITHOUT_TRANSFORMER_GB
+    return round(total, 1), round(shared, 1)
+
+
+def locate(checkpoint: Checkpoint, local_only: bool = False) -> Located:
+    """Local folders of every part of a checkpoint; `local_only` never downloads."""
+    needed = _needed(checkpoint)
     found: dict[str, Path] = {}
     missing = []
     for repo_id, gb, patterns, parts in needed:
@@ -490,7 +522,8 @@ class CheckpointStatus:
 
     model_name: str
     native_size: int
-    download_gb: float
+    download_gb: float  # what downloading it costs now (0 when complete), the shared base included when missing
+    shared_gb: float  # of which the T5, VAE and tokenizer all three releases share (0 when already here)
     complete: bool  # every file it needs is on this machine
     folders: tuple[Path, ...]  # where its parts are (empty when not complete)
     size_bytes: int  # bytes on disk of those folders
@@ -503,15 +536,14 @@ def checkpoint_statuses() -> list[CheckpointStatus]:
     statuses = []
     for name in names:
         checkpoint = resolve_checkpoint(name)
-        known = KNOWN_CHECKPOINTS.get(name)
         try:
             located = locate(checkpoint, local_only=True)
         except CheckpointError as exc:
-            statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, known.download_gb if known else 0,
+            statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, *download_cost(checkpoint),
                                              False, (), 0, str(exc)))
             continue
         folders = tuple(sorted(set(located.folders.values())))
-        statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, known.download_gb if known else 0, True,
+        statuses.append(CheckpointStatus(name, checkpoint.native_size or 0, 0.0, 0.0, True,
                                          folders, sum(folder_bytes(folder) for folder in folders), None))
     return statuses
 

@@ -288,7 +288,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             where = ", ".join(sorted({str(f.parent) for f in status.folders}))
             print(f"{status.model_name}  {status.native_size}px  ready  {status.size_bytes / 1e9:.2f} GB  {where}")
         else:
-            print(f"{status.model_name}  {status.native_size}px  not downloaded (about {status.download_gb:g} GB)")
+            cost = f"about {status.download_gb:g} GB"
+            if status.shared_gb:  # the first checkpoint also brings the T5, VAE and tokenizer all three share
+                cost += f", {status.shared_gb:g} GB of it the T5, VAE and tokenizer all three share, downloaded once"
+            print(f"{status.model_name}  {status.native_size}px  not downloaded ({cost})")
             if args.verbose:
                 print("  " + status.problem.replace("\n", "\n  "))
     if not args.verbose and not all(status.complete for status in statuses):
