@@ -263,3 +263,13 @@ def test_the_per_call_caps_count_the_seeds_handed_to_the_engine(tiny):
     assert engine.text_encoder_calls == calls
     with pytest.raises(Cancelled):  # within the caps: it starts (and stops at once)
         engine.generate(PROMPT, large, list(range(16)), cancel=cancelled)
+
+
+def test_the_prompt_can_be_passed_by_name_as_the_readme_shows(tiny):
+    model = PixArtSigmaModel(model_name=tiny, device="cpu", num_inference_steps=1, seed=3)
+    by_name = model.generate(prompt=PROMPT)[0]
+    assert by_name.tobytes() == model.generate(PROMPT)[0].tobytes() == model.generate(input=PROMPT)[0].tobytes()
+    with pytest.raises(SettingsError, match="both input= and prompt="):
+        model.generate(PROMPT, prompt=PROMPT)
+    with pytest.raises(SettingsError, match="no prompt"):
+        model.generate()

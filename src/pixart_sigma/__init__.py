@@ -11,22 +11,23 @@ from .batch import plan_batch, read_prompt_file  # noqa: E402
 from .calls import random_seed  # noqa: E402
 from .checkpoints import DEMO_NAME, KNOWN_MODEL_NAMES, checkpoint_statuses  # noqa: E402
 from .compiling import COMPILE_COST  # noqa: E402
+from .editing import picture_sha256, read_mask, read_picture  # noqa: E402
 from .engine import MEMORY_BUDGET_ENV, unload_all  # noqa: E402
 from .errors import (Cancelled, CheckpointError, GenerationError, MetadataError, PixArtSigmaError,  # noqa: E402
                      SettingsError)
-from .images import (batch_settings, check_output_dir, output_name, read_settings, reproducible_settings,  # noqa: E402
-                     save_image)
+from .images import (batch_settings, check_output_dir, edit_settings, output_name, read_settings,  # noqa: E402
+                     reproducible_settings, save_image)
 from .model import PixArtSigmaModel  # noqa: E402
 from .quiet import quiet_libraries  # noqa: E402
-from .settings import (DEFAULT_MODEL, MEMORY_MODES, Settings, check_images_per_call, check_pixel_budget,  # noqa: E402
+from .settings import (DEFAULT_MODEL, MEMORY_MODES, EditSettings, Settings, check_images_per_call, check_pixel_budget,  # noqa: E402
                        check_text)
 
 __all__ = [
-    "PixArtSigmaModel", "Settings", "PixArtSigmaError", "SettingsError", "CheckpointError", "GenerationError",
+    "PixArtSigmaModel", "Settings", "EditSettings", "PixArtSigmaError", "SettingsError", "CheckpointError", "GenerationError",
     "MetadataError", "Cancelled", "save_image", "read_settings", "reproducible_settings", "check_output_dir",
     "unload_all", "MEMORY_BUDGET_ENV", "random_seed", "quiet_libraries", "__version__",
     # what the front ends (CLI, service, Ray, DashAI) use beside the component
     "output_name", "batch_settings", "plan_batch", "read_prompt_file", "check_text", "check_images_per_call",
     "check_pixel_budget", "DEFAULT_MODEL", "DEMO_NAME", "KNOWN_MODEL_NAMES", "MEMORY_MODES", "COMPILE_COST",
-    "checkpoint_statuses",
+    "checkpoint_statuses", "edit_settings", "read_picture", "read_mask", "picture_sha256",
 ]

@@ -32,13 +32,14 @@ def _json_flag(settings: type, name: str):
     return parse
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, settings: Optional[type] = None) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, settings: Optional[type] = None,
+                       title: str = "settings (defaults as in `pixart-sigma schema`)") -> None:
     """A flag per setting of `settings` (default: Settings): a scalar by its type, a list or object as JSON."""
     from . import Settings
 
     settings = settings or Settings
     schemas = settings.field_schemas()
-    group = parser.add_argument_group("settings (defaults as in `pixart-sigma schema`)")
+    group = parser.add_argument_group(title)
     for name, field in settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         schema = schemas[name]
@@ -58,10 +59,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser, settings: Optional[type]
                                metavar=None if choices else name.upper(), help=help_text)
 
 
-def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+def _given_settings(args: argparse.Namespace, settings: Optional[type] = None) -> dict[str, Any]:
     from . import Settings
 
-    return {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return {name: getattr(args, name) for name in (settings or Settings).model_fields if hasattr(args, name)}
 
 
 class _Progress:
@@ -155,6 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
     check_text("prompt", prompt, required=True)  # before the model loads, not after
+    edit = _edit_inputs(args, record)
     output_dir = check_output_dir(args.output_dir)
     try:
         model = _load(settings, args.quiet)
@@ -170,12 +172,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)  # the thread count changes how a CPU rounds sums: replay it too
-    images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"))
+    images = model.generate(prompt, on_progress=_Progress(not args.quiet, "generating"), **edit)
     if keep is not None:
         images = images[keep:keep + 1]
     for path in _write(images, output_dir):
         print(f"{path}  seed={read_settings(path)['seed']}")
     return 0
+
+
+def _edit_inputs(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any]:
+    """The picture, mask and edit settings for `generate`, read and checked before the model loads.
+
+    With --from an edit's record: its settings replayed (flags override them), and --image (and --mask)
+    must be the pictures it was made from, by the SHA-256 of their pixels.
+    """
+    from . import EditSettings, edit_settings, picture_sha256, read_mask, read_picture
+
+    given = _given_settings(args, EditSettings)
+    recorded = edit_settings(record) or {}
+    if recorded and args.image is None:
+        raise _UsageError(f"{args.from_image} is an edit of a picture (SHA-256 {recorded['source_sha256']}): give "
+                          "that picture with --image" + (" and its mask with --mask" if recorded.get("mask_sha256")
+                                                          else ""))
+    if args.image is None:
+        if args.mask is not None or given:
+            names = ["--mask"] * (args.mask is not None) + ["--" + name.replace("_", "-") for name in given]
+            raise _UsageError(f"{', '.join(names)}: for editing a picture, give it with --image")
+        return {}
+    values = {key: value for key, value in recorded.items() if key in EditSettings.model_fields}
+    values.update(given)
+    picture = read_picture(args.image, "--image")
+    mask = read_mask(args.mask, picture.size, values.get("invert_mask", False)) if args.mask is not None else None
+    if recorded:
+        pictures = [("--image", args.image, picture_sha256(picture.convert("RGB")), recorded["source_sha256"])]
+        if recorded.get("mask_sha256") or mask is not None:
+            if mask is None:
+                raise _UsageError(f"{args.from_image} was inpainted: give its mask with --mask")
+            pictures.append(("--mask", args.mask, picture_sha256(mask), recorded.get("mask_sha256")))
+        for flag, path, found, wanted in pictures:
+            if found != wanted:
+                raise _UsageError(f"{flag} {path} is not the picture {args.from_image} was made from: its pixels' "
+                                  f"SHA-256 is {found}, the record's {wanted}")
+    return {"image": picture, "mask": mask, **values} if mask is not None else {"image": picture, **values}
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -330,7 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "folder is used only when --model-name names it too")
     generate.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="folder for the PNG files (default: outputs)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--image", metavar="PICTURE", help="edit this picture (PNG, JPEG, WebP...) instead of "
+                          "starting from noise: image-to-image by --strength; with --mask, inpainting; with --expand, "
+                          "outpainting. The images keep its size unless --width and --height are given")
+    generate.add_argument("--mask", metavar="MASK", help="with --image: what to repaint, white (or fully "
+                          "transparent) on a picture of the same size")
     _add_setting_flags(generate)
+    from . import EditSettings
+
+    _add_setting_flags(generate, EditSettings, "edit settings (with --image)")
     generate.set_defaults(handler=cmd_generate)
 
     batch = commands.add_parser("batch", help="generate for every line of a text file (resumable)",

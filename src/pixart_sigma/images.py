@@ -30,8 +30,8 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
-from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, Settings,
-                       check_text, parse_settings)
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, EditSettings,
+                       Settings, check_text, parse_settings, shown)
 
 JSON_KEY = "pixart_sigma"
 PARTIAL_PREFIX = ".partial-"  # an image being written; never a finished one
@@ -44,7 +44,10 @@ REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields
 INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
              "base_revision", "version", "cpu_threads")
 MAX_CPU_THREADS = 1024
-RECORD_KEYS = frozenset(Settings.model_fields) | {"prompt"} | frozenset(INFO_KEYS)
+# An edit's record: its settings and what identifies its pictures (the SHA-256 of their pixels, editing.py).
+PICTURE_KEYS = ("source_sha256", "mask_sha256")
+EDIT_KEYS = tuple(EditSettings.model_fields) + PICTURE_KEYS
+RECORD_KEYS = frozenset(Settings.model_fields) | {"prompt"} | frozenset(INFO_KEYS) | frozenset(EDIT_KEYS)
 
 # Bounds on what is read from a file: a record is a few KB (a prompt is at most 10,000 characters).
 MAX_TEXT_BYTES = 1 << 20  # one text chunk or EXIF block, and what a compressed chunk may inflate to
@@ -78,6 +81,8 @@ def a1111_text(record: dict[str, Any]) -> str:
         "CFG scale": record["guidance_scale"],
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
+        "Denoising strength": record.get("strength"),  # an edit's; A1111's names
+        "Mask blur": record.get("mask_blur") if record.get("mask_sha256") else None,
         "Model": record["model_name"],
         "Dtype": record.get("dtype"),
         "Version": f"pixart-sigma {record.get('version')}",
@@ -459,6 +464,7 @@ def _parse_a1111(text: str) -> dict[str, Any]:
         "Steps": ("num_inference_steps", _a1111_integer), "CFG scale": ("guidance_scale", _a1111_number),
         "Seed": ("seed", _a1111_integer), "Model": ("model_name", str), "Dtype": ("dtype", str),
         "Sampler": ("scheduler", samplers.get),  # a sampler we do not have is left out
+        "Denoising strength": ("strength", _a1111_number), "Mask blur": ("mask_blur", _a1111_integer),
     }
     for key, (name, read) in readers.items():
         value = read(values[key]) if key in values else None
@@ -542,6 +548,10 @@ def _info_problems(record: dict[str, Any]) -> list[str]:
             problems.append(f"{key}={revision!r} is not valid: it must be a 40 hexadecimal digit commit hash, "
                             "or null for a local checkpoint")
     integer("cpu_threads", 1, MAX_CPU_THREADS)  # on a CPU the thread count changes the rounding
+    for key in PICTURE_KEYS:
+        digest = record.get(key)
+        if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            problems.append(f"{key}={shown(digest)} is not valid: it must be a SHA-256 (64 hexadecimal digits) or null")
     if "version" in record:
         try:
             check_text("version", record["version"], required=False)
@@ -560,12 +570,13 @@ def _validated(raw: Any, name: str, where: str) -> dict[str, Any]:
         if isinstance(value, _NonFinite) or (isinstance(value, list) and any(isinstance(v, _NonFinite) for v in value)):
             problems.append(f"{key}={value!r} is not valid: NaN and Infinity are not accepted, a number must be finite")
             del record[key]
-    given = {key: value for key, value in record.items() if key in Settings.model_fields}
-    try:
-        settings = parse_settings(given)
-        record.update({key: getattr(settings, key) for key in given})
-    except SettingsError as error:
-        problems += error.problems
+    for model in (Settings, EditSettings):
+        given = {key: value for key, value in record.items() if key in model.model_fields}
+        try:
+            settings = parse_settings(given, model)
+            record.update({key: getattr(settings, key) for key in given})
+        except SettingsError as error:
+            problems += error.problems
     if "prompt" in record:
         try:
             check_text("prompt", record["prompt"], required=True)
@@ -615,6 +626,13 @@ def reproducible_settings(record: dict[str, Any]) -> dict[str, Any]:
     batched matrix products round differently; `batch_settings` gives bit-identical pixels.
     """
     return {key: record[key] for key in REPRODUCIBLE_KEYS if key in record}
+
+
+def edit_settings(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """An edit's settings and picture hashes as recorded (None for text-to-image): what `--from` asks the pictures for."""
+    if not record.get("source_sha256"):
+        return None
+    return {key: record[key] for key in EDIT_KEYS if key in record}
 
 
 def batch_settings(record: dict[str, Any]) -> tuple[dict[str, Any], int]:

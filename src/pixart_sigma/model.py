@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Optional, Sequence
 
@@ -12,10 +13,12 @@ from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
 from .calls import call_settings, check_call, check_prompt, fill_size, random_seed
-from .engine import CancelFlag, Engine, ProgressCallback, check_callbacks, get_engine, is_warm, memory_budget
+from .editing import Edit, EditRun, PictureInput, prepare_edit
+from .engine import (CancelFlag, Engine, Output, ProgressCallback, check_callbacks, get_engine, is_warm,
+                     memory_budget)
 from .errors import CheckpointError, SettingsError
 from .images import attach
-from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
+from .settings import (LOAD_SETTINGS, MAX_SEED, MIN_SIDE, PLACEMENT_SETTINGS, EditSettings, Settings, check_images_per_call,
                        check_pixel_budget, json_schema, parse_settings, shown)
 
 def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
@@ -149,9 +152,17 @@ class PixArtSigmaModel:
         return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
                           memory_mode=self.memory_mode)
 
-    def generate(self, input: str, *, on_progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelFlag] = None, **overrides: Any) -> list[Image.Image]:
+    def generate(self, input: Optional[str] = None, *, prompt: Optional[str] = None,
+                 image: Optional[PictureInput] = None, mask: Optional[PictureInput] = None,
+                 on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
+                 **overrides: Any) -> list[Image.Image]:
         """One image per `num_images_per_prompt`, each carrying its settings in `image.info`.
+
+        The prompt is the first argument, or `prompt=` (`input` is the name DashAI's contract uses).
+        `image=` (a PIL image, a path or bytes) edits that picture instead of starting from noise:
+        image-to-image by `strength`; with `mask=` (white, or fully transparent, marks what to repaint)
+        inpainting; with `expand=[left, top, right, bottom]` outpainting (EditSettings has every edit
+        setting). An edit keeps the picture's size unless the call gives width and height.
 
         Any setting but model_name, device and dtype can be given per call (`seed=7, width=512`), checked
         by the same rules. `on_progress(step, total)` is called after each denoising step; when
@@ -161,9 +172,15 @@ class PixArtSigmaModel:
         if "seeds" in overrides:  # generate_many's argument, not a setting
             raise SettingsError([f"unknown setting 'seeds': valid names are {', '.join(Settings.field_names())} "
                                  "(one prompt takes seed=...)"])
-        return self.generate_many([input], on_progress=on_progress, cancel=cancel, **overrides)[0]
+        if (input is None) == (prompt is None):
+            given = "both input= and prompt=" if prompt is not None else "no prompt"
+            raise SettingsError([f"generate got {given}: pass the prompt once, as the first argument or prompt=..."])
+        text = prompt if input is None else input
+        return self.generate_many([text], image=image, mask=mask, on_progress=on_progress, cancel=cancel,
+                                  **overrides)[0]
 
     def generate_many(self, prompts: Sequence[str], *, seeds: Optional[Sequence[int]] = None,
+                      image: Optional[PictureInput] = None, mask: Optional[PictureInput] = None,
                       on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
                       **overrides: Any) -> list[list[Image.Image]]:
         """Several prompts in one batch on the device: for each prompt, its `num_images_per_prompt` images.
@@ -187,18 +204,27 @@ class PixArtSigmaModel:
         if not prompts:
             problems.append("prompts is empty: pass at least one prompt")
         check_callbacks(on_progress, cancel)
+        edit_values = {name: overrides.pop(name) for name in list(overrides) if name in EditSettings.model_fields}
         settings = self.call_settings(overrides)
         first_seeds = self._first_seeds(settings, len(prompts), seeds, problems)
         if problems:
             raise SettingsError(problems)
+        edit = self._prepare_edit(image, mask, edit_values, overrides)
+        if edit is not None:  # the engine works at the edit's size; the images have the canvas's
+            settings = self.call_settings({**overrides, "width": edit.sample_size[0], "height": edit.sample_size[1]})
         check_images_per_call(len(checked), settings.num_images_per_prompt)
         count = settings.num_images_per_prompt
         check_pixel_budget(settings.width, settings.height, count, prompts=len(checked))
         engine = self.engine
         groups = [[first + k for k in range(count)] for first in first_seeds]
-        outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
+        if edit is None:
+            outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
+        else:
+            outputs = self._run_edit(edit, checked, settings, groups, on_progress, cancel)
         located = engine.located
         chosen = settings.model_dump(exclude={"num_images_per_prompt", *LOAD_SETTINGS, *PLACEMENT_SETTINGS})
+        if edit is not None:
+            chosen.update(width=edit.size[0], height=edit.size[1], **edit.record())
         # On a CPU the thread count changes how sums are split, so the last bit of some pixels: recorded, replayed.
         cpu_threads = {"cpu_threads": torch.get_num_threads()} if engine.device.type == "cpu" else {}
         for prompt, group, output in zip(checked, groups, outputs):
@@ -214,6 +240,27 @@ class PixArtSigmaModel:
                     "version": __version__,
                 })
         return [output.images for output in outputs]
+
+    def _prepare_edit(self, image: Optional[PictureInput], mask: Optional[PictureInput], edit_values: dict[str, Any],
+                      overrides: dict[str, Any]) -> Optional[Edit]:
+        if image is None:
+            given = sorted(edit_values) + (["mask"] if mask is not None else [])
+            if given:
+                raise SettingsError([f"{', '.join(given)} apply to edits only: give image=... (the picture to edit)"])
+            return None
+        edit_settings = parse_settings(edit_values, EditSettings)
+        return prepare_edit(image, mask, edit_settings, overrides.get("width"), overrides.get("height"),
+                            self.settings["checkpoint"].native_size or MIN_SIDE)
+
+    def _run_edit(self, edit: Edit, prompts: list[str], settings: Settings, groups: list[list[int]],
+                  on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> list[Output]:
+        engine = self.engine
+        plan = engine.plan(settings.width, settings.height, settings.use_resolution_binning)
+        run = EditRun(edit, engine, plan, [seed for group in groups for seed in group], settings.num_inference_steps)
+        outputs = engine.generate_many(prompts, settings, groups, on_progress=on_progress, cancel=cancel,
+                                       start=run.start, hooks=run.hooks)
+        pasted = iter(run.paste([image for output in outputs for image in output.images]))
+        return [dataclasses.replace(output, images=[next(pasted) for _ in output.images]) for output in outputs]
 
     @staticmethod
     def _first_seeds(settings: Settings, count: int, seeds: Optional[Sequence[int]], problems: list[str]) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, get_args
@@ -186,11 +187,60 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-class Settings(BaseModel):
-    """Everything that decides an image, except the prompt itself."""
+class SettingsModel(BaseModel):
+    """What every group of settings shares: strict validation, a self-contained schema, JSON for list values."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True,
                               json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Pydantic's schema, self-contained: every property can be read on its own (see _SelfContainedSchema)."""
+        kwargs.setdefault("schema_generator", _SelfContainedSchema)
+        return super().model_json_schema(*args, **kwargs)
+
+    @classmethod
+    def field_schemas(cls) -> dict[str, dict[str, Any]]:
+        """Each setting's schema property with an Optional one's non-null branch merged in: the type, items,
+        bounds, choices, default and examples a front end builds its input from."""
+        schemas = {}
+        for name, prop in cls.model_json_schema()["properties"].items():
+            merged = {key: value for key, value in prop.items() if key != "anyOf"}
+            for branch in prop.get("anyOf", []):
+                if branch.get("type") != "null":
+                    merged.update(branch)
+            schemas[name] = merged
+        return schemas
+
+    @classmethod
+    def json_value(cls, name: str, text: str) -> Any:
+        """A list or object setting written as JSON text (a CLI flag, a form's text box), decoded for validation.
+
+        Only the JSON is read here; what it holds is Settings' to check. SettingsError says what is wrong.
+        """
+        items = cls.field_schemas()[name].get("items", {})
+        if items.get("type") == "integer" and re.fullmatch(r"\s*-?[0-9]+(\s*,\s*-?[0-9]+)*\s*", text):
+            return [int(number) for number in text.split(",")]  # a list of integers may be written 0,0,64,0
+        try:
+            return json.loads(text, parse_constant=_no_constant)  # NaN and Infinity: Python's, not JSON
+        except (ValueError, RecursionError) as exc:
+            problem = f"{name}={shown(text)} is not valid JSON ({exc}): write {cls.json_hint(name)}"
+        raise SettingsError([problem])
+
+    @classmethod
+    def json_hint(cls, name: str) -> str:
+        """How to write a list or object setting, for help and messages: its kind and its first example."""
+        schema = cls.field_schemas()[name]
+        what = {"array": "a list", "object": "an object"}.get(schema.get("type"), "the value")
+        return f"{what} in JSON" + (f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else "")
+
+
+class Settings(SettingsModel):
+    """Everything that decides an image, except the prompt itself (and, for an edit, its pictures: EditSettings)."""
 
     model_name: str = Field(
         DEFAULT_MODEL, title="Checkpoint",
@@ -314,51 +364,82 @@ class Settings(BaseModel):
         return self
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return list(cls.model_fields)
-
-    @classmethod
     def per_call_names(cls) -> list[str]:
         """Settings `generate` accepts per call: all but those that choose the weights (LOAD_SETTINGS)."""
         return [name for name in cls.model_fields if name not in LOAD_SETTINGS]
 
+EDIT_AREAS = {
+    "whole": "the whole picture is denoised (the mask says what may change)",
+    "masked": "only the mask's bounding box plus inpaint_padding, scaled to the checkpoint's native size and pasted "
+              "back: more detail for a small mask",
+}
+OUTPAINT_FILLS = {
+    "edge": "the new area starts as the picture's edge colours, stretched outward",
+    "noise": "the new area starts as random colours (from each image's seed)",
+}
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 256
+DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
+
+
+class EditSettings(SettingsModel):
+    """How an edit uses its source picture and mask: image-to-image, inpainting and outpainting.
+
+    They apply only to a call given a picture (`image=`); the picture and mask themselves are inputs, not
+    settings. Recorded in the image with the pictures' SHA-256, so that `--from` can remake it.
+    """
+
+    strength: float = Field(
+        DEFAULT_STRENGTH, title="Denoising strength", description="How much of the picture is redrawn, above 0 up "
+        "to 1: the last round(strength x num_inference_steps) steps run (at least one) from the picture noised to "
+        "that step; 1 keeps only its broad layout, 0.2 its colours and shapes.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": 1},
+    )
+    mask_blur: int = Field(
+        4, title="Mask blur", ge=0, le=MAX_MASK_BLUR, description="Soften the mask's edge by this many pixels (a "
+        "Gaussian blur, cut off at this distance): pixels farther than this from the mask are the picture's, byte "
+        "for byte.",
+    )
+    invert_mask: bool = Field(
+        False, title="Invert mask", description="Repaint what the mask leaves unmarked instead of what it marks.",
+    )
+    inpaint_area: Literal[tuple(EDIT_AREAS)] = Field(  # type: ignore[valid-type]
+        "whole", title="Inpaint area", description="; ".join(f"{name}: {text}" for name, text in EDIT_AREAS.items())
+        + ".",
+    )
+    inpaint_padding: int = Field(
+        32, title="Inpaint padding", ge=0, le=MAX_INPAINT_PADDING, description="Pixels of context around the mask's "
+        "bounding box when inpaint_area is masked.",
+    )
+    expand: list[int] = Field(
+        [0, 0, 0, 0], title="Outpaint (expand)", description="Grow the canvas by left, top, right, bottom pixels and "
+        "paint the new area (outpainting); the picture itself is kept exactly.", examples=[[0, 0, 64, 0]],
+    )
+    fill: Literal[tuple(OUTPAINT_FILLS)] = Field(  # type: ignore[valid-type]
+        "edge", title="Outpaint fill", description="; ".join(f"{name}: {text}" for name, text in
+                                                               OUTPAINT_FILLS.items()) + ".",
+    )
+
+    @field_validator("strength", mode="before")
     @classmethod
-    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Pydantic's schema, self-contained: every property can be read on its own (see _SelfContainedSchema)."""
-        kwargs.setdefault("schema_generator", _SelfContainedSchema)
-        return super().model_json_schema(*args, **kwargs)
+    def _strength(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"strength={shown(value)} is not valid: it must be a number above 0 and at most 1 "
+                             "(0.2 keeps the picture's colours and shapes, 1 only its broad layout)")
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("expand")
+    @classmethod
+    def _expand(cls, value: list[int]) -> list[int]:
+        if len(value) != 4 or any(not 0 <= side <= MAX_SIDE for side in value):
+            raise ValueError(f"expand={shown(value)} is not valid: it must be four integers from 0 to {MAX_SIDE}, the "
+                             "pixels to add at the left, top, right and bottom")
+        return value
 
     @classmethod
-    def field_schemas(cls) -> dict[str, dict[str, Any]]:
-        """Each setting's schema property with an Optional one's non-null branch merged in: the type, items,
-        bounds, choices, default and examples a front end builds its input from."""
-        schemas = {}
-        for name, prop in cls.model_json_schema()["properties"].items():
-            merged = {key: value for key, value in prop.items() if key != "anyOf"}
-            for branch in prop.get("anyOf", []):
-                if branch.get("type") != "null":
-                    merged.update(branch)
-            schemas[name] = merged
-        return schemas
-
-    @classmethod
-    def json_value(cls, name: str, text: str) -> Any:
-        """A list or object setting written as JSON text (a CLI flag, a form's text box), decoded for validation.
-
-        Only the JSON is read here; what it holds is Settings' to check. SettingsError says what is wrong.
-        """
-        try:
-            return json.loads(text, parse_constant=_no_constant)  # NaN and Infinity: Python's, not JSON
-        except (ValueError, RecursionError) as exc:
-            problem = f"{name}={shown(text)} is not valid JSON ({exc}): write {cls.json_hint(name)}"
-        raise SettingsError([problem])
-
-    @classmethod
-    def json_hint(cls, name: str) -> str:
-        """How to write a list or object setting, for help and messages: its kind and its first example."""
-        schema = cls.field_schemas()[name]
-        what = {"array": "a list", "object": "an object"}.get(schema.get("type"), "the value")
-        return f"{what} in JSON" + (f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else "")
+    def names(cls) -> frozenset[str]:
+        return frozenset(cls.model_fields)
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",

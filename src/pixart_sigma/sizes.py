@@ -97,3 +97,21 @@ def fit_to_size(pixels: "torch.Tensor", plan: SizePlan) -> "torch.Tensor":
         pixels = F.interpolate(pixels, size=(plan.resize_height, plan.resize_width), mode="bilinear",
                                align_corners=False)
     return pixels[:, :, plan.crop_top:plan.crop_top + plan.height, plan.crop_left:plan.crop_left + plan.width]
+
+
+def to_sample_size(pixels: "torch.Tensor", plan: SizePlan) -> "torch.Tensor":
+    """`fit_to_size` undone for a picture an edit starts from: (N, C, height, width) -> (N, C, sample_height,
+    sample_width). The picture is put where the crop took the output from, the cropped-away margins repeat its
+    edges, and the whole is resized (antialiased) to the sample size."""
+    import torch.nn.functional as F
+
+    if tuple(pixels.shape[-2:]) != (plan.height, plan.width):
+        raise ValueError(f"expected pictures of {plan.width}x{plan.height}, got {pixels.shape[-1]}x{pixels.shape[-2]}")
+    right = plan.resize_width - plan.width - plan.crop_left
+    bottom = plan.resize_height - plan.height - plan.crop_top
+    if plan.crop_left or plan.crop_top or right or bottom:
+        pixels = F.pad(pixels, (plan.crop_left, right, plan.crop_top, bottom), mode="replicate")
+    if plan.resizes:
+        pixels = F.interpolate(pixels, size=(plan.sample_height, plan.sample_width), mode="bilinear",
+                               align_corners=False, antialias=True)
+    return pixels

@@ -1,0 +1,274 @@
+"""Editing pictures on the demo model: image-to-image, inpainting, outpainting, sizes, bad pictures, records.
+
+The demo model draws coloured shapes the checker (demo_world.read / read_shapes) reads back, so each edit is
+judged by what it draws, through the public API. float32 is pinned: the figures below were measured in it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixart_sigma import PixArtSigmaModel, SettingsError, picture_sha256, read_picture, read_settings
+from pixart_sigma import demo_world as world
+from pixart_sigma.settings import SCHEDULERS
+
+RED_LEFT = "a large red circle on the left on a white background"
+BLUE_LEFT = "a large blue circle on the left on a white background"
+TWO_SHAPES = "a large red circle on the left and a large blue square on the right on a white background"
+GREEN_RIGHT = "a large red circle on the left and a large green triangle on the right on a white background"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return PixArtSigmaModel(model_name="demo", device="cpu", dtype="float32", num_inference_steps=20)
+
+
+@pytest.fixture(scope="module")
+def red_left(demo):
+    image = demo.generate(RED_LEFT, seed=0)[0]
+    assert world.read(image).colour == "red"
+    return image
+
+
+@pytest.fixture(scope="module")
+def two_shapes(demo):
+    image = demo.generate(TWO_SHAPES, seed=3)[0]
+    assert [shape.colour for shape in world.read_shapes(image)[:2]] == ["red", "blue"]
+    return image
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+def distance(first, second) -> float:
+    return float(np.abs(pixels(first) - pixels(second)).mean())
+
+
+def right_half_mask() -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    return mask
+
+
+# -- image to image -------------------------------------------------------------------------------
+def test_image_to_image_follows_the_prompt_more_the_higher_the_strength(demo, red_left):
+    steps = []
+    redrawn = demo.generate(BLUE_LEFT, image=red_left, strength=0.6, seed=1,
+                            on_progress=lambda step, total: steps.append(total))[0]
+    reading = world.read(redrawn)
+    assert (reading.colour, reading.shape, reading.position) == ("blue", "circle", "left")
+    assert steps[-1] == 12  # round(0.6 x 20) steps run, from the picture noised to the 9th
+    # One step (strength 0.05) keeps the red: this flat-colour model recolours early (measured: blue from 0.1 on,
+    # distance 6.1 at 0.05, 27.5 at 0.1, 34.9 at 0.6 levels on average).
+    kept = demo.generate(BLUE_LEFT, image=red_left, strength=0.05, seed=1)[0]
+    assert world.read(kept).colour == "red"
+    middle = demo.generate(BLUE_LEFT, image=red_left, strength=0.1, seed=1)[0]
+    assert distance(kept, red_left) < distance(middle, red_left) <= distance(redrawn, red_left) + 1
+    # The picture's own prompt keeps it (measured 2.9 levels at 0.6).
+    assert distance(demo.generate(RED_LEFT, image=red_left, strength=0.6, seed=1)[0], red_left) < 8
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_sampler_edits_reproducibly_from_the_picture(demo, red_left, scheduler):
+    made = [demo.generate(BLUE_LEFT, image=red_left, strength=0.5, seed=7, scheduler=scheduler,
+                          num_inference_steps=8)[0] for _ in range(2)]
+    assert made[0].tobytes() == made[1].tobytes()
+    assert world.read(made[0]).position == "left"  # started from the picture: the circle stays where it was
+    other_seed = demo.generate(BLUE_LEFT, image=red_left, strength=0.5, seed=8, scheduler=scheduler,
+                               num_inference_steps=8)[0]
+    assert other_seed.tobytes() != made[0].tobytes()
+
+
+def test_image_k_of_an_edit_batch_uses_seed_plus_k(demo, red_left):
+    batch = demo.generate(BLUE_LEFT, image=red_left, strength=0.5, seed=20, num_images_per_prompt=2,
+                          num_inference_steps=8)
+    alone = demo.generate(BLUE_LEFT, image=red_left, strength=0.5, seed=21, num_inference_steps=8)[0]
+    assert [read_settings(image)["seed"] for image in batch] == [20, 21]
+    assert np.abs(pixels(batch[1]) - pixels(alone)).max() <= 2  # batched sums round differently, by a level or two
+
+
+# -- inpainting -----------------------------------------------------------------------------------
+def test_inpainting_repaints_the_masked_half_and_keeps_the_rest_byte_for_byte(demo, two_shapes):
+    painted = demo.generate(GREEN_RIGHT, image=two_shapes, mask=right_half_mask(), strength=1.0, seed=0)[0]
+    shapes = world.read_shapes(painted)
+    assert any(shape.colour == "green" and shape.position == "right" for shape in shapes), shapes
+    assert not any(shape.colour == "blue" for shape in shapes), shapes
+    # mask_blur=4: the left 28 columns are farther than 4 pixels from the mask.
+    assert np.array_equal(pixels(painted)[:, :28], pixels(two_shapes)[:, :28])
+    record = read_settings(painted)
+    assert record["mask_sha256"] == picture_sha256(right_half_mask()) and record["mask_blur"] == 4
+    assert "Denoising strength: 1.0" in painted.info["parameters"] and "Mask blur: 4" in painted.info["parameters"]
+
+
+def test_a_transparent_mask_marks_what_to_repaint_as_in_openai_edits(demo, two_shapes):
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (32, 0, 64, 64))
+    by_alpha = demo.generate(GREEN_RIGHT, image=two_shapes, mask=rgba, strength=1.0, seed=0, num_inference_steps=8)
+    by_white = demo.generate(GREEN_RIGHT, image=two_shapes, mask=right_half_mask(), strength=1.0, seed=0,
+                             num_inference_steps=8)
+    assert by_alpha[0].tobytes() == by_white[0].tobytes()
+    inverted = Image.eval(right_half_mask(), lambda value: 255 - value)
+    by_invert = demo.generate(GREEN_RIGHT, image=two_shapes, mask=inverted, invert_mask=True, strength=1.0, seed=0,
+                              num_inference_steps=8)
+    assert by_invert[0].tobytes() == by_white[0].tobytes()
+
+
+def test_only_masked_works_on_the_masks_box_and_pastes_it_back(demo, two_shapes):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (40, 24, 56, 40))
+    painted = demo.generate(GREEN_RIGHT, image=two_shapes, mask=mask, inpaint_area="masked", inpaint_padding=4,
+                            strength=1.0, seed=0, num_inference_steps=8)[0]
+    assert painted.size == (64, 64)
+    record = read_settings(painted)
+    assert record["inpaint_area"] == "masked" and record["sampled_size"] == [64, 64]  # the 24x24 box, at 64x64
+    near = np.zeros((64, 64), bool)
+    near[24 - 4:40 + 4, 40 - 4:56 + 4] = True  # the mask and its blur
+    assert np.array_equal(pixels(painted)[~near], pixels(two_shapes)[~near])
+    assert not np.array_equal(pixels(painted)[near], pixels(two_shapes)[near])
+
+
+# -- outpainting ----------------------------------------------------------------------------------
+def test_outpainting_grows_the_canvas_and_keeps_the_picture_exact(demo, red_left):
+    grown = demo.generate(RED_LEFT, image=red_left, expand=[0, 0, 32, 0], strength=1.0, seed=2)[0]
+    assert grown.size == (96, 64)
+    assert np.array_equal(pixels(grown)[:, :64], pixels(red_left))
+    new_area = pixels(grown)[:, 68:].reshape(-1, 3).mean(axis=0)
+    assert np.abs(new_area - np.array(world.PALETTE["white"])).max() < 25  # measured: within 10 of white
+    assert read_settings(grown)["expand"] == [0, 0, 32, 0]
+
+
+def test_noise_fill_draws_each_images_start_from_its_seed(demo, red_left):
+    settings = dict(image=red_left, expand=[16, 0, 16, 0], fill="noise", strength=0.6, num_inference_steps=8)
+    first, again = (demo.generate(RED_LEFT, seed=5, **settings)[0] for _ in range(2))
+    assert first.size == (96, 64) and first.tobytes() == again.tobytes()
+    assert np.array_equal(pixels(first)[:, 16:80], pixels(red_left))
+
+
+# -- sizes and pictures ---------------------------------------------------------------------------
+def test_a_size_given_crops_and_resizes_the_picture_and_an_odd_size_needs_one(demo, red_left, tmp_path):
+    wide = demo.generate(RED_LEFT, image=red_left, strength=0.3, seed=1, width=128, height=64,
+                         num_inference_steps=4)[0]
+    assert wide.size == (128, 64)
+    odd = red_left.resize((70, 50))
+    with pytest.raises(SettingsError, match="canvas gives width=70.*give width and height"):
+        demo.generate(RED_LEFT, image=odd, strength=0.3)
+    assert demo.generate(RED_LEFT, image=odd, strength=0.3, width=96, height=64, num_inference_steps=2)[0].size == (96, 64)
+    with pytest.raises(SettingsError, match="mask is 32x32 but the image is 64x64"):
+        demo.generate(RED_LEFT, image=red_left, mask=Image.new("L", (32, 32), 255))
+
+
+def test_exif_orientation_is_applied_and_any_mode_becomes_rgb(tmp_path):
+    tall = Image.new("RGB", (64, 32), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rotated.jpg"
+    tall.save(path, exif=exif)
+    assert read_picture(path).size == (32, 64)
+    sixteen = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    assert np.asarray(read_picture(sixteen))[0, 0].tolist() == [255, 255, 255]
+    for mode in ("P", "L", "CMYK", "1", "LA"):
+        assert read_picture(Image.new(mode, (8, 8))).mode in ("RGB", "RGBA")
+    assert read_picture(Image.new("RGBA", (8, 8))).mode == "RGBA"
+
+
+def picture_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def png_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=options.pop("format", "PNG"), **options)
+    return buffer.getvalue()
+
+
+def claiming(png: bytes, side: int) -> bytes:
+    """The PNG with its header saying side x side pixels (and a matching checksum)."""
+    header = b"IHDR" + side.to_bytes(4, "big") * 2 + png[24:29]
+    return png[:12] + header + zlib.crc32(header).to_bytes(4, "big") + png[33:]
+
+
+def test_bad_pictures_are_refused_with_the_file_named(demo, tmp_path):
+    good = png_bytes(Image.new("RGB", (64, 64), (0, 0, 255)))
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    # PNG headers claiming 5,000 x 5,000 and 100,000 x 100,000 pixels: refused before anything is decoded.
+    bombs = [claiming(png_bytes(Image.new("L", (1, 1))), side) for side in (5_000, 100_000)]
+    cases = {
+        "empty.png": (b"", "is empty"),
+        "notes.png": (b"just some text, not an image", "not an image"),
+        "cut.png": (good[:len(good) // 2], "truncated or damaged"),
+        "moving.gif": (animated.getvalue(), r"animated \(2 frames\)"),
+        "bomb.png": (bombs[0], "5000x5000 = 25,000,000 pixels: a picture may have at most 16,777,216 pixels"),
+        "huge.png": (bombs[1], "far more pixels than the 16,777,216"),
+    }
+    for name, (data, message) in cases.items():
+        path = picture_file(tmp_path, name, data)
+        with pytest.raises(SettingsError, match=message) as caught:
+            demo.generate(RED_LEFT, image=path)
+        assert name in str(caught.value)
+    with pytest.raises(SettingsError, match="image=12 is not valid"):
+        demo.generate(RED_LEFT, image=12)
+    with pytest.raises(SettingsError, match="not a regular file"):
+        demo.generate(RED_LEFT, image=tmp_path)
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(SettingsError, match="not a regular file"):
+        demo.generate(RED_LEFT, image=tmp_path / "pipe.png")
+    assert demo.generate(RED_LEFT, image=good, strength=0.2, num_inference_steps=2)[0].size == (64, 64)
+
+
+def test_edit_settings_are_checked_and_need_a_picture(demo, red_left):
+    for value in (0, 1.5, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(SettingsError, match="strength="):
+            demo.generate(RED_LEFT, image=red_left, strength=value)
+    with pytest.raises(SettingsError, match="strength, mask apply to edits only: give image="):
+        demo.generate(RED_LEFT, strength=0.5, mask=right_half_mask())
+    with pytest.raises(SettingsError, match="apply to inpainting: give a mask"):
+        demo.generate(RED_LEFT, image=red_left, inpaint_area="masked")
+    with pytest.raises(SettingsError, match="mask marks nothing to repaint"):
+        demo.generate(RED_LEFT, image=red_left, mask=Image.new("L", (64, 64), 0))
+    with pytest.raises(SettingsError, match="grows the 64x64 picture to 2112x64"):
+        demo.generate(RED_LEFT, image=red_left, expand=[0, 0, 2048, 0])
+
+
+# -- the command line ------------------------------------------------------------------------------
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pixart_sigma", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_the_cli_edits_and_remakes_an_edit_only_from_the_same_pictures(two_shapes, tmp_path):
+    source, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    two_shapes.save(source)
+    right_half_mask().save(mask)
+    made = run_cli("generate", GREEN_RIGHT, "--model-name", "demo", "--dtype", "float32", "--image", str(source),
+                   "--mask", str(mask), "--strength", "0.9", "--mask-blur", "2", "--num-inference-steps", "6",
+                   "--seed", "4", "-q", "-o", "first", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    first = next((tmp_path / "first").glob("*.png"))
+    info = run_cli("info", str(first), cwd=tmp_path)
+    assert '"strength": 0.9' in info.stdout and '"mask_blur": 2' in info.stdout
+    missing = run_cli("generate", "--from", str(first), "-q", "-o", "again", cwd=tmp_path)
+    assert missing.returncode == 2 and "give that picture with --image and its mask with --mask" in missing.stderr
+    wrong = run_cli("generate", "--from", str(first), "--image", str(first), "--mask", str(mask), "-q", "-o", "again",
+                    cwd=tmp_path)
+    assert wrong.returncode == 2 and f"the record's {picture_sha256(two_shapes)}" in wrong.stderr
+    again = run_cli("generate", "--from", str(first), "--image", str(source), "--mask", str(mask), "-q", "-o", "again",
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert next((tmp_path / "again").glob("*.png")).read_bytes() == first.read_bytes()
+    stray = run_cli("generate", "x", "--model-name", "demo", "--expand", "0,0,8,0", cwd=tmp_path)
+    assert stray.returncode == 2 and "--expand: for editing a picture, give it with --image" in stray.stderr
