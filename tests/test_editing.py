@@ -272,3 +272,19 @@ def test_the_cli_edits_and_remakes_an_edit_only_from_the_same_pictures(two_shape
     assert next((tmp_path / "again").glob("*.png")).read_bytes() == first.read_bytes()
     stray = run_cli("generate", "x", "--model-name", "demo", "--expand", "0,0,8,0", cwd=tmp_path)
     assert stray.returncode == 2 and "--expand: for editing a picture, give it with --image" in stray.stderr
+
+
+def test_a_service_can_check_an_edit_before_queueing_it(demo, red_left, tmp_path):
+    source = tmp_path / "source.png"
+    red_left.save(source)
+    prompt, settings = demo.validate_call(BLUE_LEFT, image=source, strength=0.4, expand=[0, 0, 8, 0])
+    assert prompt == BLUE_LEFT and settings["strength"] == 0.4 and settings["expand"] == [0, 0, 8, 0]
+    assert demo.generate(prompt, image=source, **settings)[0].size == (72, 64)
+    with pytest.raises(SettingsError) as caught:  # every problem at once, the pictures' too
+        demo.validate_call("", image=tmp_path / "missing.png", strength=2, num_inference_steps=0)
+    problems = "\n".join(caught.value.problems)
+    assert "prompt" in problems and "num_inference_steps" in problems
+    with pytest.raises(SettingsError, match="missing.png' cannot be read: No such file"):
+        demo.validate_call(BLUE_LEFT, image=tmp_path / "missing.png")
+    assert demo.validate_call(BLUE_LEFT) == demo.validate_call(BLUE_LEFT)  # text to image: no edit settings
+    assert "strength" not in demo.validate_call(BLUE_LEFT)[1]

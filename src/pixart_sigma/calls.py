@@ -11,7 +11,9 @@ import secrets
 from typing import Any, Mapping, Optional
 
 from .errors import SettingsError
-from .settings import LOAD_SETTINGS, MAX_SEED, Settings, check_pixel_budget, check_text, parse_settings
+from .editing import Edit, prepare_edit
+from .settings import (LOAD_SETTINGS, MAX_SEED, MIN_SIDE, EditSettings, Settings, check_pixel_budget, check_text,
+                       parse_settings)
 
 FALLBACK_SIZE = 1024  # width/height when neither the call nor the checkpoint says
 RANDOM_SEED_RANGE = 2**32  # seed=-1 draws from [0, 2**32): room for seed + k up to MAX_SEED
@@ -65,10 +67,16 @@ def call_settings(model_settings: Mapping[str, Any], overrides: Mapping[str, Any
 
 
 def check_call(prompt: Any, model_settings: Mapping[str, Any], overrides: Mapping[str, Any], *,
-               native_size: Optional[int], memory_mode: str) -> tuple[str, dict[str, Any]]:
-    """The checked prompt and the per-call settings a generation would use; every problem at once."""
+               native_size: Optional[int], memory_mode: str, image: Any = None,
+               mask: Any = None) -> tuple[str, dict[str, Any]]:
+    """The checked prompt and the per-call settings a generation would use; every problem at once.
+
+    With `image` (an edit), `overrides` may hold EditSettings too; the pictures are read and laid out
+    (check_edit) and the edit settings come back with the others.
+    """
     problems: list[str] = []
-    checked = settings = None
+    checked = settings = edit = None
+    overrides, edit_values = split_edit_values(overrides)
     try:
         checked = check_prompt(prompt)
     except SettingsError as exc:
@@ -77,9 +85,40 @@ def check_call(prompt: Any, model_settings: Mapping[str, Any], overrides: Mappin
         settings = call_settings(model_settings, overrides, native_size=native_size, memory_mode=memory_mode)
     except SettingsError as exc:
         problems += exc.problems
+    if settings is not None:
+        try:
+            edit = check_edit(image, mask, edit_values, overrides, native_size)
+        except SettingsError as exc:
+            problems += exc.problems
     if problems:
         raise SettingsError(problems)
-    return checked, {name: getattr(settings, name) for name in Settings.per_call_names()}
+    values = {name: getattr(settings, name) for name in Settings.per_call_names()}
+    if edit is None:
+        return checked, values
+    # The canvas's size, so that these settings given back to generate keep it (a size given resizes it).
+    check_pixel_budget(*edit.sample_size, settings.num_images_per_prompt)
+    return checked, {**values, "width": edit.size[0], "height": edit.size[1], **edit.settings.model_dump()}
+
+
+def split_edit_values(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, edit settings) of a call's overrides."""
+    edit_names = EditSettings.model_fields
+    return ({name: value for name, value in overrides.items() if name not in edit_names},
+            {name: value for name, value in overrides.items() if name in edit_names})
+
+
+def check_edit(image: Any, mask: Any, edit_values: Mapping[str, Any], overrides: Mapping[str, Any],
+               native_size: Optional[int]) -> Optional[Edit]:
+    """An edit's pictures read and laid out (editing.prepare_edit), or None without a picture; edit settings
+    and a mask without one are refused. The canvas keeps the picture's size unless the call gives width/height."""
+    if image is None:
+        given = sorted(edit_values) + (["mask"] if mask is not None else [])
+        if given:
+            raise SettingsError([f"{', '.join(given)} apply to edits only: give image=... (the picture to edit)"])
+        return None
+    settings = parse_settings(dict(edit_values), EditSettings)
+    return prepare_edit(image, mask, settings, overrides.get("width"), overrides.get("height"),
+                        native_size or MIN_SIDE)
 
 
 def check_compile(compile: bool, memory_mode: str) -> None:

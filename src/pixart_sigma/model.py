@@ -12,13 +12,13 @@ from PIL import Image
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .calls import call_settings, check_call, check_prompt, fill_size, random_seed
-from .editing import Edit, EditRun, PictureInput, prepare_edit
+from .calls import call_settings, check_call, check_edit, check_prompt, fill_size, random_seed, split_edit_values
+from .editing import Edit, EditRun, PictureInput
 from .engine import (CancelFlag, Engine, Output, ProgressCallback, check_callbacks, get_engine, is_warm,
                      memory_budget)
 from .errors import CheckpointError, SettingsError
 from .images import attach
-from .settings import (LOAD_SETTINGS, MAX_SEED, MIN_SIDE, PLACEMENT_SETTINGS, EditSettings, Settings, check_images_per_call,
+from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
                        check_pixel_budget, json_schema, parse_settings, shown)
 
 def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
@@ -143,14 +143,17 @@ class PixArtSigmaModel:
         return call_settings(self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
                              memory_mode=self.memory_mode)
 
-    def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
-        """The checked prompt and per-call settings that `generate(prompt, **overrides)` would use.
+    def validate_call(self, prompt: Any, /, *, image: Optional[PictureInput] = None,
+                      mask: Optional[PictureInput] = None, **overrides: Any) -> tuple[str, dict[str, Any]]:
+        """The checked prompt and per-call settings that `generate(prompt, image=, mask=, **overrides)` would use
+        (an edit's settings included).
 
         Raises SettingsError exactly as `generate` would, without touching the model: a service checks
         a request with it before queueing the work, against the memory mode the weights were placed in.
+        An edit's pictures are read and checked too.
         """
         return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
-                          memory_mode=self.memory_mode)
+                          memory_mode=self.memory_mode, image=image, mask=mask)
 
     def generate(self, input: Optional[str] = None, *, prompt: Optional[str] = None,
                  image: Optional[PictureInput] = None, mask: Optional[PictureInput] = None,
@@ -204,12 +207,12 @@ class PixArtSigmaModel:
         if not prompts:
             problems.append("prompts is empty: pass at least one prompt")
         check_callbacks(on_progress, cancel)
-        edit_values = {name: overrides.pop(name) for name in list(overrides) if name in EditSettings.model_fields}
+        overrides, edit_values = split_edit_values(overrides)
         settings = self.call_settings(overrides)
         first_seeds = self._first_seeds(settings, len(prompts), seeds, problems)
         if problems:
             raise SettingsError(problems)
-        edit = self._prepare_edit(image, mask, edit_values, overrides)
+        edit = check_edit(image, mask, edit_values, overrides, self.settings["checkpoint"].native_size)
         if edit is not None:  # the engine works at the edit's size; the images have the canvas's
             settings = self.call_settings({**overrides, "width": edit.sample_size[0], "height": edit.sample_size[1]})
         check_images_per_call(len(checked), settings.num_images_per_prompt)
@@ -240,17 +243,6 @@ class PixArtSigmaModel:
                     "version": __version__,
                 })
         return [output.images for output in outputs]
-
-    def _prepare_edit(self, image: Optional[PictureInput], mask: Optional[PictureInput], edit_values: dict[str, Any],
-                      overrides: dict[str, Any]) -> Optional[Edit]:
-        if image is None:
-            given = sorted(edit_values) + (["mask"] if mask is not None else [])
-            if given:
-                raise SettingsError([f"{', '.join(given)} apply to edits only: give image=... (the picture to edit)"])
-            return None
-        edit_settings = parse_settings(edit_values, EditSettings)
-        return prepare_edit(image, mask, edit_settings, overrides.get("width"), overrides.get("height"),
-                            self.settings["checkpoint"].native_size or MIN_SIDE)
 
     def _run_edit(self, edit: Edit, prompts: list[str], settings: Settings, groups: list[list[int]],
                   on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> list[Output]:
