@@ -157,6 +157,34 @@ def test_python_entry_takes_a_dataset_with_per_row_settings_and_returns_images()
     assert [read_settings(row[0])["seed"] for row in images] == [5, 11]
 
 
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_rows_with_a_picture_are_edits_with_the_librarys_pixels_named_by_their_pictures(tmp_path):
+    model = PixArtSigmaModel(model_name="demo", num_inference_steps=int(STEPS), seed=11)
+    sources = [model.generate("a large red circle on the left on a white background", seed=0)[0],
+               model.generate("a large blue square on the right on a white background", seed=0)[0]]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    prompt = "a large green circle on the left on a white background"
+    picture_path = tmp_path / "source.png"
+    sources[1].save(picture_path)
+    rows = [{"prompt": prompt, "image": _png(sources[0]), "strength": 0.5},
+            {"prompt": prompt, "image": str(picture_path), "mask": _png(mask), "strength": 0.9, "mask_blur": 2}]
+    paths = on_ray.generate(rows, tmp_path / "out", workers=1, progress=False, model_name="demo",
+                            num_inference_steps=int(STEPS), seed=11)
+    assert paths[0][0].name != paths[1][0].name  # the same prompt and seed: the pictures tell them apart
+    expected = [model.generate(prompt, image=sources[0], strength=0.5),
+                model.generate(prompt, image=sources[1], mask=mask, strength=0.9, mask_blur=2)]
+    for (path,), (want,) in zip(paths, expected):
+        with Image.open(path) as got:
+            assert np.array_equal(np.asarray(got), np.asarray(want))
+        assert read_settings(path) == read_settings(want)
+
+
 def test_a_workers_refusal_comes_back_as_the_librarys_error(prompts_file, tmp_path, capsys):
     # The checkpoint passes the driver's check (no weights are read there) but is not on the worker's node.
     code, _, err = _batch(capsys, prompts_file, tmp_path, "--ray", "--workers", "1", "--model-name",
@@ -189,10 +217,12 @@ def test_bad_input_is_refused_before_ray_starts(no_ray_start, tmp_path, capsys):
     assert code == 2 and "add --ray" in err
     with pytest.raises(SettingsError) as error:
         on_ray.generate(["a red circle", {"prompt": "a square", "seed": -5, "colour": "red"}, {"seed": 1},
-                         {"prompt": "x", "model_name": "demo"}], model_name="demo")
+                         {"prompt": "x", "model_name": "demo"}, {"prompt": "x", "image": b"not a picture"},
+                         {"prompt": "x", "strength": 0.5}], model_name="demo")
     message = str(error.value)
     for expected in ("row 1: seed=-5", "row 1: colour is not a setting", "row 2: prompt is missing",
-                     "row 3: model_name is the same for the whole run"):
+                     "row 3: model_name is the same for the whole run", "row 4: image (bytes) is not an image",
+                     "row 5: strength apply to edits only"):
         assert expected in message
 
 

@@ -8,7 +8,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 from .batch import plan_batch, read_prompt_file  # noqa: E402
-from .calls import random_seed  # noqa: E402
+from .calls import check_edit, random_seed  # noqa: E402
 from .checkpoints import DEMO_NAME, KNOWN_MODEL_NAMES, checkpoint_statuses  # noqa: E402
 from .compiling import COMPILE_COST  # noqa: E402
 from .editing import picture_sha256, read_mask, read_picture  # noqa: E402
@@ -29,5 +29,5 @@ __all__ = [
     # what the front ends (CLI, service, Ray, DashAI) use beside the component
     "output_name", "batch_settings", "plan_batch", "read_prompt_file", "check_text", "check_images_per_call",
     "check_pixel_budget", "DEFAULT_MODEL", "DEMO_NAME", "KNOWN_MODEL_NAMES", "MEMORY_MODES", "COMPILE_COST",
-    "checkpoint_statuses", "edit_settings", "read_picture", "read_mask", "picture_sha256",
+    "checkpoint_statuses", "edit_settings", "read_picture", "read_mask", "picture_sha256", "check_edit",
 ]

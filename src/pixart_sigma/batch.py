@@ -121,6 +121,8 @@ def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any]) -> list
         keyed.pop("text_encoder_dtype", None)
         if encoder != keyed["dtype"]:  # only then: names from runs with one format stay as they were
             keyed["text_encoder_dtype"] = encoder
+    if settings.get("edit"):  # an edit's settings and its pictures' SHA-256 decide the pixels too
+        keyed["edit"] = settings["edit"]
     seen: dict[str, int] = {}
     items = []
     for line, prompt in prompts:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from ... import PixArtSigmaError, PixArtSigmaModel, SettingsError, check_output_dir, quiet_libraries
+from ... import (EditSettings, PixArtSigmaError, PixArtSigmaModel, SettingsError, check_edit, check_output_dir,
+                 quiet_libraries, read_picture)
 from ...batch import BatchItem, plan_batch
 from ...devices import dtype_name
 from ...images import image_bytes, save_bytes
@@ -34,6 +35,28 @@ TASK_RETRIES = 3  # times one prompt is tried again after its worker died; then 
 GPU_DEVICES = ("auto", "gpu", "cuda", "cuda:0")  # on Ray a worker sees only the one GPU it was given
 
 
+PICTURE_COLUMNS = ("image", "mask")  # an edit's pictures: bytes, a path on the driver, or a PIL image
+
+
+@dataclass
+class Pictures:
+    """A row's edit pictures, read and checked on the driver and sent to the worker as PNG bytes (no shared disk)."""
+
+    image: bytes
+    mask: Optional[bytes]
+    key: dict[str, Any]  # the edit's settings and the pictures' SHA-256: part of the files' names
+
+
+@dataclass
+class Checked:
+    """One row after the driver's checks."""
+
+    prompt: str
+    overrides: dict[str, Any]  # per-row settings (an edit's included)
+    values: dict[str, Any]  # the run's settings with the row's, validated
+    pictures: Optional[Pictures] = None
+
+
 @dataclass
 class Work:
     """One row of the input: its prompt and settings, and what is still to be made of it."""
@@ -42,6 +65,7 @@ class Work:
     label: str  # how messages name it: "row 3", or a prompt file's "line 7"
     prompt: str
     overrides: dict[str, Any]  # per-row settings, checked
+    pictures: Optional[Pictures] = None
     item: Optional[BatchItem] = None  # the local batch's names, when writing to a folder
     missing: list[int] = field(default_factory=list)
     seed: Optional[int] = None  # first seed: given, drawn here, or the one an earlier run drew
@@ -61,31 +85,46 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "shape", None) == () else value
 
 
-def _row_values(row: Any, number: int) -> tuple[Any, dict[str, Any], list[str]]:
-    """(prompt, per-row settings, problems) of one input row: a prompt, or a mapping with "prompt" and settings."""
+def _row_values(row: Any, number: int) -> tuple[Any, dict[str, Any], dict[str, Any], list[str]]:
+    """(prompt, per-row settings, pictures, problems) of one input row: a prompt, or a mapping with "prompt",
+    settings and for an edit its pictures."""
     if isinstance(row, str):
-        return row, {}, []
+        return row, {}, {}, []
     if not isinstance(row, dict):
-        return None, {}, [f"row {number}: {shown(row)} is not valid: give a prompt, or a mapping with \"prompt\" "
-                          "and settings"]
+        return None, {}, {}, [f"row {number}: {shown(row)} is not valid: give a prompt, or a mapping with \"prompt\" "
+                              "and settings"]
     values = {key: _plain(value) for key, value in row.items() if _plain(value) is not None}  # None: not set
+    pictures = {key: values.pop(key) for key in PICTURE_COLUMNS if key in values}
     problems = []
     if "prompt" not in values:
         problems.append(f"row {number}: prompt is missing: every row needs one")
     run_wide = sorted(set(values) & set(LOAD_SETTINGS))
     problems += [f"row {number}: {name} is the same for the whole run (each worker keeps one model): pass it "
                  f"once, e.g. {name}=..." for name in run_wide]
-    unknown = sorted(set(values) - set(Settings.field_names()) - {"prompt"})
+    per_row = Settings.per_call_names() + list(EditSettings.model_fields)
+    unknown = sorted(set(values) - set(Settings.field_names()) - set(per_row) - {"prompt"})
     if unknown:
         problems.append(f"row {number}: {', '.join(map(str, unknown))} {'is' if len(unknown) == 1 else 'are'} not a "
-                        f"setting: per-row settings are {', '.join(Settings.per_call_names())}")
-    overrides = {key: value for key, value in values.items() if key in Settings.per_call_names()}
-    return values.get("prompt"), overrides, problems
+                        f"setting: per-row settings are {', '.join(per_row)}, and an edit's {' and '.join(PICTURE_COLUMNS)}")
+    overrides = {key: value for key, value in values.items() if key in per_row}
+    return values.get("prompt"), overrides, pictures, problems
+
+
+def _pictures(given: dict[str, Any], overrides: dict[str, Any], values: dict[str, Any]) -> Optional[Pictures]:
+    """A row's edit, checked as the library checks it (SettingsError), and its pictures as PNG bytes; None for text."""
+    settings = {key: value for key, value in overrides.items() if key not in EditSettings.model_fields}
+    edit_values = {key: value for key, value in overrides.items() if key in EditSettings.model_fields}
+    edit = check_edit(given.get("image"), given.get("mask"), edit_values, settings, values["checkpoint"].native_size)
+    if edit is None:
+        return None
+    mask = given.get("mask")
+    return Pictures(image_bytes(read_picture(given["image"], "image")),
+                    image_bytes(read_picture(mask, "mask")) if mask is not None else None, edit.record())
 
 
 def check_rows(rows: Iterable[Any], settings: dict[str, Any], numbers: Optional[Sequence[int]] = None
-               ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(prompt, per-row settings, validated settings) for every row, or one SettingsError naming each bad row.
+               ) -> list[Checked]:
+    """Every row checked (an edit's pictures read too), or one SettingsError naming each bad row.
 
     The run's settings are checked once, each distinct per-row combination once, by the library's rules.
     `numbers` are how the rows are called in messages (a prompt file's line numbers); default 0, 1, ...
@@ -96,41 +135,51 @@ def check_rows(rows: Iterable[Any], settings: dict[str, Any], numbers: Optional[
     checked: dict[str, Any] = {"{}": PixArtSigmaModel.validate_and_transform(settings)}
     out, problems = [], []
     for number, row in zip(numbers, rows):
-        prompt, overrides, row_problems = _row_values(row, number)
+        prompt, overrides, given, row_problems = _row_values(row, number)
         if prompt is not None:
             try:
                 prompt = check_text("prompt", prompt, required=True)
             except SettingsError as exc:
                 row_problems += [f"row {number}: {problem}" for problem in exc.problems]
-        key = json.dumps(overrides, sort_keys=True, default=repr)
+        plain = {key: value for key, value in overrides.items() if key not in EditSettings.model_fields}
+        key = json.dumps(plain, sort_keys=True, default=repr)
         if key not in checked:
             try:
-                checked[key] = PixArtSigmaModel.validate_and_transform({**settings, **overrides})
+                checked[key] = PixArtSigmaModel.validate_and_transform({**settings, **plain})
             except SettingsError as exc:
                 checked[key] = exc
+        pictures = None
         if isinstance(checked[key], SettingsError):
             row_problems += [f"row {number}: {problem}" for problem in checked[key].problems]
+        else:
+            try:
+                pictures = _pictures(given, overrides, checked[key])
+            except SettingsError as exc:
+                row_problems += [f"row {number}: {problem}" for problem in exc.problems]
         problems += row_problems
         if not row_problems:
-            out.append((prompt, overrides, checked[key]))
+            out.append(Checked(prompt, overrides, checked[key], pictures))
     if problems:
         more = [f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else []
         raise SettingsError(problems[:MAX_PROBLEMS] + more)
     return out
 
 
-def plan(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], settings: dict[str, Any],
-         output_dir: Optional[Path], lines: Optional[Sequence[int]] = None) -> Plan:
+def plan(rows: list[Checked], settings: dict[str, Any], output_dir: Optional[Path],
+         lines: Optional[Sequence[int]] = None) -> Plan:
     """Name every row's images as the local batch does, leave out what is done, and fix every seed now."""
     labels = [f"line {line}" for line in lines] if lines is not None else [f"row {row}" for row in range(len(rows))]
     lines = list(lines) if lines is not None else list(range(len(rows)))
-    work = [Work(row, labels[row], prompt, overrides) for row, (prompt, overrides, _) in enumerate(rows)]
+    work = [Work(index, labels[index], row.prompt, row.overrides, row.pictures) for index, row in enumerate(rows)]
     groups: dict[str, list[int]] = {}  # rows with the same settings are one local batch: names as plan_batch gives
-    for index, (_, overrides, _) in enumerate(rows):
-        groups.setdefault(json.dumps(overrides, sort_keys=True, default=repr), []).append(index)
+    for index, row in enumerate(rows):
+        edit = row.pictures.key if row.pictures is not None else None
+        groups.setdefault(json.dumps([row.overrides, edit], sort_keys=True, default=repr), []).append(index)
     for members in groups.values():
-        values = rows[members[0]][2]
-        items = plan_batch([(lines[i], rows[i][0]) for i in members], values)
+        first = rows[members[0]]
+        # An edit's settings and pictures decide its pixels: they are part of its files' names.
+        values = first.values if first.pictures is None else {**first.values, "edit": first.pictures.key}
+        items = plan_batch([(lines[i], rows[i].prompt) for i in members], values)
         for index, item in zip(members, items):
             unit = work[index]
             unit.item = item
@@ -173,12 +222,16 @@ class Worker:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"row": [], "image": [], "png": [], "error": []}
-        for row, prompt, overrides, seed, missing in zip(batch["row"], batch["prompt"], batch["overrides"],
-                                                         batch["seed"], batch["missing"]):
+        for row, prompt, overrides, seed, missing, picture, mask in zip(
+                batch["row"], batch["prompt"], batch["overrides"], batch["seed"], batch["missing"],
+                batch["picture"], batch["mask"]):
+            edit = {"image": bytes(picture)} if len(picture) else {}
+            if len(mask):
+                edit["mask"] = bytes(mask)
             try:
                 if self.refused is not None:
                     raise self.refused
-                images = self.model.generate(str(prompt), **{**json.loads(overrides), "seed": int(seed)})
+                images = self.model.generate(str(prompt), **edit, **{**json.loads(overrides), "seed": int(seed)})
             except PixArtSigmaError as exc:
                 problems = getattr(exc, "problems", None) or [str(exc)]
                 error = json.dumps({"kind": type(exc).__name__, "problems": problems})
@@ -283,7 +336,7 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
 
         count, resources, worker_threads = _placement(plan_.settings, workers, threads)
         rows = [{"row": unit.row, "prompt": unit.prompt, "overrides": json.dumps(unit.overrides), "seed": unit.seed,
-                 "missing": json.dumps(unit.missing)} for unit in todo]
+                 "missing": json.dumps(unit.missing), **_picture_columns(unit.pictures)} for unit in todo]
         with warnings.catch_warnings():
             # max_task_retries has no named parameter in Ray 2.60 (the extra pins it): without it a prompt that
             # kills its worker each time would be retried for ever.
@@ -297,6 +350,13 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
     finally:
         session.close()
     return results
+
+
+def _picture_columns(pictures: Optional[Pictures]) -> dict[str, bytes]:
+    """An edit's pictures as binary columns (empty for text to image: a column holds one type)."""
+    if pictures is None:
+        return {"picture": b"", "mask": b""}
+    return {"picture": pictures.image, "mask": pictures.mask or b""}
 
 
 @contextlib.contextmanager
@@ -356,8 +416,11 @@ def generate(prompts: Any, output_dir: Union[str, os.PathLike, None] = None, *, 
     """Generate for many prompts on Ray; for each prompt (in order), its images, or their files in `output_dir`.
 
     `prompts`: a list of prompts, of mappings (`{"prompt": ..., "seed": 7, ...}`: per-row settings), or
-    a Ray Dataset with a "prompt" column and optional columns named as settings (null: not set). Every
-    row is checked by the library's rules before any worker starts; errors name the row.
+    a Ray Dataset with a "prompt" column and optional columns named as settings (null: not set). A row
+    with an "image" (bytes, a path on this machine, or a PIL image), and optionally a "mask" and edit
+    settings ("strength", "expand", ...), edits that picture as `PixArtSigmaModel.generate(image=...)`
+    does. Every row is checked by the library's rules (its pictures read) before any worker starts;
+    errors name the row.
     `settings`: for the whole run (model_name, device, dtype and the defaults of the rest).
     `output_dir`: write the files as `pixart-sigma batch` names them, skip what is there already
     (resumable), return their paths; without it the images come back as PIL images.
