@@ -288,3 +288,23 @@ def test_a_service_can_check_an_edit_before_queueing_it(demo, red_left, tmp_path
         demo.validate_call(BLUE_LEFT, image=tmp_path / "missing.png")
     assert demo.validate_call(BLUE_LEFT) == demo.validate_call(BLUE_LEFT)  # text to image: no edit settings
     assert "strength" not in demo.validate_call(BLUE_LEFT)[1]
+
+
+def test_the_editing_docs_examples_run_on_the_demo(tmp_path, monkeypatch):
+    from test_docs import ROOT, blocks, commands  # tests/ beside this file
+
+    doc = ROOT / "docs" / "editing.md"
+    (code,) = blocks(doc, "python")
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(doc), "exec"), namespace)
+    assert world.read(namespace["blue"]).colour == "blue" and namespace["wide"].size == (96, 64)
+    namespace["picture"].save(tmp_path / "picture.png")
+    namespace["mask"].save(tmp_path / "mask.png")
+    for line in commands(blocks(doc, "bash")[0]):
+        args = line.split(" ", 1)[1]
+        done = subprocess.run(f"{sys.executable} -m pixart_sigma {args} --num-inference-steps 2 -q", shell=True,
+                              cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                              timeout=300)
+        assert done.returncode == 0, (line, done.stderr)
+    assert len(list((tmp_path / "outputs").glob("*.png"))) == 3
