@@ -273,8 +273,8 @@ def steps_to_skip(strength: float, steps: int) -> int:
 class EditRun:
     """One edit call's start stage, step hook and paste-back, for a batch of images (one seed each)."""
 
-    def __init__(self, edit: Edit, engine, plan: SizePlan, seeds: list[int], steps: int):
-        self.edit, self.engine, self.plan, self.seeds = edit, engine, plan, seeds
+    def __init__(self, edit: Edit, engine, plan: SizePlan, seeds: list[int], steps: int, tiled: bool = False):
+        self.edit, self.engine, self.plan, self.seeds, self.tiled = edit, engine, plan, seeds, tiled
         self.skip = steps_to_skip(edit.settings.strength, steps)
         noise_filled = edit.new_area is not None and edit.settings.fill == "noise"
         # Each image's whole canvas: the picture, with its new area filled from that image's seed when asked.
@@ -303,7 +303,7 @@ class EditRun:
         """Encode the canvases and noise them to the first step kept (each image with its own noise)."""
         unique = {id(canvas): self._work(canvas, Image.LANCZOS) for canvas in self.filled}
         pixels = to_sample_size(_pixels(list(unique.values())), self.plan)
-        encoded = dict(zip(unique, self.engine.encode_pixels(pixels)))
+        encoded = dict(zip(unique, self.engine.encode_pixels(pixels, tiled=self.tiled)))
         self.clean = torch.stack([encoded[id(canvas)] for canvas in self.filled])
         start = noised_start(self.clean, self.skip)(scheduler, layout, generators)
         if self.edit.mask is not None:

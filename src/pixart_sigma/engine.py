@@ -256,7 +256,8 @@ class Engine:
         inside a generation (a start stage) or while nothing else generates on this device.
         """
         vae = self.pipeline.vae
-        mean = self._run_vae(lambda inputs: vae.encode(inputs).latent_dist.mean, pixels, tiled, "encode")
+        mean = self._run_vae(lambda inputs: vae.encode(inputs).latent_dist.mean, pixels.to(self.device), tiled,
+                             "encode")
         return (mean * vae.config.scaling_factor).to(self.dtype)
 
     def _run_vae(self, run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, tiled: bool,

@@ -248,7 +248,8 @@ class PixArtSigmaModel:
                   on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> list[Output]:
         engine = self.engine
         plan = engine.plan(settings.width, settings.height, settings.use_resolution_binning)
-        run = EditRun(edit, engine, plan, [seed for group in groups for seed in group], settings.num_inference_steps)
+        run = EditRun(edit, engine, plan, [seed for group in groups for seed in group], settings.num_inference_steps,
+                      tiled=settings.vae_tiling)
         outputs = engine.generate_many(prompts, settings, groups, on_progress=on_progress, cancel=cancel,
                                        start=run.start, hooks=run.hooks)
         pasted = iter(run.paste([image for output in outputs for image in output.images]))
