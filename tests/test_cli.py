@@ -1,6 +1,7 @@
 """The command line: generate, --from, batch (resumable), schema, info; bad input exits 2 without a traceback."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,7 +51,8 @@ def test_generate_from_a_png_makes_the_same_pixels(tiny, tmp_path, capsys):
                     "--num-images-per-prompt", 3, "-o", tmp_path / "first", "-q")
     source = written(out)[2]
     code, out, err = run(capsys, "generate", "--from", source, "--model-name", tiny, "-o", tmp_path / "again", "-q")
-    assert code == 0 and f"from {source}: model_name={tiny!r}" in err
+    seed = read_settings(source)["seed"]  # the third of its batch: what the line says is what it makes
+    assert code == 0 and f"from {source}: model_name={tiny!r}, seed={seed}" in err
     again = written(out)
     assert len(again) == 1
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(source)))
@@ -332,3 +334,20 @@ def test_batch_says_a_call_is_too_big_before_loading_the_model(tiny, tmp_path, c
                        "-o", tmp_path / "out", "-q")
     assert code == 2 and "--prompts-per-call is for local runs" in err
     assert engine.load_count == loads
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `pixart-sigma schema | head -1`: the reader leaves first; no "Broken pipe" error, a SIGPIPE-like status.
+    child = subprocess.Popen([sys.executable, "-m", "pixart_sigma", "schema"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()
+    errors = child.stderr.read()
+    assert child.wait(timeout=120) == 141 and errors == b""
+
+
+def test_the_python_api_loads_without_the_libraries_loading_bars(tmp_path):
+    code = "from pixart_sigma import PixArtSigmaModel; PixArtSigmaModel(model_name='demo').generate('a red circle', num_inference_steps=1)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "Loading weights" not in done.stderr and "it/s" not in done.stderr

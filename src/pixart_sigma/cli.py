@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -150,8 +151,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings, keep, record = _settings_from_image(args.from_image, given)
         prompt = prompt or record["prompt"]
         # Said even with -q: the file, not the user, picked these.
+        made = given.get("seed", record.get("seed"))  # the image's own seed, though its whole batch is remade
         print(f"from {args.from_image}: model_name={given.get('model_name', settings.get('model_name'))!r}, "
-              f"seed={given.get('seed', settings.get('seed'))}", file=sys.stderr, flush=True)
+              f"seed={made}", file=sys.stderr, flush=True)
     settings.update(given)
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
@@ -465,6 +467,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.handler(args)
+    except BrokenPipeError:  # the reader left (`pixart-sigma schema | head`): end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+        return 141  # what a shell reports for a tool ended by SIGPIPE
     except (KeyboardInterrupt, Cancelled):
         print("cancelled", file=sys.stderr)
         return 130
