@@ -8,6 +8,27 @@
   const PAGE_SIZE = 24;
   const FINISHED = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
   const NARROW = "(max-width: 760px)";  // as in style.css
+  // EditSettings (settings.py): shown in the edit panel and sent only with a picture. The pictures themselves
+  // come from the editor, never from form fields.
+  const EDIT_NAMES = new Set(["strength", "mask_blur", "invert_mask", "inpaint_area", "inpaint_padding", "expand",
+    "fill"]);
+  const PICTURE_NAMES = new Set(["image", "mask"]);
+  // The edit settings' schema as settings.py declares it, for a server whose /v1/schema does not list them.
+  const EDIT_FALLBACK = {
+    strength: { type: "number", title: "Denoising strength", default: 0.75, exclusiveMinimum: 0, maximum: 1,
+      description: "How much of the picture is redrawn, above 0 up to 1: 1 keeps only its broad layout, 0.2 its "
+        + "colours and shapes." },
+    mask_blur: { type: "integer", title: "Mask blur", default: 4, minimum: 0, maximum: 64,
+      description: "Soften the mask's edge by this many pixels: pixels farther than this from the mask are the "
+        + "picture's, byte for byte." },
+    expand: { type: "array", title: "Outpaint (expand)", default: [0, 0, 0, 0],
+      description: "Grow the canvas by left, top, right, bottom pixels and paint the new area (outpainting); the "
+        + "picture itself is kept exactly." },
+  };
+  const MAX_EXPAND = 2048;  // settings.py's MAX_SIDE, expand's bound per side (its schema does not carry it)
+  const STRENGTH_STEP = 0.05;
+  const SIDES = ["left", "top", "right", "bottom"];
+  const STAGE_HEIGHT = 420;  // the tallest the picture is shown while painting, in CSS pixels
 
   const $ = (id) => document.getElementById(id);
   const form = $("generate-form");
@@ -22,9 +43,21 @@
   const generalError = $("general-error");
   const keyForm = $("key-form");
   const settingsPanel = $("settings");
+  const editPanel = $("edit");
+  const editor = $("editor");
+  const fileInput = $("edit-file");
+  const stage = $("stage");
+  const frame = $("frame");
+  const sourceImage = $("edit-source");
+  const maskCanvas = $("mask-canvas");
+  const brushSize = $("brush-size");
+  const undoButton = $("undo");
+  const clearMaskButton = $("clear-mask");
 
   // before: the history cursor for "Show older" (the server's `next`); null when nothing older is left.
-  const state = { specs: [], inputs: {}, job: null, stream: null, before: null, blobs: new Map() };
+  // edit: the picture being edited and the mask's strokes (null when not editing); drawing: the stroke under way.
+  const state = { specs: [], inputs: {}, job: null, stream: null, before: null, blobs: new Map(), edit: null,
+    drawing: null };
 
   // -- small helpers ---------------------------------------------------------------------------
   function el(tag, attrs = {}, ...children) {
@@ -157,9 +190,12 @@
       description: prop.description || "",
       default: prop.default,
       minimum: merged.minimum,
+      exclusiveMinimum: merged.exclusiveMinimum,
       maximum: merged.maximum,
       multipleOf: merged.multipleOf,
       promptLike: kind === "string" && /prompt$/.test(name),
+      edit: EDIT_NAMES.has(name),
+      sides: name === "expand",  // four numbers, not a text field
     };
   }
 
@@ -169,7 +205,15 @@
     const errorId = `error-${spec.name}`;
     const label = el("label", { for: id, text: spec.title });
     let input;
-    if (spec.kind === "enum") {
+    if (spec.sides) return buildSides(spec);
+    if (spec.name === "strength") {
+      // a slider: above 0 (exclusiveMinimum) up to its maximum
+      const low = spec.minimum ?? (spec.exclusiveMinimum ?? 0) + STRENGTH_STEP;
+      input = el("input", { id, name: spec.name, type: "range", min: low, max: spec.maximum ?? 1, step: STRENGTH_STEP });
+      const shown = el("output", { id: "strength-value", for: id });
+      input.addEventListener("input", () => { shown.textContent = Number(input.value).toFixed(2); });
+      label.append(" ", shown);
+    } else if (spec.kind === "enum") {
       input = el("select", { id, name: spec.name });
       if (spec.nullable) input.append(el("option", { value: "", text: "(default)" }));
       spec.choices.forEach((choice, index) => {
@@ -204,18 +248,43 @@
     return wrap;
   }
 
+  // The four sides of `expand`, one number each; state.inputs.expand is the first, for its error and focus.
+  function buildSides(spec) {
+    const inputs = SIDES.map((side) => el("input", {
+      id: `field-expand-${side}`, type: "number", min: 0, max: MAX_EXPAND, step: 8, inputmode: "numeric",
+      placeholder: "0", "aria-describedby": "help-expand error-expand",
+    }));
+    inputs.forEach((input) => input.addEventListener("input", () => {
+      clearFieldError("expand");
+      layoutStage();
+    }));
+    state.sides = inputs;
+    state.inputs[spec.name] = inputs[0];
+    return el("fieldset", { class: "expand field-wide", "data-field": spec.name },
+      el("legend", { text: spec.title }),
+      el("div", { class: "expand-sides" }, ...SIDES.map((side, index) => el("div", { class: "field" },
+        el("label", { for: inputs[index].id, text: `Expand ${side}` }), inputs[index]))),
+      el("p", { class: "help", id: "help-expand", text: spec.description }),
+      el("p", { class: "field-error", id: "error-expand" }));
+  }
+
   function buildForm(schema) {
-    const properties = schema.properties || {};
-    state.specs = Object.entries(properties).map(([name, prop]) => describe(name, prop));
-    state.inputs = {};
+    const properties = { ...schema.properties };
+    for (const [name, prop] of Object.entries(EDIT_FALLBACK)) properties[name] = properties[name] || prop;
+    state.specs = Object.entries(properties).filter(([name]) => !PICTURE_NAMES.has(name))
+      .map(([name, prop]) => describe(name, prop));
+    state.inputs = { image: fileInput };
     const promptFields = $("prompt-fields");
     const settingsFields = $("settings-fields");
     promptFields.replaceChildren();
     settingsFields.replaceChildren();
     // the negative prompt leads the settings: as a full-width row below the others it would leave a gap
+    const editFields = $("edit-fields");
+    editFields.replaceChildren();
     const wideFirst = [...state.specs].sort((a, b) => Number(b.promptLike) - Number(a.promptLike));
     for (const spec of wideFirst) {
-      (spec.name === "prompt" ? promptFields : settingsFields).append(buildField(spec));
+      const place = spec.name === "prompt" ? promptFields : spec.edit ? editFields : settingsFields;
+      place.append(buildField(spec));
     }
     resetSettings();
     generateButton.disabled = false;
@@ -230,11 +299,15 @@
 
   function setValue(spec, value) {
     const input = state.inputs[spec.name];
-    if (spec.kind === "boolean") input.checked = Boolean(value);
+    if (spec.sides) {
+      state.sides.forEach((side, index) => { side.value = value && value[index] ? String(value[index]) : ""; });
+      layoutStage();
+    } else if (spec.kind === "boolean") input.checked = Boolean(value);
     else if (spec.kind === "enum") {
       const index = spec.choices.indexOf(value);
       input.value = index >= 0 ? String(index) : spec.nullable ? "" : "0";
     } else input.value = value === null || value === undefined ? "" : String(value);
+    if (spec.name === "strength") input.dispatchEvent(new Event("input"));  // its shown value
   }
 
   function resetSettings() {
@@ -250,7 +323,11 @@
     const problems = {};
     for (const spec of state.specs) {
       const input = state.inputs[spec.name];
-      if (spec.kind === "boolean") body[spec.name] = input.checked;
+      if (spec.edit && !state.edit) continue;  // edit settings apply only with a picture
+      if (spec.sides) {
+        if (state.sides.some((side) => side.validity.badInput)) problems[spec.name] = ["Enter a number for each side."];
+        else body[spec.name] = expandValues();
+      } else if (spec.kind === "boolean") body[spec.name] = input.checked;
       else if (spec.kind === "enum") {
         if (input.value !== "") body[spec.name] = spec.choices[Number(input.value)];
       } else if (spec.kind === "integer" || spec.kind === "number") {
@@ -302,7 +379,9 @@
       }
       $(`error-${name}`).textContent = text;
       input.setAttribute("aria-invalid", "true");
-      if (settingsPanel.contains(input)) settingsPanel.open = true;  // a folded message would go unseen
+      for (const panel of [settingsPanel, editPanel]) {
+        if (panel.contains(input)) panel.open = true;  // a folded message would go unseen
+      }
       first = first || input;
     }
     if (unplaced.length) showGeneral(unplaced.join(" "));
@@ -433,7 +512,8 @@
       text: job.images.length > 1 ? `Download PNG ${index + 1}` : "Download PNG",
     });
     showImage(img, link, image.url);
-    return el("figure", {}, img, el("figcaption", {}, el("span", { text: `Seed ${image.seed}` }), link));
+    return el("figure", {}, img, el("figcaption", {}, el("span", { text: `Seed ${image.seed}` }), link,
+      editButton(image.url, image.name, job.prompt)));
   }
 
   function finish(job) {
@@ -504,7 +584,7 @@
       el("div", { class: "info" },
         el("p", { class: "prompt", text: job.prompt }),
         el("p", { class: "meta" }, el("span", { class: `badge ${job.status}`, text: job.status }),
-          ...links),
+          ...links, first ? editButton(first.url, first.name, job.prompt) : null),
         settingsList(job)));
   }
 
@@ -545,6 +625,297 @@
     return page;
   }
 
+  // -- editing a picture -----------------------------------------------------------------------
+  // The mask is a list of strokes in the picture's own pixels, so undo is dropping the last one and the mask
+  // sent is drawn again at the picture's size, whatever size the canvas is shown at.
+  // A stroke: { tool: "brush" | "eraser", size, points: [[x, y], ...] }, or { tool: "clear" }.
+  const OVERLAY = {  // what the user sees: red paint over the picture (the canvas is made translucent in CSS)
+    paint: "#ff3b30", eraseWith: "destination-out",
+    blank: (ctx) => ctx.clearRect(0, 0, ctx.canvas.width, ctx.canvas.height),
+  };
+  const MASK = {  // what is sent: white = repaint, black = keep
+    paint: "#ffffff", eraseWith: "source-over",
+    blank: (ctx) => {
+      ctx.globalCompositeOperation = "source-over";
+      ctx.fillStyle = "#000000";
+      ctx.fillRect(0, 0, ctx.canvas.width, ctx.canvas.height);
+    },
+  };
+
+  function drawSegment(ctx, look, stroke, from, to) {
+    ctx.globalCompositeOperation = stroke.tool === "eraser" ? look.eraseWith : "source-over";
+    ctx.fillStyle = ctx.strokeStyle = stroke.tool === "eraser" ? "#000000" : look.paint;
+    ctx.lineWidth = stroke.size;
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (from === to) {  // a click: a dot (a zero-length line draws nothing)
+      ctx.arc(to[0], to[1], stroke.size / 2, 0, 2 * Math.PI);
+      ctx.fill();
+    } else {
+      ctx.moveTo(from[0], from[1]);
+      ctx.lineTo(to[0], to[1]);
+      ctx.stroke();
+    }
+  }
+
+  function drawStrokes(ctx, look, strokes) {
+    look.blank(ctx);
+    for (const stroke of strokes) {
+      if (stroke.tool === "clear") {
+        look.blank(ctx);
+        continue;
+      }
+      stroke.points.forEach((point, index) => drawSegment(ctx, look, stroke, stroke.points[Math.max(0, index - 1)], point));
+    }
+    ctx.globalCompositeOperation = "source-over";
+  }
+
+  function redrawOverlay() {
+    drawStrokes(maskCanvas.getContext("2d"), OVERLAY, state.edit ? state.edit.strokes : []);
+    const strokes = state.edit ? state.edit.strokes : [];
+    undoButton.disabled = !strokes.length;
+    clearMaskButton.disabled = !strokes.length || strokes[strokes.length - 1].tool === "clear";
+  }
+
+  function expandValues() {
+    return (state.sides || []).map((side) => {
+      const value = Number.parseInt(side.value, 10);
+      return Number.isFinite(value) && value > 0 ? value : 0;
+    });
+  }
+
+  // The picture inside the canvas it grows to: the outpainted margin shows around it.
+  function layoutStage() {
+    if (!state.edit) return;
+    const { width, height } = state.edit;
+    const [left, top, right, bottom] = expandValues();
+    const fullWidth = width + left + right;
+    const fullHeight = height + top + bottom;
+    const percent = (part, whole) => `${(100 * part) / whole}%`;
+    stage.style.aspectRatio = `${fullWidth} / ${fullHeight}`;
+    stage.style.maxWidth = `${Math.round((STAGE_HEIGHT * fullWidth) / fullHeight)}px`;
+    frame.style.left = percent(left, fullWidth);
+    frame.style.top = percent(top, fullHeight);
+    frame.style.width = percent(width, fullWidth);
+    frame.style.height = percent(height, fullHeight);
+  }
+
+  // A picture from the file picker, a drop or the gallery becomes the source; its mask starts empty.
+  async function useSource(blob, name) {
+    clearFieldError("image");
+    const url = URL.createObjectURL(blob);
+    const probe = new Image();
+    probe.src = url;
+    try {
+      await probe.decode();
+    } catch {
+      URL.revokeObjectURL(url);
+      showFieldErrors({ image: [`${name} cannot be read as a picture: choose a PNG, JPEG or WebP file.`] });
+      editPanel.open = true;
+      return;
+    }
+    stopEditing();
+    const width = probe.naturalWidth;
+    const height = probe.naturalHeight;
+    state.edit = { blob, name, url, width, height, strokes: [] };
+    sourceImage.src = url;
+    maskCanvas.width = width;
+    maskCanvas.height = height;
+    const longest = Math.max(width, height);
+    brushSize.max = String(Math.max(8, Math.round(longest / 4)));
+    brushSize.value = String(Math.max(1, Math.round(longest / 16)));
+    brushSize.dispatchEvent(new Event("input"));
+    redrawOverlay();
+    layoutStage();
+    editor.hidden = false;
+    editPanel.open = true;
+    $("edit-summary").textContent = `${name} (${width}×${height})`;
+  }
+
+  function stopEditing() {
+    if (state.edit) URL.revokeObjectURL(state.edit.url);
+    state.edit = null;
+    state.drawing = null;
+    sourceImage.removeAttribute("src");
+    editor.hidden = true;
+    $("edit-summary").textContent = "(image-to-image, inpainting, outpainting)";
+  }
+
+  async function editImage(url, name) {
+    try {
+      const blob = await (await api(url, { raw: true })).blob();
+      await useSource(blob, name);
+      editPanel.scrollIntoView({ behavior: "smooth", block: "start" });
+    } catch (err) {
+      showError(err);
+    }
+  }
+
+  function editButton(url, name, prompt) {
+    const button = el("button", { type: "button", class: "quiet edit-this", text: "Edit this",
+      "aria-label": `Edit this picture: ${prompt}` });
+    button.addEventListener("click", () => editImage(url, name));
+    return button;
+  }
+
+  // Where a pointer is, in the picture's pixels (the canvas may be shown larger or smaller).
+  function canvasPoint(event) {
+    const box = maskCanvas.getBoundingClientRect();
+    return [(event.clientX - box.left) * (maskCanvas.width / box.width),
+      (event.clientY - box.top) * (maskCanvas.height / box.height)];
+  }
+
+  maskCanvas.addEventListener("pointerdown", (event) => {
+    if (!state.edit || event.button !== 0) return;
+    event.preventDefault();
+    maskCanvas.setPointerCapture(event.pointerId);
+    const tool = $("tool-eraser").checked ? "eraser" : "brush";
+    const point = canvasPoint(event);
+    state.drawing = { tool, size: Number(brushSize.value), points: [point] };
+    state.edit.strokes.push(state.drawing);
+    redrawOverlay();
+  });
+
+  maskCanvas.addEventListener("pointermove", (event) => {
+    const stroke = state.drawing;
+    if (!stroke) return;
+    const ctx = maskCanvas.getContext("2d");
+    const moves = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+    for (const move of moves.length ? moves : [event]) {
+      const from = stroke.points[stroke.points.length - 1];
+      const to = canvasPoint(move);
+      stroke.points.push(to);
+      drawSegment(ctx, OVERLAY, stroke, from, to);
+    }
+    ctx.globalCompositeOperation = "source-over";
+  });
+
+  for (const name of ["pointerup", "pointercancel", "lostpointercapture"]) {
+    maskCanvas.addEventListener(name, () => { state.drawing = null; });
+  }
+
+  function undo() {
+    if (!state.edit || !state.edit.strokes.length) return;
+    state.drawing = null;
+    state.edit.strokes.pop();
+    redrawOverlay();
+  }
+
+  undoButton.addEventListener("click", undo);
+  clearMaskButton.addEventListener("click", () => {
+    state.edit.strokes.push({ tool: "clear" });  // a step of its own, so Undo brings the strokes back
+    redrawOverlay();
+  });
+  $("remove-picture").addEventListener("click", () => {
+    stopEditing();
+    fileInput.value = "";
+    editPanel.open = false;
+  });
+  editPanel.addEventListener("keydown", (event) => {
+    const typing = event.target.matches("input[type=number], input[type=text], textarea");
+    if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z" && !typing) {
+      event.preventDefault();
+      undo();
+    }
+  });
+  brushSize.addEventListener("input", () => { $("brush-size-value").textContent = brushSize.value; });
+  fileInput.addEventListener("change", () => {
+    const file = fileInput.files[0];
+    if (file) useSource(file, file.name);
+  });
+
+  // A file dropped anywhere on the page is the picture to edit (rather than the browser leaving the page for it).
+  const carriesFiles = (event) => Boolean(event.dataTransfer) && [...event.dataTransfer.types].includes("Files");
+  document.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    editPanel.classList.add("dropping");
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) editPanel.classList.remove("dropping");
+  });
+  document.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    editPanel.classList.remove("dropping");
+    const file = event.dataTransfer.files[0];
+    if (file) useSource(file, file.name);
+  });
+
+  // -- the mask as sent ------------------------------------------------------------------------
+  // An 8-bit grayscale PNG at the picture's size, 255 where painted. Not canvas.toBlob: that gives RGBA in some
+  // browsers, and an RGBA mask is read by OpenAI's rule (transparent = repaint), so an opaque one marks nothing.
+  const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+
+  function crc32(bytes) {
+    let c = 0xffffffff;
+    for (const byte of bytes) c = CRC_TABLE[(c ^ byte) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  }
+
+  function pngChunk(type, data) {
+    const chunk = new Uint8Array(12 + data.length);
+    const view = new DataView(chunk.buffer);
+    view.setUint32(0, data.length);
+    chunk.set(new TextEncoder().encode(type), 4);
+    chunk.set(data, 8);
+    view.setUint32(8 + data.length, crc32(chunk.subarray(4, 8 + data.length)));
+    return chunk;
+  }
+
+  async function grayPng(width, height, gray) {
+    const rows = new Uint8Array((width + 1) * height);  // each row: filter type 0, then its pixels
+    for (let y = 0; y < height; y++) rows.set(gray.subarray(y * width, (y + 1) * width), y * (width + 1) + 1);
+    const zlib = new Blob([rows]).stream().pipeThrough(new CompressionStream("deflate"));
+    const data = new Uint8Array(await new Response(zlib).arrayBuffer());
+    const header = new Uint8Array(13);  // width, height, bit depth 8, colour type 0 (gray), no interlace
+    new DataView(header.buffer).setUint32(0, width);
+    new DataView(header.buffer).setUint32(4, height);
+    header[8] = 8;
+    const signature = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+    return new Blob([signature, pngChunk("IHDR", header), pngChunk("IDAT", data), pngChunk("IEND", new Uint8Array())],
+      { type: "image/png" });
+  }
+
+  // The mask, or null when nothing is painted (then the edit is image-to-image).
+  async function maskPng() {
+    const { width, height, strokes } = state.edit;
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    drawStrokes(ctx, MASK, strokes);
+    const rgba = ctx.getImageData(0, 0, width, height).data;
+    const gray = new Uint8Array(width * height);
+    let painted = false;
+    for (let i = 0; i < gray.length; i++) {
+      gray[i] = rgba[4 * i] >= 128 ? 255 : 0;  // the server's threshold: what is sent is what is repainted
+      painted = painted || gray[i] === 255;
+    }
+    return painted ? grayPng(width, height, gray) : null;
+  }
+
+  const dataUrl = (blob) => new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+
+  // The request: the settings, and for an edit the picture and mask as data: URLs in the same JSON body.
+  async function submitJob(body) {
+    if (state.edit) {
+      const mask = await maskPng();
+      body.image = await dataUrl(state.edit.blob);
+      if (mask) body.mask = await dataUrl(mask);
+    }
+    return api("/v1/generations", { method: "POST", json: body });
+  }
+
   // -- wiring ----------------------------------------------------------------------------------
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -556,7 +927,7 @@
     }
     generateButton.disabled = true;
     try {
-      const job = await api("/v1/generations", { method: "POST", json: body });
+      const job = await submitJob(body);
       follow(job);
       loadGallery().catch(() => {});
       if (window.matchMedia(NARROW).matches) {
