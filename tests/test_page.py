@@ -554,7 +554,9 @@ def choose_picture(page, tmp_path, width: int = 64, height: int = 64) -> bytes:
 
 def stroke(page, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
     """Drag the mouse across the mask canvas, from and to fractions of its shown width and height."""
-    box = page.locator("#mask-canvas").bounding_box()
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
     at = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
     page.mouse.move(*at(*start))
     page.mouse.down()
@@ -647,6 +649,24 @@ def test_painted_mask_is_sent_at_the_pictures_size(page, tmp_path):
     page.get_by_role("button", name="Stop editing").click()  # a plain generation again: no picture, no edit settings
     body = sent_request(page, generate)
     assert not {"image", "mask", "strength", "mask_blur", "expand"} & set(body)
+
+
+def test_phone_editor_fits_below_generate(browser, server, tmp_path):
+    page = open_page(browser, server.url, **PHONE)
+    try:
+        choose_picture(page, tmp_path, 128, 64)
+        generate = page.get_by_role("button", name="Generate").bounding_box()
+        canvas = page.locator("#mask-canvas").bounding_box()
+        assert generate["y"] + generate["height"] <= PHONE["height"] and canvas["y"] > generate["y"]
+        assert canvas["x"] >= 0 and canvas["x"] + canvas["width"] <= PHONE["width"]
+        assert page.evaluate("() => document.documentElement.scrollWidth - innerWidth") == 0
+        page.locator("#mask-canvas").scroll_into_view_if_needed()
+        shown_at = page.evaluate("() => scrollY")
+        stroke(page, (0.1, 0.5), (0.9, 0.5))  # painting does not scroll the page
+        assert page.evaluate("() => scrollY") == shown_at
+        sync_api.expect(page.get_by_role("button", name="Undo")).to_be_enabled()
+    finally:
+        close_page(page, server.url)
 
 
 def test_a_dropped_picture_is_the_one_edited(page):

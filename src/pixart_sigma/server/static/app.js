@@ -278,9 +278,9 @@
     const settingsFields = $("settings-fields");
     promptFields.replaceChildren();
     settingsFields.replaceChildren();
-    // the negative prompt leads the settings: as a full-width row below the others it would leave a gap
     const editFields = $("edit-fields");
     editFields.replaceChildren();
+    // the negative prompt leads the settings: as a full-width row below the others it would leave a gap
     const wideFirst = [...state.specs].sort((a, b) => Number(b.promptLike) - Number(a.promptLike));
     for (const spec of wideFirst) {
       const place = spec.name === "prompt" ? promptFields : spec.edit ? editFields : settingsFields;
