@@ -106,7 +106,7 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
     from .app import asgi, create_app
     from .guards import host_names
     from .service import Service
-    from .store import ORPHAN_FOLDER, JobStore
+    from .store import ORPHAN_FOLDER, ORPHAN_UPLOAD_FOLDER, JobStore
 
     keep_grace_seconds = KEEP_GRACE_SECONDS if keep_grace_seconds is None else keep_grace_seconds
 
@@ -133,8 +133,9 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
         store = JobStore(data_dir)
         moved, removed = store.reconcile()
         if moved or removed:
-            print(f"images folder checked against the job store: {moved} file(s) that no job lists moved to "
-                  f"{data_dir / ORPHAN_FOLDER}, {removed} partial file(s) or link(s) removed",
+            print(f"images and uploads folders checked against the job store: {moved} file(s) that no job lists "
+                  f"moved to {data_dir / ORPHAN_FOLDER} or {data_dir / ORPHAN_UPLOAD_FOLDER}, {removed} partial "
+                  "file(s) or link(s) removed",
                   file=sys.stderr, flush=True)
         print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
         models = load_models(names, device, dtype, memory, text_encoder_dtype)

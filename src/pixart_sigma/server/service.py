@@ -1,6 +1,7 @@
 """The job queue and its worker: the only caller of the models, one generation at a time.
 
-Requests are validated by the library (same rules, same messages) before a job exists; a random
+Requests are validated by the library (same rules, same messages; an edit's pictures read and checked
+too) before a job exists; an edit's pictures are stored with its job and handed to the model as files. A random
 seed is drawn at submission and stored, so a job queued again after a restart makes the same
 pixels. The queue is bounded; progress is kept in memory per job as a list of events that the
 server-sent-events route replays from any point; queue positions are not events but derived when
@@ -35,7 +36,7 @@ from ..compiling import COMPILE_COST
 from ..settings import LOAD_SETTINGS, MAX_SEED, shown
 from .protocol import STORE_RETRY_AFTER, Rejected
 from . import KEEP_GRACE_SECONDS
-from .store import Job, JobStore, StoreError, image_name
+from .store import PICTURE_ROLES, Job, JobStore, StoreError, image_name
 
 log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
@@ -166,19 +167,28 @@ class Service:
         return True
 
     # -- requests ---------------------------------------------------------------------------------
-    def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
-        """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise."""
-        return validate_request(self.models, self.default_model, body, allow_compile=self.allow_compile)
+    def validate(self, body: Any, pictures: Optional[Mapping[str, bytes]] = None) -> tuple[str, str, dict[str, Any]]:
+        """(model_name, prompt, settings) of a request body (and an edit's pictures, role -> bytes), by the
+        library's rules; SettingsError otherwise."""
+        return validate_request(self.models, self.default_model, body, allow_compile=self.allow_compile,
+                                pictures=pictures)
 
-    def submit(self, body: Any, idempotency_key: Optional[str] = None) -> tuple[Job, bool]:
-        """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key."""
-        return self.submit_batches(body, 1, [idempotency_key])[0]
+    def submit(self, body: Any, idempotency_key: Optional[str] = None,
+               pictures: Optional[Mapping[str, bytes]] = None) -> tuple[Job, bool]:
+        """Store and queue a job; (job, True) when new, (the earlier job, False) for a repeated Idempotency-Key.
+        `pictures`: an edit's (role -> the file's bytes), checked by the library and stored with the job."""
+        return self.submit_batches(body, 1, [idempotency_key], pictures)[0]
 
-    def submit_batches(self, body: Any, batches: int, keys: list[Optional[str]]) -> list[tuple[Job, bool]]:
+    def submit_batches(self, body: Any, batches: int, keys: list[Optional[str]],
+                       pictures: Optional[Mapping[str, bytes]] = None) -> list[tuple[Job, bool]]:
         """`batches` jobs of one request (A1111's n_iter), each batch's seeds following on from the one before,
         stored and queued together or not at all: (job, new) each. `keys`: each batch's Idempotency-Key or None;
-        a repeated request gets its earlier jobs back."""
-        hashes = [_request_hash(body if index == 0 else {"batch": index + 1, "request": body})
+        a repeated request gets its earlier jobs back. `pictures`: an edit's, each job storing its own copy.
+
+        An edit reads its pictures here: call it from a worker thread (asyncio.to_thread), not the event loop."""
+        pictures = dict(pictures or {})
+        hashed = {"request": body, "pictures": _picture_digests(pictures)} if pictures else body
+        hashes = [_request_hash(hashed if index == 0 else {"batch": index + 1, "request": hashed})
                   for index in range(batches)]
         if keys[0] is not None:
             earlier = [self._idempotent(digest, key) for digest, key in zip(hashes, keys)]
@@ -192,7 +202,7 @@ class Service:
             raise Rejected(503, "draining", "the server is shutting down and takes no new jobs; retry shortly",
                            retry_after=DRAIN_RETRY_AFTER)
         try:
-            model_name, prompt, settings = self.validate(body)
+            model_name, prompt, settings = self.validate(body, pictures)
         except SettingsError:
             self.metrics.rejections.labels("invalid").inc()
             raise
@@ -214,7 +224,7 @@ class Service:
                         digest if key is not None else None)
                        for index, (key, digest) in enumerate(zip(keys, hashes))]
             try:
-                jobs = self.store.add_many(entries)
+                jobs = self.store.add_many(entries, pictures)
             except sqlite3.IntegrityError:  # the same key raced in from another request
                 earlier = [self._idempotent(digest, key) for digest, key in zip(hashes, keys)]
                 if not all(earlier):
@@ -431,7 +441,9 @@ class Service:
         status, error, names, storage_failed = "failed", None, [], False
         try:
             model = self.models[job.model_name]
-            images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **job.settings)
+            pictures = self.store.picture_paths(job)  # an edit's image and mask, as stored with the job
+            images = model.generate(job.prompt, on_progress=on_progress, cancel=progress.cancel, **pictures,
+                                    **job.settings)
             for index, image in enumerate(images):
                 self._save(job_id, image, index, len(images), names)
             status = "succeeded"
@@ -549,7 +561,7 @@ class Service:
         return {
             "id": job.id, "status": job.status, "created": job.created, "started": job.started,
             "finished": job.finished, "model_name": job.model_name, "prompt": job.prompt,
-            "settings": job.settings, "seeds": job.seeds,
+            "settings": job.settings, "seeds": job.seeds, "pictures": list(job.pictures),
             "progress": {"step": progress.step if progress else (job.settings["num_inference_steps"] if job.status
                                                                    == "succeeded" else 0),
                          "total": progress.total if progress and progress.total else job.settings["num_inference_steps"]},
@@ -562,18 +574,24 @@ class Service:
 
 
 def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
-                     set_by: str = "pixart-sigma serve --{flag}",
-                     allow_compile: bool = False) -> tuple[str, str, dict[str, Any]]:
+                     set_by: str = "pixart-sigma serve --{flag}", allow_compile: bool = False,
+                     pictures: Optional[Mapping[str, bytes]] = None) -> tuple[str, str, dict[str, Any]]:
     """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise.
 
     `models`: each served name and what checks a call for it (`validate_call`, as PixArtSigmaModel's);
     `set_by` says where the server's own settings (device, dtype) are chosen; `allow_compile` False
-    refuses compile=true (the operator's choice, see `pixart-sigma serve --allow-compile`).
+    refuses compile=true (the operator's choice, see `pixart-sigma serve --allow-compile`). `pictures`: an
+    edit's (role -> the file's bytes, as the route received them); a picture named in `body` itself is
+    refused, since the library would read it as a path on this machine.
     """
     if not isinstance(body, dict):
         raise SettingsError([f"settings must be a JSON object (the request body), not {type(body).__name__}"])
     values = dict(body)
     problems = []
+    for role in PICTURE_ROLES:
+        if role in values:
+            problems.append(f"{role}={shown(values.pop(role))} is not taken as a value here (a picture is never read "
+                            "from a path a request names): send it as a file or in base64 to an edit route")
     fixed = sorted(name for name in LOAD_SETTINGS if name != "model_name" and name in values)
     for name in fixed:
         where = set_by.format(flag=name.replace("_", "-"), name=name)
@@ -590,7 +608,7 @@ def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
         problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
     prompt = values.pop("prompt", "a placeholder, so that only the settings are checked")
     try:
-        prompt, settings = models[model_name].validate_call(prompt, **values)
+        prompt, settings = models[model_name].validate_call(prompt, **dict(pictures or {}), **values)
     except SettingsError as exc:
         problems += exc.problems
         settings = None
@@ -601,6 +619,11 @@ def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
     if problems:
         raise SettingsError(problems)
     return model_name, prompt, settings
+
+
+def _picture_digests(pictures: Mapping[str, bytes]) -> dict[str, str]:
+    """What a request's hash keeps of its pictures: their SHA-256 (role -> hex digest)."""
+    return {role: hashlib.sha256(content).hexdigest() for role, content in pictures.items()}
 
 
 def _request_hash(body: Any) -> str:

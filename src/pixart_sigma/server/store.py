@@ -4,7 +4,9 @@ A job row is written before the job is acknowledged and updated at every change 
 image is listed in its job's row as soon as its file is complete, so a crash or restart loses no job
 and no image: on start, queued jobs are queued again, a job that was running is marked `interrupted`
 with the reason (running it again could crash-loop a server), and files that no job lists (a crash
-between a file and its row) are moved aside. A store that fails SQLite's check is never written to.
+between a file and its row) are moved aside. An edit job's pictures (its source image and mask, as
+uploaded) are written under names the store makes (`<job id>-image`, `<job id>-mask`) in `uploads/`
+before its row, listed in the row, and deleted with it. A store that fails SQLite's check is never written to.
 Every SQLite failure comes out as `StoreError`, so callers can answer "try later" instead of crashing.
 """
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 STORE_FILE = "jobs.sqlite3"
 IMAGE_FOLDER = "images"
 ORPHAN_FOLDER = "unlisted-images"  # beside the store: files found in images/ that no job lists
+UPLOAD_FOLDER = "uploads"  # edit jobs' pictures, as uploaded
+ORPHAN_UPLOAD_FOLDER = "unlisted-uploads"  # beside the store: files found in uploads/ that no job lists
+PICTURE_ROLES = ("image", "mask")  # an edit's pictures: the source, and what to repaint
 MAX_IMAGE_BYTES = 256 << 20  # far above a 2048x2048 PNG; a file past it is not one of ours
 # Names the store makes, and the patterns a request's id or image name must match before any lookup.
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
@@ -40,6 +45,11 @@ IMAGE_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{1,3}\.png")
 
 def image_name(job_id: str, index: int) -> str:
     return f"{job_id}-{index}.png"
+
+
+def upload_name(job_id: str, role: str) -> str:
+    """The file name of an edit job's picture (`role`: one of PICTURE_ROLES); never a client's name."""
+    return f"{job_id}-{role}"
 
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -58,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     images TEXT NOT NULL DEFAULT '[]',
     error TEXT,
     idempotency_key TEXT UNIQUE,
-    request_hash TEXT
+    request_hash TEXT,
+    pictures TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
@@ -66,6 +77,13 @@ CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), written
 """
 # A page of the job list starts after this cursor: the (created, id) of the last job of the page before.
 CURSOR = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,3})?)_([0-9a-f]{32})")
+
+
+def _add_pictures_column(db: sqlite3.Connection) -> None:
+    """A store made before edits has no `pictures` column: add it (every old job is text-to-image)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "pictures" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN pictures TEXT NOT NULL DEFAULT '{}'")
 
 
 class FolderInUse(PixArtSigmaError):
@@ -112,6 +130,7 @@ class Job:
     error: Optional[str] = None
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
+    pictures: dict[str, str] = field(default_factory=dict)  # an edit's pictures: role -> file name under uploads/
     # Never stored: a job the service failed because its images or its end could not be stored.
     storage_failed: bool = False
     end_recorded: bool = True
@@ -125,7 +144,8 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], created=row["created"], status=row["status"], model_name=row["model_name"],
                prompt=row["prompt"], settings=json.loads(row["settings"]), seeds=json.loads(row["seeds"]),
                images=json.loads(row["images"]), started=row["started"], finished=row["finished"],
-               error=row["error"], idempotency_key=row["idempotency_key"], request_hash=row["request_hash"])
+               error=row["error"], idempotency_key=row["idempotency_key"], request_hash=row["request_hash"],
+               pictures=json.loads(row["pictures"]))
 
 
 def cursor_of(job: Job) -> str:
@@ -157,6 +177,8 @@ class JobStore:
         self.data_dir = Path(data_dir)
         self.image_dir = self.data_dir / IMAGE_FOLDER
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.upload_dir = self.data_dir / UPLOAD_FOLDER
+        self.upload_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._claim = _claim_folder(self.data_dir)
         self.path = self.data_dir / STORE_FILE
@@ -168,6 +190,7 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a finished job survives a power cut, not only a crash
             self._db.executescript(SCHEMA)
+            _add_pictures_column(self._db)
         except sqlite3.Error as exc:
             self._claim.close()
             raise StoreError(f"the job store {self.path} cannot be opened: {exc}") from None
@@ -209,27 +232,64 @@ class JobStore:
             idempotency_key: Optional[str] = None, request_hash: Optional[str] = None) -> Job:
         return self.add_many([(model_name, prompt, settings, seeds, idempotency_key, request_hash)])[0]
 
-    def add_many(self, entries: list[tuple]) -> list[Job]:
+    def add_many(self, entries: list[tuple], pictures: Optional[dict[str, bytes]] = None) -> list[Job]:
         """Queued jobs, all stored or none (one transaction); each entry is (model_name, prompt, settings, seeds,
-        idempotency_key, request_hash). They run in the order given, also after a restart."""
+        idempotency_key, request_hash). They run in the order given, also after a restart.
+
+        `pictures` (an edit's, role -> the file's bytes): each job gets its own copy under uploads/, written and
+        made durable before the rows, and removed again when the rows cannot be written.
+        """
         now = time.time()
         jobs = [Job(id=uuid.uuid4().hex, created=now + index * 1e-6, status="queued", model_name=model_name,
                     prompt=prompt, settings=settings, seeds=seeds, idempotency_key=key, request_hash=digest)
                 for index, (model_name, prompt, settings, seeds, key, digest) in enumerate(entries)]
+        written: list[Path] = []
+        try:
+            for job in jobs:
+                for role, content in (pictures or {}).items():
+                    written.append(self._write_upload(upload_name(job.id, role), content))
+                    job.pictures[role] = written[-1].name
+            self._insert(jobs)
+        except BaseException:
+            for path in written:  # files and rows never disagree
+                path.unlink(missing_ok=True)
+            raise
+        return jobs
+
+    def _write_upload(self, name: str, content: bytes) -> Path:
+        """An uploaded picture written atomically and durably (as images are); StoreError when it cannot be."""
+        path = self.upload_dir / name
+        temporary = self.upload_dir / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:16]}"
+        try:
+            with open(temporary, "xb") as stream:
+                stream.write(content)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise StoreError(f"a picture could not be written to {self.upload_dir}: {exc.strerror or exc}") from None
+        return path
+
+    def _insert(self, jobs: list[Job]) -> None:
         with self._using(writes=True) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(
                     "INSERT INTO jobs (id, created, status, model_name, prompt, settings, seeds, idempotency_key, "
-                    "request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "request_hash, pictures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(job.id, job.created, job.status, job.model_name, job.prompt, json.dumps(job.settings),
-                      json.dumps(job.seeds), job.idempotency_key, job.request_hash) for job in jobs])
+                      json.dumps(job.seeds), job.idempotency_key, job.request_hash, json.dumps(job.pictures))
+                     for job in jobs])
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):  # SQLite may have rolled back by itself already
                     db.execute("ROLLBACK")
                 raise
-        return jobs
+
+    def picture_paths(self, job: Job) -> dict[str, Path]:
+        """An edit job's pictures as paths (role -> path); empty for text-to-image."""
+        return {role: self.upload_dir / name for role, name in job.pictures.items()}
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._using(writes=False) as db:
@@ -300,20 +360,23 @@ class JobStore:
 
     def prune(self, keep: int, finished_before: float, held: frozenset[str] = frozenset()) -> list[str]:
         """Delete finished jobs beyond the newest `keep` that finished before `finished_before` and are not
-        `held` (a request waits for them, or they were just handed out), and their images; the ids deleted.
+        `held` (a request waits for them, or they were just handed out), with their images and pictures; the ids
+        deleted.
 
         Rows go first, then files: a crash in between leaves unlisted files (moved aside at the next
         start), never a job whose images are gone.
         """
         marks = ", ".join("?" for _ in FINISHED)
         with self._using(writes=True) as db:
-            rows = db.execute(f"SELECT id, images, finished FROM jobs WHERE status IN ({marks}) "
+            rows = db.execute(f"SELECT id, images, pictures, finished FROM jobs WHERE status IN ({marks}) "
                               "ORDER BY created DESC, id DESC LIMIT -1 OFFSET ?", (*FINISHED, keep)).fetchall()
             rows = [row for row in rows if row["id"] not in held and (row["finished"] or 0) < finished_before]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
         for row in rows:
             for name in json.loads(row["images"]):
                 (self.image_dir / name).unlink(missing_ok=True)
+            for name in json.loads(row["pictures"]).values():
+                (self.upload_dir / name).unlink(missing_ok=True)
         return [row["id"] for row in rows]
 
     def recover(self) -> list[Job]:
@@ -324,17 +387,27 @@ class JobStore:
         return self.with_status("queued")
 
     def reconcile(self) -> tuple[int, int]:
-        """At start, make the images folder agree with the store: (files moved aside, partial files removed).
+        """At start, make the images and uploads folders agree with the store: (files moved aside, partial files
+        removed).
 
         A file no job lists (a crash between a file and its row, or something put there) goes to
-        `unlisted-images/` beside the store, never deleted; a `.partial-*` file (a crash while it was
-        written) is removed; links are removed, never followed.
+        `unlisted-images/` (from uploads/: `unlisted-uploads/`) beside the store, never deleted; a `.partial-*`
+        file (a crash while it was written) is removed; links are removed, never followed.
         """
         with self._using(writes=False) as db:
-            listed = {name for (images,) in db.execute("SELECT images FROM jobs") for name in json.loads(images)}
+            rows = db.execute("SELECT images, pictures FROM jobs").fetchall()
+        images = {name for row in rows for name in json.loads(row["images"])}
+        pictures = {name for row in rows for name in json.loads(row["pictures"]).values()}
+        moved, removed = self._reconcile_folder(self.image_dir, images, self.data_dir / ORPHAN_FOLDER)
+        moved_uploads, removed_uploads = self._reconcile_folder(self.upload_dir, pictures,
+                                                                self.data_dir / ORPHAN_UPLOAD_FOLDER)
+        return moved + moved_uploads, removed + removed_uploads
+
+    @staticmethod
+    def _reconcile_folder(folder: Path, listed: set[str], aside: Path) -> tuple[int, int]:
+        """Move what `folder` holds beyond `listed` to `aside`; remove partial files and links."""
         moved = removed = 0
-        aside = self.data_dir / ORPHAN_FOLDER
-        for entry in os.scandir(self.image_dir):
+        for entry in os.scandir(folder):
             if entry.name in listed and entry.is_file(follow_symlinks=False):
                 continue
             path = Path(entry.path)
