@@ -1,18 +1,18 @@
 """ASGI middleware around every HTTP front end of ours (`pixart-sigma serve` and the Ray Serve gateway).
 
-- `BodyLimit`: 413 for request bodies over the limit, counted as they arrive.
+- `BodyLimit`: 413 for request bodies over the limit (a route's own, where it has one), counted as they arrive.
 - `SameMachineOnly`: without an API key, only this machine's own clients may use the server; a web page
   on another site, open in the same browser, can do nothing (see its docstring for each rule).
 - `BearerAuth`: with an API key, every route but the open ones needs `Authorization: Bearer <key>`.
 - `SecurityHeaders`: the page may not be framed, runs only its own scripts, and leaks no referrer.
 
-`guarded(app, api_key, hosts)` puts them together in the one order both front ends use.
+`guarded(app, api_key, hosts, body_limit)` puts them together in the one order both front ends use.
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from .protocol import error_response
 
@@ -40,17 +40,22 @@ def _host_name(headers: dict[bytes, bytes]) -> bytes:
 
 
 class BodyLimit:
-    """413 for request bodies over the limit, counted as they arrive (Content-Length may be absent or lie)."""
+    """413 for request bodies over the limit, counted as they arrive (Content-Length may be absent or lie).
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    `route_limits`: path -> a route's own limit (the routes that take pictures); every other path has `limit`.
+    """
+
+    def __init__(self, app, limit: int, route_limits: Optional[Mapping[str, int]] = None):
+        self.app, self.limit, self.route_limits = app, limit, dict(route_limits or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = error_response(413, f"the request body is over {self.limit:,} bytes", code="body_too_large")
+        limit = self.route_limits.get(scope["path"], self.limit)
+        too_large = error_response(413, f"the request body is over {limit:,} bytes, the most {scope['path'][:100]} "
+                                        "takes", code="body_too_large")
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await too_large(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -59,7 +64,7 @@ class BodyLimit:
                 return  # the client went away
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
+            if size > limit:
                 return await too_large(scope, receive, send)
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -82,12 +87,15 @@ class SameMachineOnly:
       refused by the page's frame-ancestors policy).
       Clients that are not browsers send neither header and are not affected;
     - a POST body must be JSON (what a cross-site form or a text/plain `fetch` cannot send without a
-      preflight), else 415.
+      preflight), else 415; only `multipart_paths` (the routes that take uploads) may also take
+      multipart/form-data, which a cross-site form can send: there the Origin and Sec-Fetch-Site rule
+      above is what refuses another site (browsers send Origin with every form POST).
     """
 
-    def __init__(self, app, hosts: Optional[Iterable[str]]):
+    def __init__(self, app, hosts: Optional[Iterable[str]], multipart_paths: Iterable[str] = ()):
         self.app = app
         self.hosts = None if hosts is None else {name.lower().encode() for name in hosts}
+        self.multipart_paths = frozenset(multipart_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -109,8 +117,10 @@ class SameMachineOnly:
                                   kind="permission_error", code="cross_origin")
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
-        if scope["method"] == "POST" and has_body and kind != b"application/json":
-            return error_response(415, "send the request body as JSON with 'Content-Type: application/json'",
+        multipart = kind == b"multipart/form-data" and scope["path"] in self.multipart_paths
+        if scope["method"] == "POST" and has_body and kind != b"application/json" and not multipart:
+            uploads = " (or multipart/form-data)" if scope["path"] in self.multipart_paths else ""
+            return error_response(415, f"send the request body as JSON with 'Content-Type: application/json'{uploads}",
                                   code="unsupported_media_type")
         return None
 
@@ -175,13 +185,15 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def guarded(app, api_key: Optional[str], hosts: Optional[Iterable[str]], body_limit: int):
+def guarded(app, api_key: Optional[str], hosts: Optional[Iterable[str]], body_limit: int,
+            route_limits: Optional[Mapping[str, int]] = None, multipart_paths: Iterable[str] = ()):
     """`app` behind the body limit, the same-machine rules (when there is no API key) or the key, and the
     security headers (outermost, so refusals carry them too).
 
     `hosts`: the Host names accepted without a key (None: any, for a server not bound to loopback, which
-    needs a key anyway).
+    needs a key anyway). `route_limits`: routes with a larger body limit than `body_limit` (path -> bytes);
+    `multipart_paths`: the routes that may take multipart/form-data.
     """
-    wrapped = BodyLimit(app, body_limit)
-    wrapped = BearerAuth(wrapped, api_key) if api_key else SameMachineOnly(wrapped, hosts)
+    wrapped = BodyLimit(app, body_limit, route_limits)
+    wrapped = BearerAuth(wrapped, api_key) if api_key else SameMachineOnly(wrapped, hosts, multipart_paths)
     return SecurityHeaders(wrapped)

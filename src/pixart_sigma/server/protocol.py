@@ -15,9 +15,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from .. import SettingsError
-from ..settings import LOAD_SETTINGS, MAX_PROMPT_CHARS, Settings
+from ..settings import LOAD_SETTINGS, MAX_PROMPT_CHARS, EditSettings, Settings
 
 MAX_BODY_BYTES = 1 << 20
+# The routes that take an edit's pictures, and the larger bodies they may send: an image and a mask together,
+# uploaded or in base64 (which makes 4 bytes of 3). Every other route keeps MAX_BODY_BYTES.
+JOB_ROUTE = "/v1/generations"
+OPENAI_EDIT_ROUTE = "/v1/images/edits"
+A1111_EDIT_ROUTE = "/sdapi/v1/img2img"
+MULTIPART_ROUTES = (JOB_ROUTE, OPENAI_EDIT_ROUTE)  # the only routes that read multipart/form-data
+MAX_EDIT_BODY_BYTES = 48 << 20
+EDIT_BODY_LIMITS = {route: MAX_EDIT_BODY_BYTES for route in (*MULTIPART_ROUTES, A1111_EDIT_ROUTE)}
 STORE_RETRY_AFTER = 30  # seconds a client is asked to wait while the job store cannot be used
 
 
@@ -42,7 +50,8 @@ def errors(*statuses: int) -> dict[int, dict]:
     """OpenAPI declarations of the error answers a route gives (one shape for all)."""
     reasons = {400: "Malformed request", 401: "Missing or wrong API key",
                403: "From another web site or origin (server without an API key)", 404: "Not found", 409: "Conflict",
-               413: f"Body over {MAX_BODY_BYTES:,} bytes", 415: "Body not sent as application/json",
+               413: f"Body over {MAX_BODY_BYTES:,} bytes ({MAX_EDIT_BODY_BYTES:,} on the routes that take pictures)",
+               415: "Body not sent as application/json (or multipart/form-data where a route takes uploads)",
                421: "Not a loopback Host name (server without an API key)", 422: "Invalid settings, each named in error.fields",
                429: "Queue full; see Retry-After", 500: "The job failed",
                503: "Draining, or the job store cannot be written now; see Retry-After"}
@@ -78,18 +87,22 @@ def rejected(exc: Rejected) -> JSONResponse:
     return error_response(exc.status, exc.message, kind=kind, param=exc.param, code=exc.reason, headers=headers)
 
 
-def _number(text: str):
+def json_number(text: str):
     """JSON Schema counts 7.0 as an integer, and so do we: whole numbers arrive as int."""
     value = float(text)
     return int(value) if value.is_integer() and abs(value) < 2**63 else value
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
+    """JSON as a request sends it (empty: null); BadRequest naming `what` otherwise."""
     try:
-        return json.loads(raw or b"null", parse_float=_number)
+        return json.loads(raw or b"null", parse_float=json_number)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise BadRequest(f"{what} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+async def read_json(request: Request) -> Any:
+    return parse_json(await request.body())
 
 
 class BadRequest(Exception):
@@ -111,3 +124,32 @@ def request_schema(served: list[str]) -> dict[str, Any]:
             "additionalProperties": False}
 
 
+
+
+def picture_schema(role: str, what: str) -> dict[str, Any]:
+    """A picture in a JSON body: base64 text, plain or as a data: URL."""
+    return {"type": "string", "title": role.capitalize(), "contentEncoding": "base64",
+            "description": f"{what}: a PNG, JPEG or WebP file in base64, plain or as a data: URL "
+                           f"(data:image/png;base64,...)."}
+
+
+IMAGE_DESCRIPTION = "The picture to edit (image-to-image; with a mask, inpainting; with expand, outpainting)"
+MASK_DESCRIPTION = ("What to repaint, the image's size: white, or for a mask with transparency its fully transparent "
+                    "pixels")
+
+
+def edit_request_schema(served: list[str]) -> dict[str, Any]:
+    """The body of POST /v1/generations with an edit's fields: the pictures (base64) and the edit settings."""
+    schema = request_schema(served)
+    edit = {"image": picture_schema("image", IMAGE_DESCRIPTION), "mask": picture_schema("mask", MASK_DESCRIPTION),
+            **EditSettings.model_json_schema()["properties"]}
+    return {**schema, "title": "Generation or edit request", "properties": {**schema["properties"], **edit}}
+
+
+def multipart_schema(json_schema: dict[str, Any]) -> dict[str, Any]:
+    """The same body as multipart/form-data: each field a form field, and the pictures as files."""
+    properties = {name: prop for name, prop in json_schema["properties"].items() if name not in ("image", "mask")}
+    return {**json_schema, "properties": {**properties, "image": {"type": "string", "format": "binary",
+                                                                  "description": IMAGE_DESCRIPTION},
+                                          "mask": {"type": "string", "format": "binary",
+                                                   "description": MASK_DESCRIPTION}}}
