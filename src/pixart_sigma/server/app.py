@@ -2,7 +2,8 @@
 
 Errors have the one shape of protocol.py; the guards of guards.py stand in front of every route.
 Nothing a client sends becomes a path: image names are made by the service and checked against
-their pattern before a file is opened, and links in the images folder are not followed.
+their pattern before a file is opened, and links in the images folder are not followed. An edit's
+pictures arrive as bytes (pictures.py) and are stored under names the store makes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import SettingsError, __version__
 from ..settings import shown
 from .guards import LOOPBACK_NAMES, guarded
-from .protocol import (MAX_BODY_BYTES, BadRequest, Rejected, error_response, errors, read_json, rejected,
-                       request_schema, settings_error, store_unavailable)
+from .pictures import BadForm, decode_base64, one_each, read_form, typed_fields
+from .protocol import (EDIT_BODY_LIMITS, JOB_ROUTE, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, MULTIPART_ROUTES, BadRequest,
+                       Rejected, edit_request_schema, error_response, errors, multipart_schema, parse_json, read_json,
+                       rejected, request_schema, settings_error, store_unavailable)
 from .service import Service
-from .store import CURSOR, JOB_ID, StoreError
+from .store import CURSOR, JOB_ID, PICTURE_ROLES, StoreError
 
 STATIC_DIR = Path(__file__).parent / "static"
 SSE_POLL_SECONDS = 0.5  # only for a job with no events in memory
@@ -42,8 +45,11 @@ def create_app(service: Service, api_key: Optional[str] = None,
                   description="PixArt-Sigma text-to-image generation as a service: jobs, progress, images.")
     app.state.service = service
     served = list(service.models)
-    body_schema = request_schema(served)
-    generation_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
+    body_schema = request_schema(served)  # the settings of text-to-image, which the page's form is built from
+    edit_schema = edit_request_schema(served)
+    generation_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": edit_schema},
+        "multipart/form-data": {"schema": multipart_schema(edit_schema)}}}}
 
     @app.exception_handler(SettingsError)
     async def _settings(request: Request, exc: SettingsError):
@@ -65,6 +71,10 @@ def create_app(service: Service, api_key: Optional[str] = None,
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
         return error_response(400, str(exc), code="invalid_json")
+
+    @app.exception_handler(BadForm)
+    async def _bad_form(request: Request, exc: BadForm):
+        return error_response(400, str(exc), code="invalid_multipart")
 
     @app.exception_handler(StoreError)
     async def _store(request: Request, exc: StoreError):
@@ -91,12 +101,19 @@ def create_app(service: Service, api_key: Optional[str] = None,
     async def _not_found(request: Request, exc: NotFound):
         return error_response(404, str(exc), code="not_found")
 
-    @app.post("/v1/generations", status_code=202, openapi_extra=generation_body,
+    @app.post(JOB_ROUTE, status_code=202, openapi_extra=generation_body,
               responses=errors(400, 401, 409, 413, 415, 422, 429, 503),
-              summary="Queue a generation; answers at once with the job")
+              summary="Queue a generation or an edit; answers at once with the job",
+              description="JSON, with an edit's `image` and `mask` in base64; or multipart/form-data: the settings "
+                          "as form fields (or one field `request` holding the JSON body) and the pictures as files "
+                          f"`image` and `mask`. Bodies up to {MAX_EDIT_BODY_BYTES:,} bytes.")
     async def create_generation(request: Request):
-        body = await read_json(request)
-        job, new = service.submit(body, request.headers.get("idempotency-key"))
+        body, pictures = await read_job_request(request)
+        key = request.headers.get("idempotency-key")
+        if pictures:  # the library reads them: off the event loop
+            job, new = await asyncio.to_thread(service.submit, body, key, pictures)
+        else:
+            job, new = service.submit(body, key)
         headers = {"Location": f"/v1/jobs/{job.id}"} | ({} if new else {"Idempotent-Replayed": "true"})
         return JSONResponse(service.view(job), status_code=202, headers=headers)
 
@@ -182,8 +199,38 @@ def create_app(service: Service, api_key: Optional[str] = None,
         async def page():
             return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    app.state.asgi = guarded(app, api_key, hosts, MAX_BODY_BYTES)
+    app.state.asgi = guarded(app, api_key, hosts, MAX_BODY_BYTES, EDIT_BODY_LIMITS, MULTIPART_ROUTES)
     return app
+
+
+async def read_job_request(request: Request) -> tuple[Any, dict[str, bytes]]:
+    """The job route's body and an edit's pictures (role -> bytes): JSON with base64 pictures, or multipart
+    with the settings as form fields (or a `request` field holding the JSON) and the pictures as files."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data":
+        fields, sent = await read_form(request)
+        pictures = one_each(sent, {})
+        if "request" not in fields:
+            return typed_fields(fields), pictures
+        if len(fields) > 1 or len(fields["request"]) > 1:
+            others = sorted(name for name in fields if name != "request")
+            raise SettingsError([f"request holds the settings as JSON: send them there or as form fields, not both "
+                                 f"(also sent: {', '.join(others[:10]) or 'request again'})"])
+        body = parse_json(fields["request"][0], "the form field 'request'")
+    else:
+        body = await read_json(request)
+        pictures = {}
+    if isinstance(body, dict):
+        body = dict(body)
+        problems = []
+        for role in PICTURE_ROLES:
+            if isinstance(body.get(role), str):
+                try:
+                    pictures[role] = decode_base64(role, body.pop(role))
+                except SettingsError as exc:
+                    problems += exc.problems
+        if problems:
+            raise SettingsError(problems)
+    return body, pictures
 
 
 def asgi(app: FastAPI):

@@ -134,11 +134,12 @@ def _renamer(names: dict[str, str], size: Optional[str] = None) -> Callable[[str
 
 
 def _refusal(problems: list[str], status: int, service: Served, body: dict[str, Any],
-             rename: Callable[[str], str]) -> JSONResponse:
-    """One error with the translation's problems and the library's problems for the rest of the body."""
+             rename: Callable[[str], str], pictures: Optional[dict[str, bytes]] = None) -> JSONResponse:
+    """One error with the translation's problems and the library's problems for the rest of the body (and an
+    edit's pictures: the library reads them, so call it off the event loop then)."""
     problems = list(problems)
     try:
-        service.validate(body)
+        service.validate(body, pictures) if pictures else service.validate(body)
     except SettingsError as exc:
         problems += [rename(problem) for problem in exc.problems if problem not in problems]
     return settings_error(SettingsError(problems), status)
@@ -505,6 +506,11 @@ def a1111_schema(served: list[str], max_n_iter: int) -> dict[str, Any]:
             "additionalProperties": True}
 
 
+def a1111_not_an_object(raw: Any) -> JSONResponse:
+    return error_response(422, f"the request body must be a JSON object, not {type(raw).__name__}",
+                          code="invalid_request")
+
+
 def _a1111_error(response: JSONResponse) -> JSONResponse:
     """Our error, plus the `detail` text A1111's clients show."""
     body = json.loads(response.body)
@@ -515,10 +521,124 @@ def _a1111_error(response: JSONResponse) -> JSONResponse:
 
 # -- the routes --------------------------------------------------------------------------------------
 
+async def openai_answer(service: Service, request: Request, job: Job, new: bool,
+                        answer: dict[str, Any]) -> Response:
+    """OpenAI's answer to an images request once its job is queued: waits for it, then its images."""
+    with service.hold([job.id]):  # retention keeps it until the answer is out (and a grace period after)
+        job, instead = await _wait(service, job.id, request)
+        if instead is not None:
+            return instead
+        if job.status != "succeeded":
+            return job_error(job)
+        if answer["response_format"] == "b64_json":
+            images = _base64(await asyncio.to_thread(_read_images, service, job.images))
+    if answer["response_format"] == "b64_json":
+        items = [{"b64_json": image} for image in images]
+    else:
+        base = str(request.base_url).rstrip("/")
+        items = [{"url": f"{base}/v1/images/{name}"} for name in job.images]
+        service.handed_out([job.id])
+    content = openai_content(job.created, items, job.prompt, job.seeds, job.settings["width"],
+                             job.settings["height"], job.model_name, job_id=job.id)
+    return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
+
+
+async def a1111_answer(service: Service, request: Request, raw: dict[str, Any], jobs: list[Job], n_iter: int,
+                       tasks: dict[str, tuple[int, int]], parameters: Optional[dict[str, Any]] = None) -> Any:
+    """A1111's answer to a txt2img or img2img request once its batches are queued: waits for each, then the
+    images, `parameters` (the request as run, with the route's own fields added) and `info`."""
+    try:
+        for index, job in enumerate(jobs):
+            tasks[job.id] = (index, n_iter)
+        with service.hold([job.id for job in jobs]):  # retention keeps every batch until they are read
+            finished: list[Job] = []
+            stopped = None
+            for index, job in enumerate(jobs):
+                job, instead = await _wait(service, job.id, request)
+                if instead is not None:
+                    return _a1111_error(instead) if isinstance(instead, JSONResponse) else instead
+                finished.append(job)
+                if job.status != "succeeded":
+                    for later in jobs[index + 1:]:
+                        service.cancel(later.id)
+                    if job.status != "cancelled":
+                        return _a1111_error(job_error(job))
+                    stopped = f"interrupted in batch {index + 1} of {n_iter}: {job.error}"
+                    break
+            names = [name for job in finished for name in job.images]
+            contents = await asyncio.to_thread(_read_images, service, names)
+    except StoreError as exc:  # the jobs stay in the store (and run): say so in A1111's shape
+        return _a1111_error(store_unavailable(f"{exc}; the jobs {', '.join(job.id for job in jobs)} are kept: "
+                                              "follow them at /v1/jobs/{id}"))
+    finally:
+        for job in jobs:
+            tasks.pop(job.id, None)
+    first = jobs[0]
+    images = _base64(contents) if _send_images(raw) else []
+    infotexts = await asyncio.to_thread(_infotexts, contents)
+    settings = first.settings
+    seeds = [first.seeds[0] + k for k in range(len(first.seeds) * n_iter)]
+    sampler = SAMPLERS[settings["scheduler"]].a1111_name
+    masked = "mask" in first.pictures
+    info = {
+        "prompt": first.prompt, "all_prompts": [first.prompt] * len(seeds),
+        "negative_prompt": settings["negative_prompt"] or "",
+        "all_negative_prompts": [settings["negative_prompt"] or ""] * len(seeds),
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": settings["width"], "height": settings["height"],
+        "sampler_name": sampler, "cfg_scale": settings["guidance_scale"], "steps": settings["num_inference_steps"],
+        "batch_size": len(first.seeds), "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": first.model_name, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": settings.get("strength"),
+        "extra_generation_params": {"Mask blur": settings["mask_blur"]} if masked else {},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(first.created)), "clip_skip": 1,
+        "is_using_inpainting_conditioning": False, "version": f"pixart-sigma {__version__}",
+        "job_ids": [job.id for job in jobs], "interrupted": stopped is not None, "error": stopped,
+    }
+    parameters = {
+        "prompt": first.prompt, "negative_prompt": settings["negative_prompt"] or "",
+        "seed": -1 if raw.get("seed") is None else raw["seed"],
+        "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
+        "width": settings["width"], "height": settings["height"], "sampler_name": sampler,
+        "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": _send_images(raw),
+        "override_settings": {"sd_model_checkpoint": first.model_name},
+        "use_resolution_binning": settings["use_resolution_binning"],
+        "max_sequence_length": settings["max_sequence_length"], **_a1111_edit_parameters(settings),
+        **(parameters or {}),
+    }
+    return {"images": images, "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def _a1111_edit_parameters(settings: dict[str, Any]) -> dict[str, Any]:
+    """An edit job's settings in img2img's words (none for text-to-image)."""
+    if "strength" not in settings:
+        return {}
+    return {"denoising_strength": settings["strength"], "mask_blur": settings["mask_blur"],
+            "inpainting_mask_invert": int(settings["invert_mask"]),
+            "inpaint_full_res": settings["inpaint_area"] == "masked",
+            "inpaint_full_res_padding": settings["inpaint_padding"]}
+
+
+def a1111_submit(service: Service, request: Request, body: dict[str, Any], n_iter: int, rename: Callable,
+                 pictures: Optional[dict[str, bytes]] = None) -> tuple[Optional[JSONResponse], list[Job]]:
+    """Queue a request's batches, all or none: (None, jobs), or (A1111's refusal, [])."""
+    key = request.headers.get("idempotency-key")
+    try:
+        submitted = service.submit_batches(body, n_iter, [batch_key(key, i) for i in range(n_iter)], pictures)
+    except Rejected as exc:
+        return _a1111_error(rejected(exc)), []
+    except SettingsError as exc:
+        return _a1111_error(settings_error(_renamed(exc, rename), 422)), []
+    return None, [job for job, _ in submitted]
+
+
 def install(app, service: Service) -> None:
     """Add the compatibility routes to `app`."""
+    from . import edits
+
     served = list(service.models)
-    tasks: dict[str, tuple[int, int]] = {}  # job id -> (batch index, batches) of a txt2img request, for progress
+    tasks: dict[str, tuple[int, int]] = {}  # job id -> (batch index, batches) of an A1111 request, for progress
 
     def body_of(schema):
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
@@ -536,23 +656,7 @@ def install(app, service: Service) -> None:
             return openai_refusal(exc, rename)
         except Rejected as exc:
             return rejected(exc)
-        with service.hold([job.id]):  # retention keeps it until the answer is out (and a grace period after)
-            job, instead = await _wait(service, job.id, request)
-            if instead is not None:
-                return instead
-            if job.status != "succeeded":
-                return job_error(job)
-            if answer["response_format"] == "b64_json":
-                images = _base64(await asyncio.to_thread(_read_images, service, job.images))
-        if answer["response_format"] == "b64_json":
-            items = [{"b64_json": image} for image in images]
-        else:
-            base = str(request.base_url).rstrip("/")
-            items = [{"url": f"{base}/v1/images/{name}"} for name in job.images]
-            service.handed_out([job.id])
-        content = openai_content(job.created, items, job.prompt, job.seeds, job.settings["width"],
-                                 job.settings["height"], job.model_name, job_id=job.id)
-        return JSONResponse(content, headers={} if new else {"Idempotent-Replayed": "true"})
+        return await openai_answer(service, request, job, new, answer)
 
     @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service))), tags=["A1111-compatible"],
               responses=errors(400, 401, 413, 415, 422, 429, 500, 503),
@@ -560,76 +664,16 @@ def install(app, service: Service) -> None:
     async def txt2img(request: Request):
         raw = await read_json(request)
         if not isinstance(raw, dict):
-            return _a1111_error(error_response(422, f"the request body must be a JSON object, not "
-                                                    f"{type(raw).__name__}", code="invalid_request"))
+            return _a1111_error(a1111_not_an_object(raw))
         body, n_iter, problems, rename = _a1111_translate(raw, service)
         if problems:
             return _a1111_error(_refusal(problems, 422, service, body, rename))
-        key = request.headers.get("idempotency-key")
-        try:  # all batches or none
-            jobs = [job for job, _ in service.submit_batches(body, n_iter, [batch_key(key, i) for i in range(n_iter)])]
-        except Rejected as exc:
-            return _a1111_error(rejected(exc))
-        except SettingsError as exc:
-            return _a1111_error(settings_error(_renamed(exc, rename), 422))
-        try:
-            for index, job in enumerate(jobs):
-                tasks[job.id] = (index, n_iter)
-            with service.hold([job.id for job in jobs]):  # retention keeps every batch until they are read
-                finished: list[Job] = []
-                stopped = None
-                for index, job in enumerate(jobs):
-                    job, instead = await _wait(service, job.id, request)
-                    if instead is not None:
-                        return _a1111_error(instead) if isinstance(instead, JSONResponse) else instead
-                    finished.append(job)
-                    if job.status != "succeeded":
-                        for later in jobs[index + 1:]:
-                            service.cancel(later.id)
-                        if job.status != "cancelled":
-                            return _a1111_error(job_error(job))
-                        stopped = f"interrupted in batch {index + 1} of {n_iter}: {job.error}"
-                        break
-                names = [name for job in finished for name in job.images]
-                contents = await asyncio.to_thread(_read_images, service, names)
-        except StoreError as exc:  # the jobs stay in the store (and run): say so in A1111's shape
-            return _a1111_error(store_unavailable(f"{exc}; the jobs {', '.join(job.id for job in jobs)} are kept: "
-                                                  "follow them at /v1/jobs/{id}"))
-        finally:
-            for job in jobs:
-                tasks.pop(job.id, None)
-        first = jobs[0]
-        images = _base64(contents) if _send_images(raw) else []
-        infotexts = await asyncio.to_thread(_infotexts, contents)
-        settings = first.settings
-        seeds = [first.seeds[0] + k for k in range(len(first.seeds) * n_iter)]
-        sampler = SAMPLERS[settings["scheduler"]].a1111_name
-        info = {
-            "prompt": first.prompt, "all_prompts": [first.prompt] * len(seeds),
-            "negative_prompt": settings["negative_prompt"] or "",
-            "all_negative_prompts": [settings["negative_prompt"] or ""] * len(seeds),
-            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-            "subseed_strength": 0, "width": settings["width"], "height": settings["height"],
-            "sampler_name": sampler, "cfg_scale": settings["guidance_scale"], "steps": settings["num_inference_steps"],
-            "batch_size": len(first.seeds), "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": first.model_name, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(first.created)), "clip_skip": 1,
-            "is_using_inpainting_conditioning": False, "version": f"pixart-sigma {__version__}",
-            "job_ids": [job.id for job in jobs], "interrupted": stopped is not None, "error": stopped,
-        }
-        parameters = {
-            "prompt": first.prompt, "negative_prompt": settings["negative_prompt"] or "",
-            "seed": -1 if raw.get("seed") is None else raw["seed"],
-            "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
-            "width": settings["width"], "height": settings["height"], "sampler_name": sampler,
-            "batch_size": len(first.seeds), "n_iter": n_iter, "send_images": _send_images(raw),
-            "override_settings": {"sd_model_checkpoint": first.model_name},
-            "use_resolution_binning": settings["use_resolution_binning"],
-            "max_sequence_length": settings["max_sequence_length"],
-        }
-        return {"images": images, "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
+        refusal, jobs = a1111_submit(service, request, body, n_iter, rename)
+        if refusal is not None:
+            return refusal
+        return await a1111_answer(service, request, raw, jobs, n_iter, tasks)
+
+    edits.install(app, service, tasks)
 
     @app.get("/sdapi/v1/progress", tags=["A1111-compatible"], summary="AUTOMATIC1111's progress of the running job")
     async def a1111_progress():
