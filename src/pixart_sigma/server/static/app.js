@@ -21,6 +21,17 @@
     mask_blur: { type: "integer", title: "Mask blur", default: 4, minimum: 0, maximum: 64,
       description: "Soften the mask's edge by this many pixels: pixels farther than this from the mask are the "
         + "picture's, byte for byte." },
+    invert_mask: { type: "boolean", title: "Invert mask", default: false,
+      description: "Repaint what the mask leaves unmarked instead of what it marks." },
+    inpaint_area: { type: "string", title: "Inpaint area", default: "whole", enum: ["whole", "masked"],
+      description: "whole: the whole picture is denoised (the mask says what may change); masked: only the mask's "
+        + "bounding box plus inpaint_padding, scaled to the checkpoint's native size and pasted back: more detail "
+        + "for a small mask." },
+    inpaint_padding: { type: "integer", title: "Inpaint padding", default: 32, minimum: 0, maximum: 256,
+      description: "Pixels of context around the mask's bounding box when inpaint_area is masked." },
+    fill: { type: "string", title: "Outpaint fill", default: "edge", enum: ["edge", "noise"],
+      description: "edge: the new area starts as the picture's edge colours, stretched outward; noise: the new area "
+        + "starts as random colours (from each image's seed)." },
     expand: { type: "array", title: "Outpaint (expand)", default: [0, 0, 0, 0],
       description: "Grow the canvas by left, top, right, bottom pixels and paint the new area (outpainting); the "
         + "picture itself is kept exactly." },
