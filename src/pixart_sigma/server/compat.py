@@ -452,7 +452,8 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
                         f"on, so the last image (batch {n_iter}) would use seed {seed + n_iter * batch_size - 1}, past "
                         f"the largest, {MAX_SEED}; use a seed up to {MAX_SEED - n_iter * batch_size + 1}")
 
-    for name in OURS:  # our own names, for what A1111 has no word for (and model_name, device, dtype)
+    for name in OURS - {"scheduler"}:  # our own names, for what A1111 has no word for (and model_name, device, dtype);
+        # scheduler is A1111's schedule type, read above
         if name not in body and raw.get(name) is not None:
             body[name] = raw[name]
     return body, n_iter, problems, _renamer(names)
