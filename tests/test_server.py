@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixart_sigma.server.protocol import MAX_EDIT_BODY_BYTES
+from pixart_sigma.settings import EditSettings
 from serving import Server, free_port, start_server, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
@@ -306,21 +308,21 @@ def test_malformed_json_is_400(client, body):
     assert error["code"] == "invalid_json" and "JSON" in error["message"]
 
 
-def test_body_over_1_mib_with_content_length_is_413(client):
-    body = json.dumps({"prompt": "a fox", "negative_prompt": "x" * MiB}).encode()
-    assert len(body) > MiB
+def test_body_over_the_job_routes_limit_with_content_length_is_413(client):
+    body = json.dumps({"prompt": "a fox", "negative_prompt": "x" * MAX_EDIT_BODY_BYTES}).encode()
+    assert len(body) > MAX_EDIT_BODY_BYTES  # the job route takes edits: its limit is the edit routes' one
     error = error_of(post(client, body), 413)
     assert error["code"] == "body_too_large"
 
 
-def test_body_over_1_mib_chunked_without_content_length_is_413(client):
+def test_body_over_1_mib_chunked_without_content_length_is_413_where_no_pictures_are_taken(client):
     def chunks():
         yield b'{"prompt": "a fox", "negative_prompt": "'
         for _ in range(20):
             yield b"x" * (64 * 1024)
         yield b'"}'
 
-    response = client.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
+    response = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
     assert response.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in response.request.headers
     assert error_of(response, 413)["code"] == "body_too_large"
@@ -602,10 +604,12 @@ def test_schema_is_the_request_body_this_server_accepts(client):
     assert schema["properties"]["num_inference_steps"]["maximum"] == 200
     openapi = client.get("/openapi.json").json()
     body = openapi["paths"]["/v1/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    # The same schema (FastAPI leaves out `"default": null` when it writes /openapi.json).
-    without_null_defaults = {**schema, "properties": {name: {k: v for k, v in prop.items() if (k, v) != ("default", None)}
-                                                      for name, prop in schema["properties"].items()}}
-    assert body == without_null_defaults
+    # The same settings (FastAPI leaves out `"default": null` when it writes /openapi.json), and an edit's fields.
+    without_null_defaults = {name: {k: v for k, v in prop.items() if (k, v) != ("default", None)}
+                             for name, prop in schema["properties"].items()}
+    assert {name: body["properties"][name] for name in schema["properties"]} == without_null_defaults
+    assert set(body["properties"]) - set(schema["properties"]) == {"image", "mask", *EditSettings.model_fields}
+    assert body["required"] == schema["required"] and body["additionalProperties"] is False
 
 
 def test_healthz_and_readyz(client):

@@ -262,7 +262,13 @@ HOLD = {"prompt": "[slow] hold the worker while fuzzing", "num_inference_steps":
 # 422 is then the right answer. Any other 422 to a schema-valid request is a mismatch and fails the test.
 SEMANTIC_RULES = ("is over the budget", "is too large for", "is empty", "contains the control character",
                   "contains invalid UTF-8", "are the same setting with different values",
-                  "must be a multiple of 8")  # inside OpenAI's size string, where a JSON Schema cannot say it
+                  "must be a multiple of 8",  # inside OpenAI's size string, where a JSON Schema cannot say it
+                  # an edit's pictures: what a schema cannot say of a file's bytes, or of a mask beside its image
+                  "is not valid base64", "is not an image Pillow can read", "cannot be read as an image",
+                  "is truncated or damaged", "has no fully transparent pixel", "has no transparency",
+                  "must have the picture's size", "marks nothing to repaint", "apply to inpainting: give a mask",
+                  "the masked area starts from the original picture", "would stretch the", "canvas gives",
+                  "apply to edits only")
 
 
 class Holder:
