@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pixart_sigma import PixArtSigmaModel, SettingsError, picture_sha256, read_picture, read_settings
 from pixart_sigma import demo_world as world
@@ -160,7 +160,7 @@ def test_a_size_given_crops_and_resizes_the_picture_and_an_odd_size_needs_one(de
                          num_inference_steps=4)[0]
     assert wide.size == (128, 64)
     odd = red_left.resize((70, 50))
-    with pytest.raises(SettingsError, match="canvas gives width=70.*give width and height"):
+    with pytest.raises(SettingsError, match=r"- width=70 \(the 70x50 canvas\) is not valid.*give width and height"):
         demo.generate(RED_LEFT, image=odd, strength=0.3)
     assert demo.generate(RED_LEFT, image=odd, strength=0.3, width=96, height=64, num_inference_steps=2)[0].size == (96, 64)
     with pytest.raises(SettingsError, match="mask is 32x32 but the image is 64x64"):
@@ -308,3 +308,86 @@ def test_the_editing_docs_examples_run_on_the_demo(tmp_path, monkeypatch):
                               timeout=300)
         assert done.returncode == 0, (line, done.stderr)
     assert len(list((tmp_path / "outputs").glob("*.png"))) == 3
+
+
+# -- found by trying to break it ------------------------------------------------------------------
+def test_a_thin_mask_is_repainted_whole_and_the_blur_only_reaches_outward(demo):
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    line = Image.new("L", (64, 64), 0)
+    line.paste(255, (30, 0, 32, 64))  # 2 pixels wide: less than a latent pixel
+    painted = pixels(demo.generate("a black background", image=white, mask=line, strength=1.0, seed=1,
+                                   num_inference_steps=8)[0])
+    assert 255 - painted[:, 30:32].mean() > 60  # measured 116 levels darker (8 before: the blur faded it inward)
+    assert (painted[:, :26] == 255).all() and (painted[:, 36:] == 255).all()  # beyond the 4-pixel blur
+
+
+def test_an_opaque_rgba_mask_marks_by_its_white_as_a_canvas_export_does(demo, two_shapes):
+    canvas_export = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    canvas_export.paste((255, 255, 255, 255), (32, 0, 64, 64))
+    by_export = demo.generate(GREEN_RIGHT, image=two_shapes, mask=canvas_export, strength=1.0, seed=0,
+                              num_inference_steps=4)
+    by_white = demo.generate(GREEN_RIGHT, image=two_shapes, mask=right_half_mask(), strength=1.0, seed=0,
+                             num_inference_steps=4)
+    assert by_export[0].tobytes() == by_white[0].tobytes()
+
+
+def test_odd_pictures_are_read_or_refused_as_settings_errors(tmp_path):
+    camera = io.BytesIO()  # a camera's MPO JPEG: the picture and a preview, one picture
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(camera, "MPO", save_all=True,
+                                                  append_images=[Image.new("RGB", (16, 16))])
+    assert read_picture(camera.getvalue()).size == (64, 64)
+    unit_floats = Image.fromarray(np.full((4, 4), 1.0, np.float32), "F")
+    assert np.asarray(read_picture(unit_floats))[0, 0].tolist() == [255, 255, 255]
+    assert read_picture(Image.new("LA", (4, 4)).convert("La")).mode == "RGBA"
+    with pytest.raises(SettingsError, match="cannot be read"):
+        read_picture(str(tmp_path / "bad\0name.png"))
+
+
+def test_only_masked_keeps_the_boxs_shape_when_a_side_is_held_at_a_bound():
+    from pixart_sigma.editing import _masked_box
+
+    strip = Image.new("L", (2048, 2048), 0)
+    strip.paste(255, (100, 100, 101, 2000))  # 1 x 1900: the work size is held at 64 wide
+    (left, top, right, bottom), (width, height) = _masked_box(strip, 0, 1024)
+    assert (width, height) == (64, 2048)
+    assert abs((right - left) / (bottom - top) - width / height) < 0.002  # the box grew to the work's ratio
+    assert left <= 100 and right >= 101 and 0 <= left and right <= 2048
+
+
+def test_the_cli_inverts_a_mask_once_and_replays_it(demo, two_shapes, tmp_path):
+    source, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    two_shapes.save(source)
+    right_half_mask().save(mask)
+    made = run_cli("generate", GREEN_RIGHT, "--model-name", "demo", "--dtype", "float32", "--image", str(source),
+                   "--mask", str(mask), "--invert-mask", "--strength", "1", "--num-inference-steps", "4", "--seed", "2",
+                   "-q", "-o", "first", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    first = next((tmp_path / "first").glob("*.png"))
+    library = demo.generate(GREEN_RIGHT, image=two_shapes, mask=right_half_mask(), invert_mask=True, strength=1.0,
+                            seed=2, num_inference_steps=4)[0]
+    with Image.open(first) as written:
+        assert np.array_equal(pixels(written), pixels(library))
+    again = run_cli("generate", "--from", str(first), "--image", str(source), "--mask", str(mask), "-q", "-o",
+                    "again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert next((tmp_path / "again").glob("*.png")).read_bytes() == first.read_bytes()
+
+
+def test_an_edit_known_only_from_its_a1111_text_asks_for_the_picture_and_replays_its_strength(demo, red_left,
+                                                                                              tmp_path):
+    source = tmp_path / "source.png"
+    red_left.save(source)
+    edited = demo.generate(BLUE_LEFT, image=red_left, strength=0.3, seed=9, num_inference_steps=4)[0]
+    a1111_only = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", edited.info["parameters"])
+    edited.save(a1111_only, pnginfo=info)
+    missing = run_cli("generate", "--from", str(a1111_only), "-q", "-o", "again", cwd=tmp_path)
+    assert missing.returncode == 2 and "is an edit of a picture: give that picture with --image" in missing.stderr
+    again = run_cli("generate", "--from", str(a1111_only), "--image", str(source), "--dtype", "float32", "-q", "-o",
+                    "again", cwd=tmp_path)
+    assert again.returncode == 0 and "cannot be checked" in again.stderr, again.stderr
+    remade = next((tmp_path / "again").glob("*.png"))
+    assert read_settings(remade)["strength"] == 0.3
+    with Image.open(remade) as image:
+        assert np.array_equal(pixels(image), pixels(edited))

@@ -186,16 +186,19 @@ def _edit_inputs(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, 
     """The picture, mask and edit settings for `generate`, read and checked before the model loads.
 
     With --from an edit's record: its settings replayed (flags override them), and --image (and --mask)
-    must be the pictures it was made from, by the SHA-256 of their pixels.
+    must be the pictures it was made from, by the SHA-256 of their pixels (a record from A1111 text alone
+    has no hashes: then the pictures cannot be checked, and a note says so).
     """
-    from . import EditSettings, edit_settings, picture_sha256, read_mask, read_picture
+    from . import EditSettings, edit_settings, read_picture
 
     given = _given_settings(args, EditSettings)
     recorded = edit_settings(record) or {}
-    if recorded and args.image is None:
-        raise _UsageError(f"{args.from_image} is an edit of a picture (SHA-256 {recorded['source_sha256']}): give "
-                          "that picture with --image" + (" and its mask with --mask" if recorded.get("mask_sha256")
-                                                          else ""))
+    # JSON records name the mask's hash when there was one; A1111's text has "Mask blur" only for inpainting.
+    masked = bool(recorded.get("mask_sha256")) if "source_sha256" in recorded else "mask_blur" in recorded
+    if recorded and (args.image is None or (masked and args.mask is None)):
+        known = f" (SHA-256 {recorded['source_sha256']})" if recorded.get("source_sha256") else ""
+        raise _UsageError(f"{args.from_image} is an edit of a picture{known}: give that picture with --image"
+                          + (" and its mask with --mask" if masked else ""))
     if args.image is None:
         if args.mask is not None or given:
             names = ["--mask"] * (args.mask is not None) + ["--" + name.replace("_", "-") for name in given]
@@ -204,18 +207,30 @@ def _edit_inputs(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, 
     values = {key: value for key, value in recorded.items() if key in EditSettings.model_fields}
     values.update(given)
     picture = read_picture(args.image, "--image")
-    mask = read_mask(args.mask, picture.size, values.get("invert_mask", False)) if args.mask is not None else None
+    mask = read_picture(args.mask, "--mask") if args.mask is not None else None  # generate applies invert_mask
     if recorded:
-        pictures = [("--image", args.image, picture_sha256(picture.convert("RGB")), recorded["source_sha256"])]
-        if recorded.get("mask_sha256") or mask is not None:
-            if mask is None:
-                raise _UsageError(f"{args.from_image} was inpainted: give its mask with --mask")
-            pictures.append(("--mask", args.mask, picture_sha256(mask), recorded.get("mask_sha256")))
-        for flag, path, found, wanted in pictures:
-            if found != wanted:
-                raise _UsageError(f"{flag} {path} is not the picture {args.from_image} was made from: its pixels' "
-                                  f"SHA-256 is {found}, the record's {wanted}")
-    return {"image": picture, "mask": mask, **values} if mask is not None else {"image": picture, **values}
+        _check_pictures(args, recorded, picture, mask, values.get("invert_mask", False))
+    return {"image": picture, **({"mask": mask} if mask is not None else {}), **values}
+
+
+def _check_pictures(args: argparse.Namespace, recorded: dict[str, Any], picture, mask, invert: bool) -> None:
+    """--image and --mask must be what the record was made from (by their pixels' SHA-256)."""
+    from . import picture_sha256, read_mask
+
+    if "source_sha256" not in recorded:
+        print(f"note: {args.from_image} records no SHA-256 of its pictures (A1111 text only): --image and --mask "
+              "cannot be checked against it", file=sys.stderr, flush=True)
+        return
+    found = [("--image", args.image, picture_sha256(picture.convert("RGB")), recorded["source_sha256"])]
+    if mask is not None or recorded.get("mask_sha256"):
+        if mask is None:
+            raise _UsageError(f"{args.from_image} was inpainted: give its mask with --mask")
+        found.append(("--mask", args.mask, picture_sha256(read_mask(mask, picture.size, invert)),
+                      recorded.get("mask_sha256")))
+    for flag, path, digest, wanted in found:
+        if digest != wanted:
+            raise _UsageError(f"{flag} {path} is not the picture {args.from_image} was made from: its pixels' "
+                              f"SHA-256 is {digest}, the record's {wanted}")
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -39,6 +39,9 @@ PictureInput = Union[Image.Image, str, os.PathLike, bytes]
 MAX_PICTURE_BYTES = 64 * 1024 * 1024  # a 16-megapixel PNG of noise is about 48 MB
 MAX_PICTURE_PIXELS = MAX_PIXELS_PER_CALL  # read before decoding: a decompression bomb is refused unread
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Several frames, one picture: a camera's MPO JPEG carries a preview, a PSD its layers (Pillow opens the composite).
+ONE_PICTURE_FORMATS = ("MPO", "PSD")
+PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}
 
 
 # -- reading pictures -------------------------------------------------------------------------------
@@ -61,8 +64,8 @@ def _picture_bytes(value: Union[str, os.PathLike, bytes], field: str) -> tuple[b
                     data = stream.read(MAX_PICTURE_BYTES + 1)
             finally:
                 os.close(fd)
-        except OSError as exc:
-            raise SettingsError([f"{name} cannot be read: {exc.strerror or exc}"]) from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise SettingsError([f"{name} cannot be read: {getattr(exc, 'strerror', None) or exc}"]) from None
     if len(data) > MAX_PICTURE_BYTES:
         raise SettingsError([f"{name} is over {MAX_PICTURE_BYTES:,} bytes: a picture may be at most that"])
     if not data:
@@ -96,21 +99,28 @@ def read_picture(value: PictureInput, field: str = "image") -> Image.Image:
         raise SettingsError([f"{name} is {width}x{height} = {width * height:,} pixels: a picture may have at most "
                              f"{MAX_PICTURE_PIXELS:,} pixels"])
     frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    if frames > 1 and image.format not in ONE_PICTURE_FORMATS:
         raise SettingsError([f"{name} is animated ({frames} frames): give a still picture (save the frame you want)"])
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as exc:  # truncated data, a damaged chunk, a bad palette
         raise SettingsError([f"{name} is truncated or damaged ({exc}): it cannot be decoded"]) from None
-    return _normalised(ImageOps.exif_transpose(image))
+    try:
+        return _normalised(ImageOps.exif_transpose(image))
+    except (OSError, ValueError) as exc:  # a mode Pillow cannot convert (La, ...), a bad EXIF block
+        raise SettingsError([f"{name} has a colour mode that cannot be read as RGB ({image.mode}: {exc})"]) from None
 
 
 def _normalised(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey: Pillow's convert would clip it, not scale it
         return Image.fromarray((np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert("RGB")
-    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if image.mode == "F":  # floats: 0..1 when nothing is above 1, else 0..255
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray((values * scale).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    if image.mode in PREMULTIPLIED:  # Pillow converts premultiplied alpha only to its plain twin
+        image = image.convert(PREMULTIPLIED[image.mode])
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     return image.convert("RGBA" if transparent else "RGB")
 
 
@@ -122,15 +132,15 @@ def picture_sha256(image: Image.Image) -> str:
 
 
 def read_mask(value: PictureInput, size: tuple[int, int], invert: bool = False) -> Image.Image:
-    """The mask as "L", 255 where to repaint: white, or for a mask with transparency, fully transparent (OpenAI's
-    convention). It must have the picture's size (it is never stretched)."""
+    """The mask as "L", 255 where to repaint: white (grey 128 and up), or for a mask with some transparency, the
+    fully transparent pixels (OpenAI's convention). It must have the picture's size (it is never stretched)."""
     image = read_picture(value, "mask")
     if image.size != size:
         raise SettingsError([f"mask is {image.width}x{image.height} but the image is {size[0]}x{size[1]}: a mask must "
                              "have the picture's size"])
-    if image.mode == "RGBA":
+    if image.mode == "RGBA" and image.getextrema()[3][0] < 255:  # some transparency: OpenAI's rule
         repaint = np.asarray(image)[:, :, 3] == 0
-    else:
+    else:  # opaque (a canvas export is RGBA with alpha 255 everywhere): white marks
         repaint = np.asarray(image.convert("L")) >= 128
     if invert:
         repaint = ~repaint
@@ -149,14 +159,15 @@ def _edge_fill(picture: np.ndarray, expand: list[int]) -> np.ndarray:
 
 
 def soften(mask: Image.Image, blur: int) -> Image.Image:
-    """The mask blurred by `blur` pixels and cut off there: zero farther than `blur` pixels from the mask."""
+    """The mask's edge softened outward by `blur` pixels: 255 on the mask, fading to zero `blur` pixels from it."""
     if blur == 0:
         return mask
     blurred = torch.from_numpy(np.array(mask.filter(ImageFilter.GaussianBlur(blur / 2)))).float()
     hard = torch.from_numpy(np.array(mask)).float()[None, None]
     near = F.max_pool2d(hard, kernel_size=2 * blur + 1, stride=1, padding=blur)[0, 0] > 0
-    # Inside the mask the blur fades the edge in; beyond `blur` pixels nothing of the result shows.
-    return Image.fromarray(torch.where(near, blurred, 0).round().to(torch.uint8).numpy(), "L")
+    # Marked pixels stay fully repainted; the blur fades outward, and beyond `blur` pixels nothing of it shows.
+    softened = torch.maximum(torch.where(near, blurred, 0), hard[0, 0])
+    return Image.fromarray(softened.round().to(torch.uint8).numpy(), "L")
 
 
 @dataclass
@@ -189,8 +200,8 @@ class Edit:
 def _side_problem(field: str, value: int, what: str) -> Optional[str]:
     if MIN_SIDE <= value <= MAX_SIDE and value % SIDE_MULTIPLE == 0:
         return None
-    return (f"{what} gives {field}={value}, but an edit's size must be a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} "
-            f"to {MAX_SIDE}: give width and height (the picture is resized to cover them and centre-cropped)")
+    return (f"{field}={value} ({what}) is not valid: an edit's size must be a multiple of {SIDE_MULTIPLE} from "
+            f"{MIN_SIDE} to {MAX_SIDE}; give width and height (the picture is resized to cover them and centre-cropped)")
 
 
 def prepare_edit(image: PictureInput, mask: Optional[PictureInput], settings: EditSettings, width: Optional[int],
@@ -230,8 +241,8 @@ def prepare_edit(image: PictureInput, mask: Optional[PictureInput], settings: Ed
     if problems:
         raise SettingsError(problems)
     if hard is not None and not np.asarray(hard).any():
-        raise SettingsError(["mask marks nothing to repaint (no white, or no fully transparent, pixel): mark the "
-                             "part to repaint, or drop the mask for image-to-image"])
+        raise SettingsError(["mask marks nothing to repaint (no white pixel, or in a mask with transparency no fully "
+                             "transparent one): mark the part to repaint, or drop the mask for image-to-image"])
     edit = Edit(settings, rgb, hard, new_area, source_hash, mask_hash)
     if hard is not None and settings.inpaint_area == "masked":
         edit.box, edit.work_size = _masked_box(hard, settings.inpaint_padding + settings.mask_blur, native_size)
@@ -240,18 +251,35 @@ def prepare_edit(image: PictureInput, mask: Optional[PictureInput], settings: Ed
 
 def _masked_box(mask: Image.Image, padding: int, native_size: int) -> tuple[tuple[int, int, int, int],
                                                                             tuple[int, int]]:
-    """The mask's bounding box plus padding (inside the canvas), and the size to work on it at: the checkpoint's
-    native area at the box's aspect ratio, sides multiples of 8."""
+    """The mask's bounding box plus padding, grown to the aspect ratio it is worked at (inside the canvas where it
+    fits), and that size: the checkpoint's native area at the box's ratio, sides multiples of 8 from 64 to 2048."""
     left, top, right, bottom = mask.getbbox()
     box = (max(0, left - padding), max(0, top - padding), min(mask.width, right + padding),
            min(mask.height, bottom + padding))
     box_width, box_height = box[2] - box[0], box[3] - box[1]
     scale = native_size / math.sqrt(box_width * box_height)
 
-    def side(length: int) -> int:
-        return min(MAX_SIDE, max(MIN_SIDE, round(length * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+    def side(length: float) -> int:
+        return min(MAX_SIDE, max(MIN_SIDE, round(length / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
-    return box, (side(box_width), side(box_height))
+    work = (side(box_width * scale), side(box_height * scale))
+    # A side held at a bound bends the ratio: grow the box's other side to match (A1111's expand_crop_region).
+    wanted_width = round(box_height * work[0] / work[1])
+    if wanted_width > box_width:
+        box = _grown(box, 0, wanted_width, mask.width)
+    else:
+        box = _grown(box, 1, round(box_width * work[1] / work[0]), mask.height)
+    return box, work
+
+
+def _grown(box: tuple[int, int, int, int], axis: int, length: int, limit: int) -> tuple[int, int, int, int]:
+    """`box` grown along `axis` (0: x, 1: y) to `length`, evenly both ways, shifted to stay in 0..limit."""
+    low, high = box[axis], box[axis + 2]
+    length = min(max(length, high - low), limit)
+    low = min(max(0, low - (length - (high - low)) // 2), limit - length)
+    grown = list(box)
+    grown[axis], grown[axis + 2] = low, low + length
+    return tuple(grown)
 
 
 # -- running it -------------------------------------------------------------------------------------
@@ -311,7 +339,8 @@ class EditRun:
             # The start's own noise, drawn again from fresh generators: the images' generators are left alone.
             self.noise = image_noise(layout, [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds])
             weights = to_sample_size(_weights(self._work(self.paste_mask(), Image.BILINEAR)), self.plan)
-            self.repaint = F.interpolate(weights, size=layout.shape[2:], mode="area").to(layout.device, layout.dtype)
+            # A latent pixel any marked pixel touches is repainted whole: a thin mask still gets room to change.
+            self.repaint = F.adaptive_max_pool2d(weights, layout.shape[2:]).to(layout.device, layout.dtype)
         return start
 
     @property

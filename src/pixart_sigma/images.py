@@ -629,10 +629,10 @@ def reproducible_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def edit_settings(record: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """An edit's settings and picture hashes as recorded (None for text-to-image): what `--from` asks the pictures for."""
-    if not record.get("source_sha256"):
-        return None
-    return {key: record[key] for key in EDIT_KEYS if key in record}
+    """An edit's settings and picture hashes as recorded (None for text-to-image): what `--from` asks the pictures
+    for. A record read from A1111 text alone has an edit's settings ("Denoising strength") but no hashes."""
+    found = {key: record[key] for key in EDIT_KEYS if record.get(key) is not None}
+    return found if found.keys() & set(EditSettings.model_fields) else None
 
 
 def batch_settings(record: dict[str, Any]) -> tuple[dict[str, Any], int]:

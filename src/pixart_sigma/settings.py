@@ -396,9 +396,9 @@ class EditSettings(SettingsModel):
         json_schema_extra={"exclusiveMinimum": 0, "maximum": 1},
     )
     mask_blur: int = Field(
-        4, title="Mask blur", ge=0, le=MAX_MASK_BLUR, description="Soften the mask's edge by this many pixels (a "
-        "Gaussian blur, cut off at this distance): pixels farther than this from the mask are the picture's, byte "
-        "for byte.",
+        4, title="Mask blur", ge=0, le=MAX_MASK_BLUR, description="Soften the mask's edge outward by this many "
+        "pixels (a Gaussian blur, cut off at this distance; the marked pixels are always repainted): pixels farther "
+        "than this from the mask are the picture's, byte for byte.",
     )
     invert_mask: bool = Field(
         False, title="Invert mask", description="Repaint what the mask leaves unmarked instead of what it marks.",
@@ -428,6 +428,11 @@ class EditSettings(SettingsModel):
             raise ValueError(f"strength={shown(value)} is not valid: it must be a number above 0 and at most 1 "
                              "(0.2 keeps the picture's colours and shapes, 1 only its broad layout)")
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("expand", mode="before")
+    @classmethod
+    def _expand_tuple(cls, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value  # expand=(0, 0, 64, 0) reads as naturally
 
     @field_validator("expand")
     @classmethod
