@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
@@ -259,6 +260,29 @@ def test_serve_openai_route_makes_images_with_their_settings(service):
     assert (record["prompt"], record["seed"], record["num_inference_steps"]) == (PROMPTS[0], 4, int(STEPS))
     assert service.get("/healthz").json() == {"status": "ok"}
     assert "num_inference_steps" in service.get("/v1/schema").json()["properties"]
+
+
+def test_serve_edits_route_edits_a_picture_as_the_library_does(service):
+    model = PixArtSigmaModel(model_name="demo", num_inference_steps=int(STEPS))
+    source = model.generate("a large red circle on the left on a white background", seed=0)[0].convert("RGBA")
+    source.paste((0, 0, 0, 0), (32, 0, 64, 64))  # OpenAI's convention: the transparent part is edited
+    prompt = "a large red circle on the left and a large green square on the right on a white background"
+    form = {"prompt": prompt, "seed": "5", "num_inference_steps": STEPS}
+    response = service.post("/v1/images/edits", data=form, files={"image": ("a.png", _png(source), "image/png")})
+    assert response.status_code == 200, response.text
+    got = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's (num_cpus=1): on a CPU the thread count can change pixels
+    try:
+        want = model.generate(prompt, image=_png(source), mask=_png(source), strength=1.0, seed=5)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert read_settings(got) == read_settings(want)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    refused = service.post("/v1/images/edits", data=form, files={"image": ("a.png", b"not a picture", "image/png")})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image", refused.text
+    as_json = service.post("/v1/images/edits", json={"prompt": prompt})
+    assert as_json.status_code == 400, as_json.text
 
 
 @pytest.mark.parametrize("body, status, field", [

@@ -245,7 +245,8 @@ def test_openai_edit_without_a_mask_uses_the_images_transparency(server, http, l
 
 @pytest.mark.parametrize("image, mask, field, words", [
     (SOURCE, None, "image", "no fully transparent pixel"),  # as OpenAI refuses an image it cannot take a mask from
-    (SOURCE, MASK, "mask", "no transparency"),
+    (SOURCE, MASK, "mask", "no fully transparent pixel"),
+    (SOURCE, png_bytes(Image.new("RGBA", (64, 64), (255, 255, 255, 255))), "mask", "no fully transparent pixel"),
     (NOT_AN_IMAGE, OPENAI_MASK, "image", "is not an image Pillow can read"),
     (TRUNCATED, OPENAI_MASK, "image", "truncated"),
     (SOURCE, png_bytes(Image.new("RGBA", (32, 32))), "mask", "must have the picture's size"),

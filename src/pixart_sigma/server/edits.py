@@ -29,7 +29,6 @@ import asyncio
 import re
 from typing import Any, Callable, Optional
 
-import numpy as np
 from fastapi import Request
 
 from .. import SettingsError
@@ -72,14 +71,18 @@ def openai_pictures(sent: dict[str, bytes]) -> dict[str, bytes]:
     if "image" not in sent:
         raise SettingsError(["image is missing: send the picture to edit as the file 'image'"])
     if "mask" in sent:
-        if read_picture(sent["mask"], "mask").mode != "RGBA":
-            raise SettingsError([f"mask has no transparency: {OPENAI_MASK_RULE}; send a PNG with an alpha channel"])
+        if not _has_transparent_pixel(read_picture(sent["mask"], "mask")):  # the library would read an opaque one by white
+            raise SettingsError([f"mask has no fully transparent pixel: {OPENAI_MASK_RULE}; send a PNG whose area to "
+                                 "edit is transparent"])
         return {"image": sent["image"], "mask": sent["mask"]}
-    source = read_picture(sent["image"], "image")
-    if source.mode != "RGBA" or not (np.asarray(source)[:, :, 3] == 0).any():
+    if not _has_transparent_pixel(read_picture(sent["image"], "image")):
         raise SettingsError([f"image has no fully transparent pixel and no mask was sent: {OPENAI_MASK_RULE}; send "
                              "a mask, or an image whose area to edit is transparent"])
     return {"image": sent["image"], "mask": sent["image"]}  # read as a mask, its transparency marks the area
+
+
+def _has_transparent_pixel(picture) -> bool:
+    return picture.mode == "RGBA" and picture.getextrema()[3][0] == 0
 
 
 def _openai_edit_values(fields: dict[str, list[str]]) -> tuple[dict[str, Any], list[str]]:

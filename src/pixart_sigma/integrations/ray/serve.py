@@ -6,14 +6,16 @@ Two deployments:
   `check_health` proves the model can still generate (a tiny generation when it is idle), so Serve
   replaces a replica whose device has failed.
 - `Gateway`: the HTTP routes, the synchronous ones of `pixart-sigma serve` that apply here:
-  `POST /v1/images/generations` (OpenAI's Images API, the same translation and messages),
+  `POST /v1/images/generations` and `POST /v1/images/edits` (OpenAI's Images API and its image edits,
+  multipart as OpenAI's, the same translations and messages as `pixart-sigma serve`),
   `GET /v1/schema`, `GET /healthz`. Every request is checked by the library's rules here, so bad
   input never reaches a replica; a random seed is drawn here too. It calls the replicas through a
   handle, so a full queue surfaces as `BackPressureError` and is answered with 429 and Retry-After
   in OpenAI's error shape (Serve's own answer would be a bare 503); a replica that dies mid-request
   is a 503 with Retry-After, which OpenAI's client retries by itself. Around the routes, the rules of
   `pixart-sigma serve` (`server.guards`): without an API key only this machine's own clients (loopback
-  Host, no cross-site browser requests, JSON bodies only), with one `Authorization: Bearer <key>`.
+  Host, no cross-site browser requests, JSON bodies only but multipart on the edits route), with one
+  `Authorization: Bearer <key>`.
   Without a key the gateway starts only when Serve's HTTP proxy is known to bind a loopback address:
   a proxy reachable from other machines, or one whose address cannot be read, is refused (fail closed).
   `compile=true` is refused unless the app is built with `allow_compile=true`, as the service's
@@ -45,7 +47,10 @@ from ...compiling import COMPILE_COST
 from ...images import image_bytes
 from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, parse_settings, shown
 from ...server.guards import SecurityHeaders, guarded, host_names
-from ...server.protocol import MAX_BODY_BYTES, BadRequest, error_response, read_json, request_schema
+from ...server.edits import openai_edit_check
+from ...server.pictures import BadForm, read_form
+from ...server.protocol import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, OPENAI_EDIT_ROUTE, BadRequest, error_response,
+                                read_json, request_schema, settings_error)
 from ...server.compat import openai_content, openai_refusal, translate_openai
 from ...server import API_KEY_ENV, is_loopback
 from ...server.service import validate_request
@@ -54,6 +59,7 @@ IMPORT_PATH = "pixart_sigma.integrations.ray:app"
 PROBE = {"num_inference_steps": 1, "width": 64, "height": 64, "num_images_per_prompt": 1, "seed": 0}
 PROBE_EVERY_SECONDS = 60.0  # an idle replica proves itself at most this often; a failure makes it prove itself at once
 FIRST_RETRY_AFTER = 5  # seconds, before any generation has been timed
+EDIT_LIMITS = {OPENAI_EDIT_ROUTE: MAX_EDIT_BODY_BYTES}  # the route that takes pictures; 1 MiB elsewhere
 
 
 # -- the replicas ------------------------------------------------------------------------------------
@@ -74,20 +80,23 @@ class Generator:
         self._proven = time.monotonic()
         self._failed: Optional[str] = None  # the last unexpected failure, until a probe succeeds
 
-    async def generate(self, prompt: str, settings: dict[str, Any]) -> dict[str, Any]:
-        """PNG bytes (settings inside) and seeds of `prompt`'s images; `settings` were checked by the gateway."""
+    async def generate(self, prompt: str, settings: dict[str, Any],
+                       pictures: Optional[dict[str, bytes]] = None) -> dict[str, Any]:
+        """PNG bytes (settings inside) and seeds of `prompt`'s images; `settings` (and an edit's `pictures`, role ->
+        bytes) were checked by the gateway."""
         cancel = threading.Event()
         try:
-            return await asyncio.to_thread(self._generate, prompt, settings, cancel)
+            return await asyncio.to_thread(self._generate, prompt, settings, cancel, pictures)
         except asyncio.CancelledError:  # the client went away: stop at the next step
             cancel.set()
             raise
 
-    def _generate(self, prompt: str, settings: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+    def _generate(self, prompt: str, settings: dict[str, Any], cancel: threading.Event,
+                  pictures: Optional[dict[str, bytes]] = None) -> dict[str, Any]:
         with self._busy:
             started = time.monotonic()
             try:
-                images = self.model.generate(prompt, cancel=cancel, **settings)
+                images = self.model.generate(prompt, cancel=cancel, **(pictures or {}), **settings)
             except (SettingsError, Cancelled):
                 raise
             except Exception as exc:
@@ -130,10 +139,11 @@ class Checker:
         # streamed model) is refused by the replica, and answered 400 all the same (see `images`).
         self.memory_mode = load.get("memory", "auto")
 
-    def validate_call(self, prompt: Any, /, **overrides: Any) -> tuple[str, dict[str, Any]]:
-        """The checked prompt and per-call settings, by the library's one check of a call."""
+    def validate_call(self, prompt: Any, /, *, image: Any = None, mask: Any = None,
+                      **overrides: Any) -> tuple[str, dict[str, Any]]:
+        """The checked prompt and per-call settings (an edit's pictures read), by the library's one check of a call."""
         return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
-                          memory_mode=self.memory_mode)
+                          memory_mode=self.memory_mode, image=image, mask=mask)
 
 
 class Catalog:
@@ -145,9 +155,9 @@ class Catalog:
         self.models = {self.default_model: Checker(load)}
         self.allow_compile = allow_compile
 
-    def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]:
+    def validate(self, body: Any, pictures: Optional[dict[str, bytes]] = None) -> tuple[str, str, dict[str, Any]]:
         return validate_request(self.models, self.default_model, body, set_by=f"serve run {IMPORT_PATH} {{name}}=...",
-                                allow_compile=self.allow_compile)
+                                allow_compile=self.allow_compile, pictures=pictures)
 
 
 Rules = tuple[Optional[str], Optional[tuple[str, ...]]]  # guarded's api_key and hosts
@@ -213,7 +223,8 @@ class Guards:
                                      code="not_configured", headers={"Retry-After": "5"})
             return await SecurityHeaders(refusal)(scope, receive, send)
         if self.built[0] is not rules:
-            self.built = (rules, guarded(self.app, *rules, MAX_BODY_BYTES))
+            self.built = (rules, guarded(self.app, *rules, MAX_BODY_BYTES, route_limits=EDIT_LIMITS,
+                                         multipart_paths=(OPENAI_EDIT_ROUTE,)))
         return await self.built[1](scope, receive, send)
 
 
@@ -230,12 +241,20 @@ async def _bad_request(request: Request, exc: BadRequest):
 @api.exception_handler(404)
 async def _missing(request: Request, exc):
     return error_response(404, f"no route {request.url.path[:100]}: this deployment serves POST "
-                          "/v1/images/generations, GET /v1/schema and GET /healthz", code="not_found")
+                          f"/v1/images/generations, POST {OPENAI_EDIT_ROUTE}, GET /v1/schema and GET /healthz",
+                          code="not_found")
 
 
 @api.exception_handler(405)
 async def _method(request: Request, exc):
     return error_response(405, f"{request.method} is not allowed on {request.url.path[:100]}", code="method_not_allowed")
+
+
+def no_urls():
+    # Defined above the Gateway: below it, the replica (which gets the class pickled) found no such name.
+    return error_response(400, "response_format='url' is not available here: this deployment keeps no images to "
+                          "link to; ask for 'b64_json' (the default here)", param="response_format",
+                          code="invalid_settings")
 
 
 @serve.ingress(api)
@@ -264,17 +283,41 @@ class Gateway:
         if refusal is not None:
             return refusal
         if raw.get("response_format") == "url":
-            return error_response(400, "response_format='url' is not available here: this deployment keeps no "
-                                  "images to link to; ask for 'b64_json' (the default here)",
-                                  param="response_format", code="invalid_settings")
+            return no_urls()
         try:
             model_name, prompt, settings = self.catalog.validate(body)
         except SettingsError as exc:
             return openai_refusal(exc, rename)
+        return await self._answer(model_name, prompt, settings, rename)
+
+    @api.post(OPENAI_EDIT_ROUTE, summary="OpenAI's image edits: edit a picture and answer with the images",
+              description=f"multipart/form-data as OpenAI's; bodies up to {MAX_EDIT_BODY_BYTES:,} bytes.")
+    async def edits(self, request: Request):
+        try:
+            fields, sent = await read_form(request)
+        except BadForm as exc:
+            return error_response(400, str(exc), code="invalid_multipart")
+        except SettingsError as exc:
+            return settings_error(exc, 400)
+        # The pictures are read here (off the event loop), so a bad one never reaches a replica.
+        refusal, body, rename, _, pictures = await asyncio.to_thread(openai_edit_check, self.catalog, fields, sent)
+        if refusal is not None:
+            return refusal
+        if fields.get("response_format") == ["url"]:
+            return no_urls()
+        try:
+            model_name, prompt, settings = await asyncio.to_thread(self.catalog.validate, body, pictures)
+        except SettingsError as exc:
+            return openai_refusal(exc, rename)
+        return await self._answer(model_name, prompt, settings, rename, pictures)
+
+    async def _answer(self, model_name: str, prompt: str, settings: dict[str, Any], rename,
+                      pictures: Optional[dict[str, bytes]] = None):
+        """Generate on a replica and answer in OpenAI's shape, or with the error a client can act on."""
         if settings["seed"] == -1:  # drawn here, so a retried request makes the same images
             settings["seed"] = random_seed()
         try:
-            result = await asyncio.wait_for(self.generator.generate.remote(prompt, settings), self.timeout)
+            result = await asyncio.wait_for(self.generator.generate.remote(prompt, settings, pictures), self.timeout)
         except BackPressureError as exc:
             waiting = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 1
             return error_response(429, f"the queue is full ({shown(waiting)} requests waiting for "
