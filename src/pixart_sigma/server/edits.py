@@ -30,6 +30,7 @@ import re
 from typing import Any, Callable, Optional
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from .. import SettingsError
 from ..editing import read_picture
@@ -95,6 +96,18 @@ def _openai_edit_values(fields: dict[str, list[str]]) -> tuple[dict[str, Any], l
             problems.append(f"{name}={shown(value)} is not valid: choose one of {', '.join(choices)}")
     values.setdefault("strength", OPENAI_EDIT_STRENGTH)
     return values, problems
+
+
+async def read_openai_form(request: Request) -> tuple[Optional[JSONResponse], dict[str, list[str]],
+                                                      dict[str, list[bytes]]]:
+    """(the 400 to answer instead, or None; the form's text fields; its pictures) of an OpenAI edit request."""
+    try:
+        fields, sent = await read_form(request)
+    except BadForm as exc:
+        return error_response(400, str(exc), code="invalid_multipart"), {}, {}
+    except SettingsError as exc:
+        return settings_error(exc, 400), {}, {}
+    return None, fields, sent
 
 
 def openai_edit_check(service: Service, fields: dict[str, list[str]], sent: dict[str, list[bytes]]):
@@ -280,12 +293,9 @@ def install(app, service: Service, tasks: dict[str, tuple[int, int]]) -> None:
               summary="OpenAI's image edits: edit a picture and answer with the images (waits for the job)",
               description=f"Bodies up to {MAX_EDIT_BODY_BYTES:,} bytes.")
     async def openai_edit(request: Request):
-        try:
-            fields, sent = await read_form(request)
-        except BadForm as exc:
-            return error_response(400, str(exc), code="invalid_multipart")
-        except SettingsError as exc:
-            return settings_error(exc, 400)
+        refusal, fields, sent = await read_openai_form(request)
+        if refusal is not None:
+            return refusal
         refusal, body, rename, answer, pictures = await asyncio.to_thread(openai_edit_check, service, fields, sent)
         if refusal is not None:
             return refusal

@@ -47,10 +47,9 @@ from ...compiling import COMPILE_COST
 from ...images import image_bytes
 from ...settings import DEFAULT_MODEL, LOAD_SETTINGS, parse_settings, shown
 from ...server.guards import SecurityHeaders, guarded, host_names
-from ...server.edits import openai_edit_check
-from ...server.pictures import BadForm, read_form
+from ...server.edits import openai_edit_check, read_openai_form
 from ...server.protocol import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, OPENAI_EDIT_ROUTE, BadRequest, error_response,
-                                read_json, request_schema, settings_error)
+                                read_json, request_schema)
 from ...server.compat import openai_content, openai_refusal, translate_openai
 from ...server import API_KEY_ENV, is_loopback
 from ...server.service import validate_request
@@ -293,12 +292,9 @@ class Gateway:
     @api.post(OPENAI_EDIT_ROUTE, summary="OpenAI's image edits: edit a picture and answer with the images",
               description=f"multipart/form-data as OpenAI's; bodies up to {MAX_EDIT_BODY_BYTES:,} bytes.")
     async def edits(self, request: Request):
-        try:
-            fields, sent = await read_form(request)
-        except BadForm as exc:
-            return error_response(400, str(exc), code="invalid_multipart")
-        except SettingsError as exc:
-            return settings_error(exc, 400)
+        refusal, fields, sent = await read_openai_form(request)
+        if refusal is not None:
+            return refusal
         # The pictures are read here (off the event loop), so a bad one never reaches a replica.
         refusal, body, rename, _, pictures = await asyncio.to_thread(openai_edit_check, self.catalog, fields, sent)
         if refusal is not None:
