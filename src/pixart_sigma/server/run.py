@@ -17,23 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 from .. import MEMORY_BUDGET_ENV, PixArtSigmaError, PixArtSigmaModel, SettingsError
+from ..home import default_data_dir
 from . import API_KEY_ENV, KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE, is_loopback
 
 log = logging.getLogger(__name__)
-HOME_ENV = "PIXART_SIGMA_HOME"
-
-
-def default_data_dir() -> Path:
-    """PIXART_SIGMA_HOME, else the platform's user data folder."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV]).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "pixart-sigma"
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "pixart-sigma"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "pixart-sigma"
-
-
 def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto",
                 text_encoder_dtype: str = "auto") -> dict[str, PixArtSigmaModel]:
     """Each served model, loaded and warmed by one small generation (kernels chosen, caches filled)."""
