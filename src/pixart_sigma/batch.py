@@ -25,7 +25,7 @@ from .settings import PLACEMENT_SETTINGS, Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
 # Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match.
-KEYED_WHEN_SET = {"vae_tiling": False, "compile": False}
+KEYED_WHEN_SET = {"vae_tiling": False, "compile": False, "loras": []}
 COMMENT = "#"
 LINE_END = re.compile(r"\r\n|\r|\n")  # as editors break lines; not U+2028 or form feeds
 

@@ -20,6 +20,9 @@ RANDOM_SEED_RANGE = 2**32  # seed=-1 draws from [0, 2**32): room for seed + k up
 COMPILE_STREAMED = ("compile=True cannot be used with memory='sequential-offload' (memory=auto picks it when the "
                     "model does not fit whole; its hooks stream the weights block by block): use model-offload, "
                     "text-offload or resident, or compile=False")
+LORAS_STREAMED = ("loras cannot be used with memory='sequential-offload' (memory=auto picks it when the model does not "
+                  "fit whole): its offloading hooks keep their own copies of the weights, which a LoRA cannot change; "
+                  "use model-offload, text-offload or resident, or no loras")
 
 
 def random_seed() -> int:
@@ -61,7 +64,7 @@ def call_settings(model_settings: Mapping[str, Any], overrides: Mapping[str, Any
     values = {name: model_settings[name] for name in Settings.field_names()}
     values.update(overrides)
     values = parse_settings(values).model_dump()
-    check_compile(values["compile"], memory_mode)
+    check_memory_mode(values["compile"], values["loras"], memory_mode)
     fill_size(values, native_size)
     return Settings.model_construct(**values)
 
@@ -119,6 +122,20 @@ def check_edit(image: Any, mask: Any, edit_values: Mapping[str, Any], overrides:
     settings = parse_settings(dict(edit_values), EditSettings)
     return prepare_edit(image, mask, settings, overrides.get("width"), overrides.get("height"),
                         native_size or MIN_SIDE)
+
+
+def check_memory_mode(compile: bool, loras: Any, memory_mode: str) -> None:
+    """What a memory mode cannot run: compile and LoRAs need the weights whole (a streamed model's hooks move
+    and copy them); every problem at once."""
+    problems = []
+    try:
+        check_compile(compile, memory_mode)
+    except SettingsError as exc:
+        problems += exc.problems
+    if loras and memory_mode == "sequential-offload":
+        problems.append(LORAS_STREAMED)
+    if problems:
+        raise SettingsError(problems)
 
 
 def check_compile(compile: bool, memory_mode: str) -> None:

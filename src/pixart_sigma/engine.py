@@ -29,8 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import sampling
-from .calls import check_compile
+from .calls import check_memory_mode
 from .errors import Cancelled, GenerationError, SettingsError
+from .loras import LoraUse, fuse
 from .placement import OFFLOADED, PARTS, PartSizes, Placement, place, resolve_mode
 from .sampling import CancelFlag, Conditioning, LatentLayout, ProgressCallback, StartStage, StepHook
 from .settings import SAMPLERS, Settings, check_images_per_call, check_pixel_budget
@@ -284,26 +285,33 @@ class Engine:
 
     def generate(self, prompt: str, settings: Settings, seeds: list[int],
                  on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
-                 start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = ()) -> Output:
+                 start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = (),
+                 loras: Sequence[LoraUse] = ()) -> Output:
         """Images for one prompt, one per seed; `settings` already validated, with width and height set."""
-        return self.generate_many([prompt], settings, [seeds], on_progress, cancel, start=start, hooks=hooks)[0]
+        return self.generate_many([prompt], settings, [seeds], on_progress, cancel, start=start, hooks=hooks,
+                                  loras=loras)[0]
 
     def generate_many(self, prompts: list[str], settings: Settings, seeds: list[list[int]],
                       on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
-                      start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = ()) -> list[Output]:
+                      start: StartStage = sampling.noise_start, hooks: Sequence[StepHook] = (),
+                      loras: Sequence[LoraUse] = ()) -> list[Output]:
         """Several prompts denoised together in one batch, one Output per prompt with one image per seed.
 
         Fills the device better than one call per prompt; image k of a prompt depends only on that prompt,
         its seed and the settings, as in `generate`. `start` makes the latents and timesteps to begin
-        from (default: each seed's noise, every step); `hooks` run after each step (sampling.py).
+        from (default: each seed's noise, every step); `hooks` run after each step (sampling.py). `loras`: the
+        call's LoRAs, read (loras.prepare_loras); fused into the transformer in this call's device turn, and
+        taken off by the next call without them (settings.loras names them; these are what is applied).
         """
         check_callbacks(on_progress, cancel)
         if len(prompts) != len(seeds) or not prompts or not all(seeds):
             raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
                                  f"prompt(s) and {len(seeds)} seed list(s)"])
         check_image_count(settings.width, settings.height, seeds)
-        check_compile(settings.compile, self.memory)
+        check_memory_mode(settings.compile, loras, self.memory)
         with _DeviceTurn(self.device, cancel), torch.inference_mode():
+            # The transformer is shared by every call on this device: its weights are this call's set for the turn.
+            fuse(self.pipeline.transformer, loras)
             return self._generate(prompts, settings, seeds, start, hooks, on_progress, cancel)
 
     def _generate(self, prompts: list[str], s: Settings, seed_groups: list[list[int]], start_stage: StartStage,

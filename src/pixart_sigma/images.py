@@ -30,16 +30,19 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
-from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS, EditSettings,
-                       Settings, check_text, parse_settings, shown)
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS,
+                       SHORT_HASH_DIGITS, EditSettings, LoraRecord, Settings, check_text, is_plain_lora_name,
+                       parse_settings, shown)
 
 JSON_KEY = "pixart_sigma"
 PARTIAL_PREFIX = ".partial-"  # an image being written; never a finished one
 A1111_KEY = "parameters"
 SAMPLER_NAMES = {name: sampler.a1111_name for name, sampler in SAMPLERS.items()}
-# Settings that decide the pixels; the rest of the JSON chunk is information.
+# Settings that decide the pixels; the rest of the JSON chunk is information. A record's LoRAs decide them too, but
+# they are found by their SHA-256 in the LoRA folder (loras.recorded_loras), never by the name a file gives.
+RECORDED_ELSEWHERE = ("num_images_per_prompt", "loras")
 REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields
-                          if name not in PLACEMENT_SETTINGS and name != "num_images_per_prompt")
+                          if name not in PLACEMENT_SETTINGS and name not in RECORDED_ELSEWHERE)
 # What a record may hold besides the settings and the prompt; any other key read from a file is dropped.
 INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
              "base_revision", "version", "cpu_threads")
@@ -70,9 +73,22 @@ def _quote(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if re.search(r"[,:\n\"]", text) else text
 
 
+LORA_TAG = re.compile(r"\s*<lora:([^<>\n]+):(-?[0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)>")  # A1111's prompt syntax
+
+
+def _lora_tags(loras: list[dict[str, Any]]) -> str:
+    return "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in loras)
+
+
+def _lora_hashes(loras: list[dict[str, Any]]) -> Optional[str]:
+    """A1111's "Lora hashes" value: each LoRA's name and the first 10 hexadecimal digits of its SHA-256."""
+    return ", ".join(f"{lora['name']}: {lora['sha256'][:SHORT_HASH_DIGITS]}" for lora in loras) or None
+
+
 def a1111_text(record: dict[str, Any]) -> str:
-    """The A1111 `parameters` text for one image's record."""
-    lines = [record["prompt"]]
+    """The A1111 `parameters` text for one image's record (LoRAs as A1111 writes them: tags after the prompt)."""
+    loras = record.get("loras") or []
+    lines = [record["prompt"] + _lora_tags(loras)]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     pairs = {
@@ -83,6 +99,7 @@ def a1111_text(record: dict[str, Any]) -> str:
         "Size": f"{record['width']}x{record['height']}",
         "Denoising strength": record.get("strength"),  # an edit's; A1111's names
         "Mask blur": record.get("mask_blur") if record.get("mask_sha256") else None,
+        "Lora hashes": _lora_hashes(loras),
         "Model": record["model_name"],
         "Dtype": record.get("dtype"),
         "Version": f"pixart-sigma {record.get('version')}",
@@ -455,10 +472,11 @@ def _parse_a1111(text: str) -> dict[str, Any]:
             in_negative = True
             line = line[len("Negative prompt:"):].lstrip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    record: dict[str, Any] = {"prompt": "\n".join(prompt_lines)}
+    values = _a1111_pairs(last)
+    prompt, loras = _a1111_loras("\n".join(prompt_lines), values.get("Lora hashes", ""))
+    record: dict[str, Any] = {"prompt": prompt, **({"loras": loras} if loras else {})}
     if negative_lines:
         record["negative_prompt"] = "\n".join(negative_lines)
-    values = _a1111_pairs(last)
     samplers = {name: key for key, name in SAMPLER_NAMES.items()}
     readers = {
         "Steps": ("num_inference_steps", _a1111_integer), "CFG scale": ("guidance_scale", _a1111_number),
@@ -474,6 +492,28 @@ def _parse_a1111(text: str) -> dict[str, Any]:
     if size:
         record["width"], record["height"] = int(size[1]), int(size[2])
     return record
+
+
+def _a1111_loras(prompt: str, hashes: str) -> tuple[str, list[dict[str, Any]]]:
+    """The prompt without its `<lora:name:scale>` tags, and those LoRAs with their hashes from "Lora hashes".
+
+    Only LoRAs with a plain name and a hash are taken out (another tag stays prompt text: nothing could find its file).
+    """
+    known = {}
+    for pair in hashes.split(","):
+        name, _, digest = pair.rpartition(":")
+        if name.strip():
+            known[name.strip()] = digest.strip()
+    loras: list[dict[str, Any]] = []
+
+    def take(match: re.Match) -> str:
+        name = match[1]
+        if not (is_plain_lora_name(name) and re.fullmatch(f"[0-9a-f]{{{SHORT_HASH_DIGITS},}}", known.get(name, ""))):
+            return match[0]
+        loras.append({"name": name, "scale": float(match[2]), "sha256": known[name]})
+        return ""
+
+    return LORA_TAG.sub(take, prompt).rstrip(" "), loras
 
 
 class _NonFinite:
@@ -570,11 +610,13 @@ def _validated(raw: Any, name: str, where: str) -> dict[str, Any]:
         if isinstance(value, _NonFinite) or (isinstance(value, list) and any(isinstance(v, _NonFinite) for v in value)):
             problems.append(f"{key}={value!r} is not valid: NaN and Infinity are not accepted, a number must be finite")
             del record[key]
-    for model in (Settings, EditSettings):
-        given = {key: value for key, value in record.items() if key in model.model_fields}
+    for model in (Settings, EditSettings, LoraRecord):  # a record's loras have their hashes: LoraRecord's rules
+        given = {key: value for key, value in record.items() if key in model.model_fields
+                 and (model is LoraRecord or key not in LoraRecord.model_fields)}
         try:
             settings = parse_settings(given, model)
-            record.update({key: getattr(settings, key) for key in given})
+            dumped = settings.model_dump()
+            record.update({key: dumped[key] for key in given})
         except SettingsError as error:
             problems += error.problems
     if "prompt" in record:

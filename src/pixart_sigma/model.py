@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Optional, Sequence
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -18,6 +20,7 @@ from .engine import (CancelFlag, Engine, Output, ProgressCallback, check_callbac
                      memory_budget)
 from .errors import CheckpointError, SettingsError
 from .images import attach
+from .loras import LoraUse, prepare_loras
 from .settings import (LOAD_SETTINGS, MAX_SEED, PLACEMENT_SETTINGS, Settings, check_images_per_call,
                        check_pixel_budget, json_schema, parse_settings, shown)
 
@@ -56,14 +59,31 @@ class PixArtSigmaModel:
 
     SCHEMA = Settings
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, *, lora_dir: Optional[Union[str, os.PathLike]] = None, lora_paths: bool = True, **kwargs: Any):
+        """`kwargs`: the settings (Settings). `lora_dir`: the folder LoRA names are looked up in (default:
+        $PIXART_SIGMA_HOME/loras); `lora_paths=False` accepts only names of that folder, never a path (a service)."""
         self.settings = self.validate_and_transform(kwargs)
+        self._set_lora_source(lora_dir, lora_paths)
         self._pipeline_engine: Optional[Engine] = None
         # Load (or find warm) now, not at the first generate; calls are checked against the mode it resolved.
         self.memory_mode = self.engine.memory
 
+    def _set_lora_source(self, lora_dir: Optional[Union[str, os.PathLike]], lora_paths: bool) -> None:
+        if not isinstance(lora_paths, bool):
+            raise SettingsError([f"lora_paths={shown(lora_paths)} is not valid: it must be true or false"])
+        self.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None  # None: looked up at each use
+        self.lora_paths = lora_paths
+
+    def lora_uses(self, loras: Sequence[Any]) -> list[LoraUse]:
+        """A call's checked `loras` setting resolved in this model's LoRA folder, hashed and read (cached): what is
+        fused."""
+        if not loras:
+            return []
+        return prepare_loras(loras, self.engine.pipeline.transformer.config, self.lora_dir, self.lora_paths)
+
     @classmethod
-    def from_pipeline(cls, pipeline, memory: str = "resident", **kwargs: Any) -> "PixArtSigmaModel":
+    def from_pipeline(cls, pipeline, memory: str = "resident", lora_dir: Optional[Union[str, os.PathLike]] = None,
+                      lora_paths: bool = True, **kwargs: Any) -> "PixArtSigmaModel":
         """Wrap a diffusers `PixArtSigmaPipeline` you already have (your quantization, your compile, your device).
 
         The pipeline is used as it is: not cast, not cached, and not moved unless `memory` names an offload
@@ -100,6 +120,7 @@ class PixArtSigmaModel:
                       torch_text_encoder_dtype=pipeline.text_encoder.dtype)
         model = cls.__new__(cls)
         model.settings = values
+        model._set_lora_source(lora_dir, lora_paths)
         model._pipeline_engine = engine
         model.memory_mode = mode
         return model
@@ -152,8 +173,10 @@ class PixArtSigmaModel:
         a request with it before queueing the work, against the memory mode the weights were placed in.
         An edit's pictures are read and checked too.
         """
-        return check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
-                          memory_mode=self.memory_mode, image=image, mask=mask)
+        checked, values = check_call(prompt, self.settings, overrides, native_size=self.settings["checkpoint"].native_size,
+                                     memory_mode=self.memory_mode, image=image, mask=mask)
+        self.lora_uses(values["loras"])  # found and read now (then cached), not at its turn
+        return checked, values
 
     def generate(self, input: Optional[str] = None, *, prompt: Optional[str] = None,
                  image: Optional[PictureInput] = None, mask: Optional[PictureInput] = None,
@@ -219,13 +242,17 @@ class PixArtSigmaModel:
         count = settings.num_images_per_prompt
         check_pixel_budget(settings.width, settings.height, count, prompts=len(checked))
         engine = self.engine
+        loras = self.lora_uses(settings.loras)
         groups = [[first + k for k in range(count)] for first in first_seeds]
         if edit is None:
-            outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel)
+            outputs = engine.generate_many(checked, settings, groups, on_progress=on_progress, cancel=cancel,
+                                           loras=loras)
         else:
-            outputs = self._run_edit(edit, checked, settings, groups, on_progress, cancel)
+            outputs = self._run_edit(edit, checked, settings, groups, on_progress, cancel, loras)
         located = engine.located
-        chosen = settings.model_dump(exclude={"num_images_per_prompt", *LOAD_SETTINGS, *PLACEMENT_SETTINGS})
+        chosen = settings.model_dump(exclude={"num_images_per_prompt", "loras", *LOAD_SETTINGS, *PLACEMENT_SETTINGS})
+        if loras:  # by name, scale and SHA-256: never a path (`--from` finds them by hash)
+            chosen["loras"] = [use.record() for use in loras]
         if edit is not None:
             chosen.update(width=edit.size[0], height=edit.size[1], **edit.record())
         # On a CPU the thread count changes how sums are split, so the last bit of some pixels: recorded, replayed.
@@ -245,13 +272,14 @@ class PixArtSigmaModel:
         return [output.images for output in outputs]
 
     def _run_edit(self, edit: Edit, prompts: list[str], settings: Settings, groups: list[list[int]],
-                  on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> list[Output]:
+                  on_progress: Optional[ProgressCallback], cancel: Optional[CancelFlag],
+                  loras: Sequence[LoraUse] = ()) -> list[Output]:
         engine = self.engine
         plan = engine.plan(settings.width, settings.height, settings.use_resolution_binning)
         run = EditRun(edit, engine, plan, [seed for group in groups for seed in group], settings.num_inference_steps,
                       tiled=settings.vae_tiling)
         outputs = engine.generate_many(prompts, settings, groups, on_progress=on_progress, cancel=cancel,
-                                       start=run.start, hooks=run.hooks)
+                                       start=run.start, hooks=run.hooks, loras=loras)
         pasted = iter(run.paste([image for output in outputs for image in output.images]))
         return [dataclasses.replace(output, images=[next(pasted) for _ in output.images]) for output in outputs]
 

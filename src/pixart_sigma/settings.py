@@ -239,6 +239,90 @@ class SettingsModel(BaseModel):
         return f"{what} in JSON" + (f", e.g. {json.dumps(schema['examples'][0])}" if schema.get("examples") else "")
 
 
+# LoRAs per call. A LoRA is trained for scale 1; people use -2..2 (a negative scale pushes away from the style);
+# past +-4 the change is several times anything trained and gives noise, and in float16 it can overflow the weights.
+MAX_LORA_SCALE = 4.0
+MAX_LORAS = 8  # per call: each one's weight change is fused into the transformer for the call
+MAX_LORA_NAME_CHARS = 1024
+SHA256_DIGITS, SHORT_HASH_DIGITS = 64, 10  # a LoRA's SHA-256; A1111's "Lora hashes" keep its first 10
+
+
+class LoraSetting(SettingsModel):
+    """One LoRA of a call: which one (`name`) and how strongly (`scale`)."""
+
+    model_config = ConfigDict(json_schema_extra=None)  # a part of Settings' schema, not a schema of its own
+
+    name: str = Field(
+        title="LoRA", description="A name in the LoRA folder ($PIXART_SIGMA_HOME/loras, or lora_dir / --lora-dir): a "
+        "file's name without .safetensors, or a PEFT folder's name; or the path of a .safetensors file or PEFT "
+        "folder (a path has a / in it).",
+    )
+    scale: float = Field(
+        1.0, title="Scale", ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
+        description=f"How strongly it applies: 1 as trained, 0 not at all, negative pushes away from it; "
+        f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (beyond that a LoRA gives noise, not more of its style).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip() or len(value) > MAX_LORA_NAME_CHARS:
+            raise ValueError(f"name={shown(value)} is not valid: it must be 1 to {MAX_LORA_NAME_CHARS} "
+                             "characters, a name in the LoRA folder or a path")
+        _printable("name", value)
+        return value
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite_scale(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"scale={shown(value)} is not valid: it must be a finite number from "
+                             f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+        return value
+
+
+def check_lora_count(loras: list) -> list:
+    if len(loras) > MAX_LORAS:
+        raise ValueError(f"loras has {len(loras)} LoRAs: at most {MAX_LORAS} are applied in one call")
+    return loras
+
+
+class RecordedLora(LoraSetting):
+    """A LoRA as an image records it: its plain name (never a path), its scale and its file's SHA-256 (or, read from
+    A1111 text, A1111's short hash: the first 10 hexadecimal digits)."""
+
+    sha256: str = Field(title="SHA-256", description="The LoRA file's SHA-256 (a PEFT folder: of its weights file).")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not is_plain_lora_name(value):
+            raise ValueError(f"name={shown(value)} is not valid in a record: it must be a plain name (no / or \\, "
+                             "not . or ..): an image names its LoRAs, it never chooses a path")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not re.fullmatch(f"[0-9a-f]{{{SHORT_HASH_DIGITS}}}|[0-9a-f]{{{SHA256_DIGITS}}}", value):
+            raise ValueError(f"sha256={shown(value)} is not valid: it must be a SHA-256 ({SHA256_DIGITS} "
+                             f"lowercase hexadecimal digits) or A1111's short hash (its first {SHORT_HASH_DIGITS})")
+        return value
+
+
+class LoraRecord(SettingsModel):
+    """The `loras` of an image's record."""
+
+    loras: list[RecordedLora] = Field([], json_schema_extra={"maxItems": MAX_LORAS})
+
+    _count = field_validator("loras")(classmethod(lambda cls, value: check_lora_count(value)))
+
+
+def is_plain_lora_name(name: str) -> bool:
+    """A name looked up in the LoRA folder: no path separator, not . or .., no leading dot."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and "\0" not in name
+
+
 class Settings(SettingsModel):
     """Everything that decides an image, except the prompt itself (and, for an edit, its pictures: EditSettings)."""
 
@@ -316,6 +400,11 @@ class Settings(SettingsModel):
         MAX_SEQUENCE_LENGTH, title="Max prompt tokens", ge=1, le=MAX_SEQUENCE_LENGTH,
         description="Prompt tokens the T5 encoder reads; longer prompts are truncated and the image says so.",
     )
+    loras: list[LoraSetting] = Field(
+        [], title="LoRAs", description=f"LoRA adapters applied for this call, at most {MAX_LORAS}, each with its scale; "
+        "the base weights come back exactly after the call. Each image records each LoRA's name, scale and SHA-256.",
+        examples=[[{"name": "my-style", "scale": 0.8}]], json_schema_extra={"maxItems": MAX_LORAS},
+    )
 
     @field_validator("model_name")
     @classmethod
@@ -334,6 +423,11 @@ class Settings(SettingsModel):
             raise ValueError(f"device is {len(value)} characters long: use auto, CPU, GPU, cuda, cuda:N or mps")
         _printable("device", value)
         return value
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_count(cls, value: list) -> list:
+        return check_lora_count(value)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
@@ -486,7 +580,10 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         return f"unknown setting {field!r}: valid names are {', '.join(owner.model_fields if owner else [])}"
     if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
+        message = str(ctx.get("error", error["msg"]))
+        parents = field.rpartition(".")[0]  # inside a list or object: name the whole path (loras.0.scale=...)
+        last = str(error["loc"][-1]) if error["loc"] else ""
+        return f"{parents}.{message}" if parents and message.startswith((f"{last}=", f"{last} ")) else message
     if kind == "missing":
         return f"{field} is missing: it is required" + (f" ({info.description})" if info and info.description else "")
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):

@@ -26,8 +26,9 @@ def load_models(model_names: list[str], device: str, dtype: str, memory: str = "
     """Each served model, loaded and warmed by one small generation (kernels chosen, caches filled)."""
     models = {}
     for name in model_names:
+        # A client names LoRAs of the served folder only, never a path on this machine.
         model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype, text_encoder_dtype=text_encoder_dtype,
-                                 memory=memory)
+                                 memory=memory, lora_paths=False)
         model.generate("warm-up", num_inference_steps=1, width=64, height=64, num_images_per_prompt=1, seed=0)
         models[name] = model
     return models

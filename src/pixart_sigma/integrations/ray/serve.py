@@ -73,7 +73,7 @@ class Generator:
             torch.set_num_threads(threads)
 
         quiet_libraries()
-        self.model = PixArtSigmaModel(**load)
+        self.model = PixArtSigmaModel(**load, lora_paths=False)  # clients name LoRAs of the folder, never a path
         self.model.generate("warm-up", **PROBE)  # kernels chosen, caches filled: the first request is not slower
         self._busy = threading.Lock()
         self._proven = time.monotonic()
