@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 DEFAULT_OUTPUT_DIR = "outputs"
+MAX_REASON_CHARS = 300  # of why a LoRA cannot be read, in `pixart-sigma loras`
 
 
 def _flag_type(annotation: Any):
@@ -103,7 +104,41 @@ def _write(images, output_dir: Path) -> list[Path]:
     return written
 
 
-def _load(settings: dict[str, Any], quiet: bool):
+def _lora_flag(text: str) -> dict[str, Any]:
+    """`--lora NAME[:SCALE]`: a LoRA of the `loras` setting (scale 1 unless a number follows the last colon)."""
+    name, colon, scale = text.rpartition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if colon and name else {"name": text, "scale": 1.0}
+    except ValueError:
+        return {"name": text, "scale": 1.0}  # a colon that is part of the name (C:\loras\style.safetensors)
+
+
+def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    from . import MAX_LORA_SCALE, MAX_LORAS
+
+    group = parser.add_argument_group("LoRAs")
+    group.add_argument("--lora", dest="lora_flags", action="append", type=_lora_flag, default=[],
+                       metavar="NAME[:SCALE]",
+                       help=f"apply a LoRA (repeat for several, at most {MAX_LORAS}): a name in the LoRA folder or a "
+                            f"path (with a / in it), and its scale from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} "
+                            "(default 1); added to --loras")
+    _add_lora_dir(group)
+
+
+def _add_lora_dir(parser) -> None:
+    parser.add_argument("--lora-dir", type=Path, default=None, metavar="FOLDER",
+                        help="the folder LoRA names are looked up in (default: $PIXART_SIGMA_HOME/loras)")
+
+
+def _with_lora_flags(settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The settings with --lora's LoRAs after those of --loras."""
+    if args.lora_flags:
+        given = settings.get("loras", [])
+        settings["loras"] = (given if isinstance(given, list) else [given]) + args.lora_flags
+    return settings
+
+
+def _load(settings: dict[str, Any], quiet: bool, lora_dir: Optional[Path] = None):
     from . import PixArtSigmaModel
 
     _quiet_libraries()
@@ -112,7 +147,7 @@ def _load(settings: dict[str, Any], quiet: bool):
     if not quiet:
         print(f"loading {values['model_name']} on {values['torch_device']} ({str(values['torch_dtype'])[6:]})",
               file=sys.stderr, flush=True)
-    return PixArtSigmaModel(**settings)
+    return PixArtSigmaModel(**settings, lora_dir=lora_dir)
 
 
 def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, Any], Optional[int], dict[str, Any]]:
@@ -141,7 +176,7 @@ def _settings_from_image(path: str, given: dict[str, Any]) -> tuple[dict[str, An
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import SettingsError, check_output_dir, check_text, read_settings
+    from . import SettingsError, check_output_dir, check_text, read_settings, recorded_loras
 
     settings: dict[str, Any] = {}
     prompt, keep = args.prompt, None
@@ -155,13 +190,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"from {args.from_image}: model_name={given.get('model_name', settings.get('model_name'))!r}, "
               f"seed={made}", file=sys.stderr, flush=True)
     settings.update(given)
+    _with_lora_flags(settings, args)
+    if record.get("loras") and "loras" not in settings:  # found by their SHA-256 in the folder, never by a path
+        settings["loras"] = recorded_loras(record["loras"], args.lora_dir)
     if prompt is None:
         raise _UsageError("give a PROMPT, or --from IMAGE.png to make an image again")
     check_text("prompt", prompt, required=True)  # before the model loads, not after
     edit = _edit_inputs(args, record)
     output_dir = check_output_dir(args.output_dir)
     try:
-        model = _load(settings, args.quiet)
+        model = _load(settings, args.quiet, args.lora_dir)
     except SettingsError as exc:
         if not record or not any("dtype" in problem for problem in exc.problems):
             raise
@@ -244,17 +282,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.ray and args.prompts_per_call > 1:
         raise _UsageError("--prompts-per-call is for local runs: on Ray each worker takes one prompt at a time "
                           "(add --workers to use more devices)")
+    given = _with_lora_flags(_given_settings(args), args)
+    if args.ray and (given.get("loras") or args.lora_dir):
+        raise _UsageError("LoRAs are not applied on Ray yet: run the batch without --ray")
     prompts = read_prompt_file(args.prompts_file)  # every line is checked before the first image
     output_dir = check_output_dir(args.output_dir)
     if args.ray:
         return _batch_on_ray(args, prompts, output_dir)
-    given = _given_settings(args)
     if args.prompts_per_call > 1:  # the images of one call must fit, said before the model loads
         values = PixArtSigmaModel.validate_and_transform(given)
         calls = min(args.prompts_per_call, len(prompts))
         check_images_per_call(calls, values["num_images_per_prompt"])
         check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"], prompts=calls)
-    model = _load(given, args.quiet)
+    model = _load(given, args.quiet, args.lora_dir)
+    model.lora_uses(model.settings["loras"])  # every LoRA found and read before the first image
     items = plan_batch(prompts, model.settings)
     pending = [item for item in items if item.missing(output_dir)]  # resumable: skip what an earlier run finished
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="prompts", unit="prompt",
@@ -354,6 +395,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loras(args: argparse.Namespace) -> int:
+    """The LoRA folder: each LoRA's name, layout, ranks, targets, size and hash; a line for each that does not read."""
+    from . import PixArtSigmaError, folder_loras
+    from .checkpoints import locate, part_config, resolve_checkpoint
+    from .home import default_lora_dir
+    from .loras import LoraFile, lora_name, read_cached
+    from .settings import SHORT_HASH_DIGITS
+
+    folder = args.lora_dir or default_lora_dir()
+    if not folder.is_dir():
+        raise _UsageError(f"the LoRA folder {folder} does not exist: put LoRAs there, or name one with --lora-dir")
+    config = part_config(locate(resolve_checkpoint(args.model_name), local_only=True).folders["transformer"],
+                         "transformer")
+    found = folder_loras(folder)
+    for path in found:
+        lora = LoraFile(lora_name(path), path)
+        shown_path = path.relative_to(folder)
+        try:
+            read, digest = read_cached(lora, config)
+        except (PixArtSigmaError, OSError) as exc:  # a bad file is listed with its reason, never a crash
+            reason = " ".join(str(exc).split())
+            print(f"{lora.name}  cannot be read: {reason[:MAX_REASON_CHARS]}  ({shown_path})")
+            continue
+        ranks = "/".join(str(rank) for rank in sorted({w.rank for w in read.transformer.values()}))
+        size = lora.weights.stat().st_size
+        print(f"{lora.name}  {read.layout}  rank {ranks}  {len(read.transformer)} targets  {size / 1e6:.1f} MB  "
+              f"{digest[:SHORT_HASH_DIGITS]}  ({shown_path})")
+    print(f"{len(found)} LoRA(s) in {folder}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .server import serve
@@ -394,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import EditSettings
 
     _add_setting_flags(generate, EditSettings, "edit settings (with --image)")
+    _add_lora_flags(generate)
     generate.set_defaults(handler=cmd_generate)
 
     batch = commands.add_parser("batch", help="generate for every line of a text file (resumable)",
@@ -417,7 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="workers, each with its own model (default: one per GPU of the cluster, else as many "
                                 "as its CPUs hold at this machine's thread count)")
     _add_setting_flags(batch)
+    _add_lora_flags(batch)
     batch.set_defaults(handler=cmd_batch)
+
+    from . import DEFAULT_MODEL
+
+    loras = commands.add_parser("loras", help="list the LoRA folder: name, layout, rank, targets, size, hash",
+                                description="List the LoRAs of the LoRA folder, each read against a checkpoint's "
+                                            "transformer; a file that does not read is listed with the reason.")
+    _add_lora_dir(loras)
+    loras.add_argument("--model-name", default=DEFAULT_MODEL, metavar="ID",
+                       help=f"the checkpoint the LoRAs are read against (default: {DEFAULT_MODEL})")
+    loras.set_defaults(handler=cmd_loras)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the settings")
     schema.set_defaults(handler=cmd_schema)
