@@ -1,5 +1,6 @@
 """The DashAI plugin, against the real dashai 0.10.0 package: discovery, registry, validation, DashAI's flow."""
 
+import json
 import os
 from typing import Literal, Optional
 
@@ -28,7 +29,8 @@ from conftest import BASE_REPO  # noqa: E402
 GOOD = {"model_name": BASE_REPO, "negative_prompt": "", "num_inference_steps": 3, "guidance_scale": 4.5,
         "device": "CPU", "seed": 42, "width": 64, "height": 64, "num_images_per_prompt": 2, "dtype": "auto",
         "text_encoder_dtype": "auto",
-        "memory": "auto", "vae_tiling": False, "compile": False, "scheduler": "dpm-solver++", "use_resolution_binning": True, "max_sequence_length": 300}
+        "memory": "auto", "vae_tiling": False, "compile": False, "scheduler": "dpm-solver++", "use_resolution_binning": True, "max_sequence_length": 300,
+        "loras": "[]"}  # a list of objects: DashAI's form sends it as JSON text
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +96,17 @@ def _assert_form_is(form: dict, settings: type[Settings]) -> None:
     """DashAI's form schema says what `settings` says: names in order, labels, descriptions, types, bounds, defaults."""
     from pixart_sigma.integrations.dashai import PLACEHOLDERS
 
+    from pixart_sigma.integrations.dashai import _is_json_text
+
     declared = settings.model_json_schema()["properties"]
     assert list(form["properties"]) == list(declared)
     assert form["required"] == list(declared)  # the form sends every field
     for name, ours in declared.items():
         shown, ours = _flat(form["properties"][name]), _flat(ours)
+        if _is_json_text(ours):  # a list of objects (loras): JSON text, as tests/test_structured_settings.py shows
+            assert shown["type"] == "string" and shown["placeholder"] == json.dumps(ours["default"]), name
+            assert shown["description"].en == f"{ours['description']} Write {settings.json_hint(name)}.", name
+            continue
         assert shown["title"].en == ours["title"], name
         assert shown["description"].en == ours["description"], name
         assert shown["type"] == ours["type"], name
@@ -177,7 +185,7 @@ def test_a_generation_through_dashais_own_flow(plugin, registry, hub_cache, tmp_
 
 def test_same_settings_and_seed_give_the_same_pixels_as_our_api(plugin, hub_cache):
     through_dashai = plugin(**GOOD).generate("a green triangle")
-    ours = CoreModel(**{k: v for k, v in GOOD.items() if k != "negative_prompt"}).generate("a green triangle")
+    ours = CoreModel(**{k: v for k, v in GOOD.items() if k not in ("negative_prompt", "loras")}).generate("a green triangle")
     assert [read_settings(i)["seed"] for i in through_dashai] == [42, 43]
     for a, b in zip(through_dashai, ours):
         assert np.array_equal(np.asarray(a), np.asarray(b))

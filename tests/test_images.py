@@ -319,7 +319,7 @@ def test_sampler_names_and_reproducible_keys_derive_from_the_settings(monkeypatc
         assert images.SAMPLER_NAMES["new-sampler"] == "New A"
         assert images.SAMPLER_NAMES["euler-ancestral"] == "Euler a"
         assert images.REPRODUCIBLE_KEYS == tuple(name for name in settings.Settings.model_fields
-                                                 if name not in ("device", "memory", "num_images_per_prompt"))
+                                                 if name not in ("device", "memory", "num_images_per_prompt", "loras"))
     finally:
         monkeypatch.undo()
         importlib.reload(images)
