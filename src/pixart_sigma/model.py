@@ -191,7 +191,9 @@ class PixArtSigmaModel:
         setting). An edit keeps the picture's size unless the call gives width and height.
 
         Any setting but model_name, device and dtype can be given per call (`seed=7, width=512`), checked
-        by the same rules. `on_progress(step, total)` is called after each denoising step; when
+        by the same rules. `loras=[{"name": "my-style", "scale": 0.8}]` applies LoRAs for this call: fused
+        into the shared transformer for the call's turn and kept there until a call with another set (or
+        none) puts the base weights back exactly. `on_progress(step, total)` is called after each denoising step; when
         `cancel.is_set()` turns true, generation stops before the next step (or while waiting for the
         device) and raises `Cancelled`.
         """
