@@ -282,6 +282,7 @@ class LoraSetting(SettingsModel):
 
 
 def check_lora_count(loras: list) -> list:
+    """At most MAX_LORAS LoRAs, for a call and in a record."""
     if len(loras) > MAX_LORAS:
         raise ValueError(f"loras has {len(loras)} LoRAs: at most {MAX_LORAS} are applied in one call")
     return loras
@@ -315,7 +316,10 @@ class LoraRecord(SettingsModel):
 
     loras: list[RecordedLora] = Field([], json_schema_extra={"maxItems": MAX_LORAS})
 
-    _count = field_validator("loras")(classmethod(lambda cls, value: check_lora_count(value)))
+    @field_validator("loras")
+    @classmethod
+    def _lora_count(cls, value: list) -> list:
+        return check_lora_count(value)
 
 
 def is_plain_lora_name(name: str) -> bool:
