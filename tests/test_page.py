@@ -208,7 +208,7 @@ def test_clicking_a_gallery_item_fills_the_form(page, server, styled_job):
                       "num_inference_steps": "7", "guidance_scale": "3.5", "seed": "1234", "width": "64",
                       "height": "64", "num_images_per_prompt": "1", "scheduler": "euler",
                       "use_resolution_binning": False, "max_sequence_length": "120", "vae_tiling": False,
-                      "compile": False}
+                      "compile": False, "loras": ""}  # the page's LoRA picker is issue 25's page part
     assert natural_width(page, "#result img") == 64  # its picture is shown as the result
     page.get_by_role("button", name="Reset settings").click()
     assert page.locator("#field-seed").input_value() == "-1"

@@ -268,7 +268,10 @@ SEMANTIC_RULES = ("is over the budget", "is too large for", "is empty", "contain
                   "is truncated or damaged", "has no fully transparent pixel", "has no transparency",
                   "must have the picture's size", "marks nothing to repaint", "apply to inpainting: give a mask",
                   "the masked area starts from the original picture", "would stretch the", "canvas gives",
-                  "apply to edits only")
+                  "apply to edits only",
+                  # a LoRA name: whether the served LoRA folder holds it (or exists at all) is no schema's to say
+                  "is not in the LoRA folder", "does not exist: put LoRAs there", "is not valid here: name a LoRA",
+                  "is ambiguous: the LoRA folder")
 
 
 class Holder:
