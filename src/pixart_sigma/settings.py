@@ -253,7 +253,8 @@ class LoraSetting(SettingsModel):
     model_config = ConfigDict(json_schema_extra=None)  # a part of Settings' schema, not a schema of its own
 
     name: str = Field(
-        title="LoRA", description="A name in the LoRA folder ($PIXART_SIGMA_HOME/loras, or lora_dir / --lora-dir): a "
+        title="LoRA", json_schema_extra={"minLength": 1, "maxLength": MAX_LORA_NAME_CHARS, "pattern": r"\S"},
+        description="A name in the LoRA folder ($PIXART_SIGMA_HOME/loras, or lora_dir / --lora-dir): a "
         "file's name without .safetensors, or a PEFT folder's name; or the path of a .safetensors file or PEFT "
         "folder (a path has a / in it).",
     )

@@ -45,8 +45,8 @@ def create_app(service: Service, api_key: Optional[str] = None,
                   description="PixArt-Sigma text-to-image generation as a service: jobs, progress, images.")
     app.state.service = service
     served = list(service.models)
-    body_schema = request_schema(served)  # the settings of text-to-image, which the page's form is built from
-    edit_schema = edit_request_schema(served)
+    body_schema = request_schema(served, service.allow_compile)  # the settings of text-to-image, which the page's form is built from
+    edit_schema = edit_request_schema(served, service.allow_compile)
     generation_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": edit_schema},
         "multipart/form-data": {"schema": multipart_schema(edit_schema)}}}}

@@ -341,8 +341,8 @@ def _openai_translate(raw: dict[str, Any], service: Served) -> tuple[dict[str, A
     return body, problems, _renamer(names, size_text), answer
 
 
-def openai_schema(served: list[str]) -> dict[str, Any]:
-    ours = request_schema(served)["properties"]
+def openai_schema(served: list[str], allow_compile: bool = False) -> dict[str, Any]:
+    ours = request_schema(served, allow_compile)["properties"]
     properties = {
         "prompt": ours["prompt"],
         "n": {"type": "integer", "minimum": 1, "maximum": OPENAI_MAX_N, "default": 1,
@@ -480,8 +480,8 @@ def n_iter_cap(service: Service) -> int:
     return max(1, min(MAX_N_ITER, service.queue_size + 1))
 
 
-def a1111_schema(served: list[str], max_n_iter: int) -> dict[str, Any]:
-    ours = request_schema(served)["properties"]
+def a1111_schema(served: list[str], max_n_iter: int, allow_compile: bool = False) -> dict[str, Any]:
+    ours = request_schema(served, allow_compile)["properties"]
     samplers = [sampler.a1111_name for sampler in SAMPLERS.values()]
     properties = {
         "prompt": ours["prompt"],
@@ -644,7 +644,7 @@ def install(app, service: Service) -> None:
     def body_of(schema):
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
-    @app.post("/v1/images/generations", openapi_extra=body_of(openai_schema(served)), tags=["OpenAI-compatible"],
+    @app.post("/v1/images/generations", openapi_extra=body_of(openai_schema(served, service.allow_compile)), tags=["OpenAI-compatible"],
               responses=errors(400, 401, 409, 413, 415, 429, 500, 503),
               summary="OpenAI's Images API: make images and answer with them (waits for the job)")
     async def openai_generate(request: Request):
@@ -659,7 +659,7 @@ def install(app, service: Service) -> None:
             return rejected(exc)
         return await openai_answer(service, request, job, new, answer)
 
-    @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service))), tags=["A1111-compatible"],
+    @app.post("/sdapi/v1/txt2img", openapi_extra=body_of(a1111_schema(served, n_iter_cap(service), service.allow_compile)), tags=["A1111-compatible"],
               responses=errors(400, 401, 413, 415, 422, 429, 500, 503),
               summary="AUTOMATIC1111's txt2img: make images and answer with them (waits for the jobs)")
     async def txt2img(request: Request):

@@ -124,8 +124,8 @@ def openai_edit_check(service: Service, fields: dict[str, list[str]], sent: dict
     return None, body, rename, answer, pictures
 
 
-def openai_edit_schema(served: list[str]) -> dict[str, Any]:
-    generation = openai_schema(served)
+def openai_edit_schema(served: list[str], allow_compile: bool = False) -> dict[str, Any]:
+    generation = openai_schema(served, allow_compile)
     properties = {name: prop for name, prop in generation["properties"].items()}
     properties["size"] = {**properties["size"], "description": properties["size"]["description"].replace(
         "the model's native size", "the image's own size")}
@@ -255,8 +255,8 @@ def _merged_renamer(rename: Callable[[str], str], names: dict[str, str]) -> Call
     return renamed
 
 
-def img2img_schema(served: list[str], max_n_iter: int) -> dict[str, Any]:
-    schema = a1111_schema(served, max_n_iter)
+def img2img_schema(served: list[str], max_n_iter: int, allow_compile: bool = False) -> dict[str, Any]:
+    schema = a1111_schema(served, max_n_iter, allow_compile)
     edit = EditSettings.model_json_schema()["properties"]
     properties = {
         "init_images": {"type": "array", "minItems": 1, "maxItems": 1, "items": picture_schema("init_images",
@@ -284,9 +284,9 @@ def install(app, service: Service, tasks: dict[str, tuple[int, int]]) -> None:
     """Add the edit routes to `app`; `tasks` is shared with txt2img, for A1111's progress."""
     served = list(service.models)
     openai_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": openai_edit_schema(served)}}}}
+        "schema": openai_edit_schema(served, service.allow_compile)}}}}
     a1111_body = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": img2img_schema(served, n_iter_cap(service))}}}}
+        "schema": img2img_schema(served, n_iter_cap(service), service.allow_compile)}}}}
 
     @app.post(OPENAI_EDIT_ROUTE, openapi_extra=openai_body, tags=["OpenAI-compatible"],
               responses=errors(400, 401, 409, 413, 415, 429, 500, 503),

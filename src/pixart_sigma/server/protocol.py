@@ -109,8 +109,9 @@ class BadRequest(Exception):
     pass
 
 
-def request_schema(served: list[str]) -> dict[str, Any]:
-    """The body of POST /v1/generations: the prompt and every per-call setting, model_name among those served."""
+def request_schema(served: list[str], allow_compile: bool = False) -> dict[str, Any]:
+    """The body of POST /v1/generations: the prompt and every per-call setting, model_name among those served,
+    compile only true where the operator allowed it."""
     schema = Settings.model_json_schema()
     properties = {"prompt": {"type": "string", "title": "Prompt", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
                              "description": "What to draw."}}
@@ -120,6 +121,9 @@ def request_schema(served: list[str]) -> dict[str, Any]:
         properties[name] = prop
     properties["model_name"] = {**schema["properties"]["model_name"], "enum": served, "default": served[0]}
     properties["model_name"].pop("examples", None)
+    if not allow_compile:
+        properties["compile"] = {**properties["compile"], "const": False, "description":
+                                 properties["compile"]["description"] + " Refused here: the operator has not allowed it."}
     return {"type": "object", "title": "Generation request", "properties": properties, "required": ["prompt"],
             "additionalProperties": False}
 
@@ -138,9 +142,9 @@ MASK_DESCRIPTION = ("What to repaint, the image's size: white, or for a mask wit
                     "pixels")
 
 
-def edit_request_schema(served: list[str]) -> dict[str, Any]:
+def edit_request_schema(served: list[str], allow_compile: bool = False) -> dict[str, Any]:
     """The body of POST /v1/generations with an edit's fields: the pictures (base64) and the edit settings."""
-    schema = request_schema(served)
+    schema = request_schema(served, allow_compile)
     edit = {"image": picture_schema("image", IMAGE_DESCRIPTION), "mask": picture_schema("mask", MASK_DESCRIPTION),
             **EditSettings.model_json_schema()["properties"]}
     return {**schema, "title": "Generation or edit request", "properties": {**schema["properties"], **edit}}

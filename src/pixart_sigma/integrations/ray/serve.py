@@ -339,7 +339,7 @@ class Gateway:
 
     @api.get("/v1/schema", summary="The settings' JSON Schema, as this deployment accepts them")
     async def schema(self):
-        return request_schema(list(self.catalog.models))
+        return request_schema(list(self.catalog.models), self.catalog.allow_compile)
 
     @api.get("/healthz", summary="Alive")
     async def healthz(self):
