@@ -208,7 +208,7 @@ def test_clicking_a_gallery_item_fills_the_form(page, server, styled_job):
                       "num_inference_steps": "7", "guidance_scale": "3.5", "seed": "1234", "width": "64",
                       "height": "64", "num_images_per_prompt": "1", "scheduler": "euler",
                       "use_resolution_binning": False, "max_sequence_length": "120", "vae_tiling": False,
-                      "compile": False, "loras": ""}  # the page's LoRA picker is issue 25's page part
+                      "compile": False, "loras": ""}  # no LoRAs: an empty JSON field (a picker is issue 25's page part)
     assert natural_width(page, "#result img") == 64  # its picture is shown as the result
     page.get_by_role("button", name="Reset settings").click()
     assert page.locator("#field-seed").input_value() == "-1"
@@ -264,6 +264,20 @@ def test_server_errors_show_next_to_their_field(page, server):
     assert "prompt is empty" in page.locator('[data-field="prompt"] .field-error').inner_text().lower()
     with server.client() as client:
         assert client.get("/v1/jobs?limit=1").json()["total"] == before
+
+
+def test_the_loras_field_sends_a_list_and_says_what_is_wrong_with_it(page, server):
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    field = page.locator("#field-loras")
+    field.fill('[{"name": "not-in-the-folder", "scale": 0.5}]')
+    body = sent_request(page, lambda: page.get_by_role("button", name="Generate").click())
+    assert body["loras"] == [{"name": "not-in-the-folder", "scale": 0.5}]  # a list, not its JSON text
+    error = page.locator('[data-field="loras"] .field-error')
+    error.wait_for()
+    assert "not-in-the-folder" in error.inner_text()  # the server's refusal, beside the field
+    field.fill("[{name: oops")
+    page.get_by_role("button", name="Generate").click()
+    assert "Enter JSON" in error.inner_text()
 
 
 def test_queue_full_and_network_errors_in_the_general_area(page, server):

@@ -194,6 +194,7 @@
     if (choices) kind = "enum";
     else if (type === "boolean") kind = "boolean";
     else if (type === "integer" || type === "number") kind = type;
+    else if (type === "array" || type === "object") kind = "json";  // a list setting (loras): JSON text
     return {
       name, kind, choices,
       nullable: types.includes("null"),
@@ -317,6 +318,9 @@
     else if (spec.kind === "enum") {
       const index = spec.choices.indexOf(value);
       input.value = index >= 0 ? String(index) : spec.nullable ? "" : "0";
+    } else if (spec.kind === "json") {
+      input.value = value === null || value === undefined || (Array.isArray(value) && !value.length)
+        ? "" : JSON.stringify(value);
     } else input.value = value === null || value === undefined ? "" : String(value);
     if (spec.name === "strength") input.dispatchEvent(new Event("input"));  // its shown value
   }
@@ -344,6 +348,13 @@
       } else if (spec.kind === "integer" || spec.kind === "number") {
         if (input.validity.badInput) problems[spec.name] = ["Enter a number."];
         else if (input.value.trim() !== "") body[spec.name] = Number(input.value);
+      } else if (spec.kind === "json") {
+        if (input.value.trim() === "") continue;
+        try {
+          body[spec.name] = JSON.parse(input.value);
+        } catch (error) {
+          problems[spec.name] = [`Enter JSON, e.g. [{"name": "my-style", "scale": 0.8}] (${error.message}).`];
+        }
       } else if (spec.name === "prompt" || input.value.trim() !== "") {
         body[spec.name] = input.value;
       }
