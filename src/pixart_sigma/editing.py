@@ -16,6 +16,7 @@ mask's box for `inpaint_area="masked"`. `EditRun` then gives the engine its stag
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -319,6 +320,7 @@ class EditRun:
         edit = self.edit
         return image if edit.box is None else image.crop(edit.box).resize(edit.work_size, resample)
 
+    @functools.cached_property
     def paste_mask(self) -> Image.Image:
         """Where the result shows: the softened mask, and all of outpainting's new area (the picture stays exact)."""
         edit = self.edit
@@ -338,7 +340,7 @@ class EditRun:
             self.scheduler, self.timesteps = scheduler, start.timesteps
             # The start's own noise, drawn again from fresh generators: the images' generators are left alone.
             self.noise = image_noise(layout, [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds])
-            weights = to_sample_size(_weights(self._work(self.paste_mask(), Image.BILINEAR)), self.plan)
+            weights = to_sample_size(_weights(self._work(self.paste_mask, Image.BILINEAR)), self.plan)
             # A latent pixel any marked pixel touches is repainted whole: a thin mask still gets room to change.
             self.repaint = F.adaptive_max_pool2d(weights, layout.shape[2:]).to(layout.device, layout.dtype)
         return start
@@ -359,7 +361,7 @@ class EditRun:
         edit = self.edit
         if edit.mask is None:
             return images
-        mask, pasted = self.paste_mask(), []
+        mask, pasted = self.paste_mask, []
         for image, canvas in zip(images, self.filled):
             if edit.box is not None:
                 whole = canvas.copy()
