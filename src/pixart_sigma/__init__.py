@@ -17,7 +17,9 @@ from .errors import (Cancelled, CheckpointError, GenerationError, MetadataError,
                      SettingsError)
 from .images import (batch_settings, check_output_dir, edit_settings, output_name, read_settings,  # noqa: E402
                      reproducible_settings, save_image)
-from .loras import find_by_hash, folder_loras, prepare_loras, recorded_loras, resolve_lora  # noqa: E402
+from .home import default_lora_dir  # noqa: E402
+from .loras import (LoraListing, find_by_hash, folder_loras, list_loras, prepare_loras, recorded_loras,  # noqa: E402
+                    resolve_lora)
 from .model import PixArtSigmaModel  # noqa: E402
 from .quiet import quiet_libraries  # noqa: E402
 from .settings import (DEFAULT_MODEL, MAX_LORA_SCALE, MAX_LORAS, MEMORY_MODES, EditSettings, LoraSetting,  # noqa: E402
@@ -25,7 +27,7 @@ from .settings import (DEFAULT_MODEL, MAX_LORA_SCALE, MAX_LORAS, MEMORY_MODES, E
 
 __all__ = [
     "LoraSetting", "MAX_LORAS", "MAX_LORA_SCALE", "recorded_loras", "prepare_loras", "resolve_lora", "folder_loras",
-    "find_by_hash",
+    "find_by_hash", "list_loras", "LoraListing", "default_lora_dir",
     "PixArtSigmaModel", "Settings", "EditSettings", "PixArtSigmaError", "SettingsError", "CheckpointError", "GenerationError",
     "MetadataError", "Cancelled", "save_image", "read_settings", "reproducible_settings", "check_output_dir",
     "unload_all", "MEMORY_BUDGET_ENV", "random_seed", "quiet_libraries", "__version__",

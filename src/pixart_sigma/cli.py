@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 DEFAULT_OUTPUT_DIR = "outputs"
-MAX_REASON_CHARS = 300  # of why a LoRA cannot be read, in `pixart-sigma loras`
 
 
 def _flag_type(annotation: Any):
@@ -397,32 +396,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_loras(args: argparse.Namespace) -> int:
     """The LoRA folder: each LoRA's name, layout, ranks, targets, size and hash; a line for each that does not read."""
-    from . import PixArtSigmaError, folder_loras
-    from .checkpoints import locate, part_config, resolve_checkpoint
-    from .home import default_lora_dir
-    from .loras import LoraFile, lora_name, read_cached
+    from . import default_lora_dir, list_loras
     from .settings import SHORT_HASH_DIGITS
 
     folder = args.lora_dir or default_lora_dir()
     if not folder.is_dir():
         raise _UsageError(f"the LoRA folder {folder} does not exist: put LoRAs there, or name one with --lora-dir")
-    config = part_config(locate(resolve_checkpoint(args.model_name), local_only=True).folders["transformer"],
-                         "transformer")
-    found = folder_loras(folder)
-    for path in found:
-        lora = LoraFile(lora_name(path), path)
-        shown_path = path.relative_to(folder)
-        try:
-            read, digest = read_cached(lora, config)
-        except (PixArtSigmaError, OSError) as exc:  # a bad file is listed with its reason, never a crash
-            reason = " ".join(str(exc).split())
-            print(f"{lora.name}  cannot be read: {reason[:MAX_REASON_CHARS]}  ({shown_path})")
+    listed = list_loras(folder, model_name=args.model_name)
+    for lora in listed:
+        if lora.problem:
+            print(f"{lora.name}  cannot be read: {lora.problem}  ({lora.path})")
             continue
-        ranks = "/".join(str(rank) for rank in sorted({w.rank for w in read.transformer.values()}))
-        size = lora.weights.stat().st_size
-        print(f"{lora.name}  {read.layout}  rank {ranks}  {len(read.transformer)} targets  {size / 1e6:.1f} MB  "
-              f"{digest[:SHORT_HASH_DIGITS]}  ({shown_path})")
-    print(f"{len(found)} LoRA(s) in {folder}", file=sys.stderr)
+        ranks = "/".join(str(rank) for rank in lora.ranks)
+        print(f"{lora.name}  {lora.layout}  rank {ranks}  {lora.targets} targets  {lora.bytes / 1e6:.1f} MB  "
+              f"{lora.sha256[:SHORT_HASH_DIGITS]}  ({lora.path})")
+    print(f"{len(listed)} LoRA(s) in {folder}", file=sys.stderr)
     return 0
 
 

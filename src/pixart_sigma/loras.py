@@ -314,3 +314,58 @@ def fused_set(transformer) -> tuple:
 
 __all__ = ["LoraFile", "LoraUse", "resolve_lora", "folder_loras", "lora_name", "sha256_of", "find_by_hash",
            "recorded_loras", "read_cached", "prepare_loras", "fuse", "fused_key", "fused_set"]
+
+
+# -- the folder, listed ------------------------------------------------------------------------------------
+MAX_PROBLEM_CHARS = 300  # of why a LoRA cannot be read, in a listing
+
+
+@dataclass(frozen=True)
+class LoraListing:
+    """One LoRA of a folder as a listing shows it; `problem` says why it cannot be used (then the rest is empty)."""
+
+    name: str
+    path: str  # relative to the folder
+    layout: str = ""
+    ranks: tuple[int, ...] = ()
+    targets: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    problem: Optional[str] = None
+
+
+def list_loras(folder: Optional[Path] = None, transformer_config: Optional[Mapping] = None,
+               model_name: Optional[str] = None) -> list[LoraListing]:
+    """Every LoRA of the folder (default: the LoRA folder), read against a transformer's config (or the one of
+    `model_name`, a local checkpoint, default the default model): name, layout, ranks, targets, size and SHA-256,
+    or why it cannot be read. A missing folder lists nothing. Reads are cached like a call's."""
+    from . import PixArtSigmaError
+    from .checkpoints import locate, part_config, resolve_checkpoint
+    from .settings import DEFAULT_MODEL
+
+    folder = Path(folder) if folder is not None else default_lora_dir()
+    if not folder.is_dir():
+        return []
+    if transformer_config is None:
+        name = model_name or DEFAULT_MODEL
+        located = locate(resolve_checkpoint(name), local_only=True)
+        transformer_config = part_config(located.folders["transformer"], "transformer")
+    listed = []
+    for path in folder_loras(folder):
+        lora = LoraFile(lora_name(path), path)
+        shown_path = str(path.relative_to(folder))
+        try:
+            if not _inside(path, folder):
+                raise SettingsError([f"{path} links outside the LoRA folder {folder}"])
+            read, digest = read_cached(lora, transformer_config)
+            size = lora.weights.stat().st_size
+        except (PixArtSigmaError, OSError) as exc:  # a bad file is listed with its reason, never a crash
+            listed.append(LoraListing(lora.name, shown_path, problem=" ".join(str(exc).split())[:MAX_PROBLEM_CHARS]))
+            continue
+        listed.append(LoraListing(lora.name, shown_path, read.layout,
+                                  tuple(sorted({w.rank for w in read.transformer.values()})),
+                                  len(read.transformer), size, digest))
+    return listed
+
+
+__all__ += ["LoraListing", "list_loras"]
