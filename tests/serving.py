@@ -101,3 +101,29 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dic
             return job
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
+
+
+def demo_transformer_config() -> dict:
+    """The demo model's transformer config, read from its files (no weights loaded)."""
+    from pixart_sigma.checkpoints import locate, part_config, resolve_checkpoint
+
+    return part_config(locate(resolve_checkpoint("demo"), local_only=True).folders["transformer"], "transformer")
+
+
+def write_demo_lora(path: Path, seed: int, layout: str = "kohya", size: float = 0.3,
+                    metadata: dict | None = None) -> Path:
+    """A LoRA for the demo transformer with random weights (no training), big enough to change its pixels: on
+    the attention and feed-forward of every block, as tests/test_loras.py makes them."""
+    import torch
+
+    from pixart_sigma.lora_formats import Lora, LoraWeights, transformer_targets, write_lora
+
+    targets = transformer_targets(demo_transformer_config())
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, target in targets.items():
+        if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_q", "ff.net.2")):
+            down = torch.randn(4, target.in_features, generator=generator) * size
+            weights[name] = LoraWeights(down, torch.randn(target.out_features, 4, generator=generator) * size, 8.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_lora(path, Lora(weights), layout, metadata=metadata)

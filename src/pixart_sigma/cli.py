@@ -423,7 +423,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.model_names or [], device=args.device, dtype=args.dtype,
                  text_encoder_dtype=args.text_encoder_dtype, memory=args.memory, host=args.host,
                  port=args.port, data_dir=args.data_dir, queue_size=args.queue_size, api_key=args.api_key,
-                 keep_jobs=args.keep_jobs, keep_grace_seconds=args.keep_grace, allow_compile=args.allow_compile)
+                 keep_jobs=args.keep_jobs, keep_grace_seconds=args.keep_grace, allow_compile=args.allow_compile,
+                 lora_dir=args.lora_dir)
 
 
 class _UsageError(Exception):
@@ -530,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-compile", action="store_true",
                        help=f"let requests ask for compile=true ({COMPILE_COST}); without it such requests are "
                             "refused with 422")
+    serve.add_argument("--lora-dir", type=Path, default=None, metavar="FOLDER",
+                       help="the LoRA folder: requests name LoRAs of it (never a path), and GET /v1/loras and "
+                            "/sdapi/v1/loras list it (default: $PIXART_SIGMA_HOME/loras)")
     serve.add_argument("--api-key", default=None,
                        help="bearer token every route requires but /healthz and the page's own files "
                             f"(default: ${API_KEY_ENV})")

@@ -21,7 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import SettingsError, __version__
 from ..settings import shown
+from .compat import reads_files
 from .guards import LOOPBACK_NAMES, guarded
+from .loras import LISTING_SCHEMA
 from .pictures import BadForm, decode_base64, one_each, read_form, typed_fields
 from .protocol import (EDIT_BODY_LIMITS, JOB_ROUTE, MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, MULTIPART_ROUTES, BadRequest,
                        Rejected, edit_request_schema, error_response, errors, multipart_schema, parse_json, read_json,
@@ -110,7 +112,7 @@ def create_app(service: Service, api_key: Optional[str] = None,
     async def create_generation(request: Request):
         body, pictures = await read_job_request(request)
         key = request.headers.get("idempotency-key")
-        if pictures:  # the library reads them: off the event loop
+        if pictures or reads_files(body):  # the library reads them (and LoRA files): off the event loop
             job, new = await asyncio.to_thread(service.submit, body, key, pictures)
         else:
             job, new = service.submit(body, key)
@@ -170,6 +172,17 @@ def create_app(service: Service, api_key: Optional[str] = None,
     @app.get("/v1/schema", summary="The settings' JSON Schema, as this server accepts them")
     async def schema():
         return body_schema
+
+    @app.get("/v1/loras", summary="The LoRAs requests may name: the served LoRA folder, each read",
+             responses={200: {"description": "Each LoRA of the folder, or why it cannot be used", "content": {
+                 "application/json": {"schema": LISTING_SCHEMA}}}},
+             description="Each LoRA of the folder the server was started with (`serve --lora-dir`), read against "
+                         "the default model's transformer: the name to give in `loras` (or in an A1111 prompt's "
+                         "<lora:NAME:SCALE>), its path inside the folder, layout, ranks, targets, size and SHA-256; "
+                         "one that cannot be used has `problem` saying why. Read again when a file of the folder "
+                         "changes.")
+    async def list_loras():
+        return {"loras": [lora.view() for lora in await asyncio.to_thread(service.loras.listing)]}
 
     @app.get("/healthz", summary="Alive")
     async def healthz():

@@ -17,7 +17,8 @@ OpenAI `POST /v1/images/generations` (synchronous; errors in OpenAI's shape, 400
     auto | opaque (transparent is refused); quality, style, moderation, complexity, user,
     safety_identifier, output_compression: accepted and ignored; stream, partial_images, frame_count
     > 1, svg: refused. Any other top-level field is one of our settings (what `extra_body` sends) and
-    is validated as on /v1/generations.
+    is validated as on /v1/generations; so `extra_body={"loras": [{"name": ..., "scale": ...}]}` applies LoRAs of
+    the served folder (a name or a path it lacks is a 400 naming the entry and what the folder holds).
 A1111 `POST /sdapi/v1/txt2img` (errors 422, A1111's status for bad input):
     prompt, negative_prompt, seed (-1 random), width, height as they are; steps -> num_inference_steps;
     cfg_scale -> guidance_scale; batch_size -> num_images_per_prompt; sampler_name (or the older
@@ -27,6 +28,17 @@ A1111 `POST /sdapi/v1/txt2img` (errors 422, A1111's status for bad input):
     type) must be "Automatic" (or one of our sampler names); features we cannot honour (enable_hr,
     restore_faces, tiling, subseed_strength, seed_resize_from_*, styles, scripts, refiner) are refused
     when switched on; other fields are ignored. Our own setting names are accepted too.
+    LoRAs: A1111's prompt tags, `<lora:NAME:SCALE>` or `<lora:NAME>` (scale 1; `<lyco:...>` too), are taken out
+    of the prompt (the model is given the text without them, and the job records that text) and become entries
+    of our `loras`, in the order written, after any `loras` the request sends itself (our own field). A name is
+    one of the served LoRA folder's (GET /sdapi/v1/loras lists them), never a path. Refused with 422 naming the
+    tag: a tag without its closing `>` or without a name, a scale that is not a number or is out of range,
+    A1111's separate text-encoder and UNet multipliers (`<lora:NAME:TE:UNET>`: a LoRA changes the transformer
+    only here), a name the folder lacks (saying what it holds), and a LoRA tag in negative_prompt (A1111 would
+    pass it to the text encoder as words; here it is refused, not ignored). The answer's `info.prompt` and
+    `parameters.prompt` are the prompt as sent, tags included, as A1111's are; `info.extra_generation_params`
+    has "Lora hashes". GET /sdapi/v1/loras lists the folder in A1111's shape ({name, alias, path, metadata}, path
+    inside the folder, only the LoRAs that can be used); POST /sdapi/v1/refresh-loras reads it again (null).
     An interrupted request (POST /sdapi/v1/interrupt, or the job cancelled) answers 200 with the
     partial state, as A1111 does: the images of the batches that finished (none for a single batch),
     info.interrupted true and info.error saying where it stopped; the remaining batches are cancelled.
@@ -49,10 +61,12 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import SettingsError, __version__, read_settings
 from ..images import a1111_text
-from ..settings import MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SIDE_MULTIPLE, Settings, shown
+from ..settings import (MAX_IMAGES, MAX_SEED, MAX_SIDE, MIN_SIDE, SAMPLERS, SHORT_HASH_DIGITS, SIDE_MULTIPLE,
+                        Settings, shown)
 from .protocol import (Rejected, error_response, errors, read_json, rejected, request_schema, settings_error,
                        store_unavailable)
 from .service import DRAIN_RETRY_AFTER, MAX_IDEMPOTENCY_KEY, Service
+from .loras import A1111_LISTING_SCHEMA, TAG, negative_tags, tag_renamer, take_tags
 from .store import Job, StoreError
 
 POLL_SECONDS = 0.05
@@ -107,6 +121,7 @@ class Served(Protocol):
 
     models: Mapping[str, Any]
     default_model: str
+    loras: Any  # the served LoRA folder (ServedLoras): its `holds()` says what it holds in an error
 
     def validate(self, body: Any) -> tuple[str, str, dict[str, Any]]: ...
 
@@ -198,8 +213,8 @@ def _base64(contents: list[bytes]) -> list[str]:
     return [base64.b64encode(content).decode("ascii") for content in contents]
 
 
-def _infotexts(contents: list[bytes]) -> list[str]:
-    return [a1111_text(read_settings(Image.open(io.BytesIO(content)))) for content in contents]
+def _records(contents: list[bytes]) -> list[dict[str, Any]]:
+    return [read_settings(Image.open(io.BytesIO(content))) for content in contents]
 
 
 # -- OpenAI's Images API ---------------------------------------------------------------------------
@@ -456,7 +471,32 @@ def _a1111_translate(raw: dict[str, Any], service: Service) -> tuple[dict[str, A
         # scheduler is A1111's schedule type, read above
         if name not in body and raw.get(name) is not None:
             body[name] = raw[name]
-    return body, n_iter, problems, _renamer(names)
+    return (body, n_iter, problems, _with_tags(body, problems, service, _renamer(names)))
+
+
+def _with_tags(body: dict[str, Any], problems: list[str], service: Served,
+               rename: Callable[[str], str]) -> Callable[[str], str]:
+    """The prompt's LoRA tags taken out into `loras` (after the request's own), their problems added to
+    `problems`; the renamer that names a tag in the library's messages about its entry."""
+    problems += negative_tags(body.get("negative_prompt"))
+    if not isinstance(body.get("prompt"), str):
+        return rename
+    text, tags, tag_problems = take_tags(body["prompt"], service.loras.holds)
+    problems += tag_problems
+    if tags:
+        body["prompt"] = text
+    given = body.get("loras", [])
+    if not tags or not isinstance(given, list):  # a `loras` that is not a list: the library names it
+        return rename
+    body["loras"] = [*given, *(tag.entry() for tag in tags)]
+    by_tags = tag_renamer({len(given) + index: tag for index, tag in enumerate(tags)}, len(given))
+
+    def renamed(problem: str) -> str:
+        if problem.startswith("prompt is empty"):
+            problem += " (its <lora:...> tags are taken out of it: the rest is what is drawn)"
+        return rename(by_tags(problem))
+
+    return renamed
 
 
 def _send_images(raw: dict[str, Any]) -> Any:
@@ -501,10 +541,24 @@ def a1111_schema(served: list[str], max_n_iter: int, allow_compile: bool = False
                                                                                        "enum": served}}},
         **{name: {"description": f"Refused when switched on: {why}."} for name, (_, why) in A1111_REFUSED.items()},
     }
-    for name in ("use_resolution_binning", "max_sequence_length", "model_name"):
+    for name in ("use_resolution_binning", "max_sequence_length", "model_name", "loras"):
         properties[name] = {**ours[name], "description": ours[name].get("description", "") + " (our setting)"}
+    properties["prompt"] = {**ours["prompt"], "description": "What to draw; A1111's LoRA tags, <lora:NAME:SCALE> or "
+                            "<lora:NAME>, are taken out of it and applied (after any `loras`); GET /sdapi/v1/loras "
+                            "lists the names."}
+    properties["negative_prompt"]["description"] = "What to steer away from (LoRA tags are refused here)."
     return {"type": "object", "title": "A1111 txt2img request", "properties": properties, "required": ["prompt"],
             "additionalProperties": True}
+
+
+def reads_files(body: Any) -> bool:
+    """Whether checking this request reads files (its LoRAs): then it is checked off the event loop."""
+    return isinstance(body, dict) and bool(body.get("loras"))
+
+
+async def _now(function: Callable, *args: Any) -> Any:
+    """`function(*args)` on the event loop: asyncio.to_thread's stand-in for what reads no file."""
+    return function(*args)
 
 
 def a1111_not_an_object(raw: Any) -> JSONResponse:
@@ -576,13 +630,18 @@ async def a1111_answer(service: Service, request: Request, raw: dict[str, Any], 
             tasks.pop(job.id, None)
     first = jobs[0]
     images = _base64(contents) if _send_images(raw) else []
-    infotexts = await asyncio.to_thread(_infotexts, contents)
+    records = await asyncio.to_thread(_records, contents)
+    infotexts = [a1111_text(record) for record in records]
+    lora_hashes = ", ".join(f"{lora['name']}: {lora['sha256'][:SHORT_HASH_DIGITS]}"  # as A1111's infotext writes them
+                            for lora in (records[0].get("loras") or [] if records else []))
+    # the prompt as sent, LoRA tags included (as A1111's info has it); the job holds the text drawn
+    written = raw["prompt"] if isinstance(raw.get("prompt"), str) and TAG.search(raw["prompt"]) else first.prompt
     settings = first.settings
     seeds = [first.seeds[0] + k for k in range(len(first.seeds) * n_iter)]
     sampler = SAMPLERS[settings["scheduler"]].a1111_name
     masked = "mask" in first.pictures
     info = {
-        "prompt": first.prompt, "all_prompts": [first.prompt] * len(seeds),
+        "prompt": written, "all_prompts": [written] * len(seeds),
         "negative_prompt": settings["negative_prompt"] or "",
         "all_negative_prompts": [settings["negative_prompt"] or ""] * len(seeds),
         "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
@@ -591,14 +650,15 @@ async def a1111_answer(service: Service, request: Request, raw: dict[str, Any], 
         "batch_size": len(first.seeds), "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.model_name, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": settings.get("strength"),
-        "extra_generation_params": {"Mask blur": settings["mask_blur"]} if masked else {},
+        "extra_generation_params": {**({"Mask blur": settings["mask_blur"]} if masked else {}),
+                                    **({"Lora hashes": lora_hashes} if lora_hashes else {})},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(first.created)), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": f"pixart-sigma {__version__}",
         "job_ids": [job.id for job in jobs], "interrupted": stopped is not None, "error": stopped,
     }
     parameters = {
-        "prompt": first.prompt, "negative_prompt": settings["negative_prompt"] or "",
+        "prompt": written, "negative_prompt": settings["negative_prompt"] or "",
         "seed": -1 if raw.get("seed") is None else raw["seed"],
         "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
         "width": settings["width"], "height": settings["height"], "sampler_name": sampler,
@@ -648,11 +708,14 @@ def install(app, service: Service) -> None:
               responses=errors(400, 401, 409, 413, 415, 429, 500, 503),
               summary="OpenAI's Images API: make images and answer with them (waits for the job)")
     async def openai_generate(request: Request):
-        refusal, body, rename, answer = translate_openai(await read_json(request), service)
+        raw = await read_json(request)
+        # A request with LoRAs has their files found and read (hashed once, then cached): off the event loop.
+        checked = asyncio.to_thread if reads_files(raw) else _now
+        refusal, body, rename, answer = await checked(translate_openai, raw, service)
         if refusal is not None:
             return refusal
         try:
-            job, new = service.submit(body, request.headers.get("idempotency-key"))
+            job, new = await checked(service.submit, body, request.headers.get("idempotency-key"))
         except SettingsError as exc:
             return openai_refusal(exc, rename)
         except Rejected as exc:
@@ -667,12 +730,32 @@ def install(app, service: Service) -> None:
         if not isinstance(raw, dict):
             return _a1111_error(a1111_not_an_object(raw))
         body, n_iter, problems, rename = _a1111_translate(raw, service)
+        checked = asyncio.to_thread if reads_files(body) else _now  # LoRA files are read: off the event loop
         if problems:
-            return _a1111_error(_refusal(problems, 422, service, body, rename))
-        refusal, jobs = a1111_submit(service, request, body, n_iter, rename)
+            return _a1111_error(await checked(_refusal, problems, 422, service, body, rename))
+        refusal, jobs = await checked(a1111_submit, service, request, body, n_iter, rename)
         if refusal is not None:
             return refusal
         return await a1111_answer(service, request, raw, jobs, n_iter, tasks)
+
+    @app.get("/sdapi/v1/loras", tags=["A1111-compatible"],
+             responses={200: {"description": "The LoRAs requests may name", "content": {"application/json": {
+                 "schema": A1111_LISTING_SCHEMA}}}},
+             summary="AUTOMATIC1111's LoRA list: the served LoRA folder's LoRAs that can be used",
+             description="name (what <lora:NAME:SCALE> names), alias (the same), path inside the LoRA folder, "
+                         "metadata (the file's training metadata). A LoRA that cannot be read is left out: "
+                         "GET /v1/loras says why.")
+    async def a1111_loras():
+        listed = await asyncio.to_thread(service.loras.listing)
+        return [lora.a1111() for lora in listed if lora.problem is None]
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["A1111-compatible"],
+              responses={200: {"description": "Read again", "content": {"application/json": {
+                  "schema": {"type": "null"}}}}},
+              summary="AUTOMATIC1111's refresh: read the LoRA folder again (answers null, as A1111 does)")
+    async def a1111_refresh_loras():
+        await asyncio.to_thread(service.loras.listing, True)
+        return None
 
     edits.install(app, service, tasks)
 

@@ -70,9 +70,16 @@ def form_value(name: str, text: str, typed: frozenset[str] = frozenset()) -> Any
 
 
 def typed_fields(fields: dict[str, list[str]], typed: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Form fields (name -> the texts sent) as request values: each name once, a `name[]` list as a list."""
+    """Form fields (name -> the texts sent) as request values: each name once, a `name[]` list as a list, and a
+    list of objects as `name[][key]` (what the `openai` client sends for extra_body={"loras": [{...}, ...]}) or
+    `name[0][key]`."""
     values: dict[str, Any] = {}
+    items = {name: texts for name, texts in fields.items() if ITEM_FIELD.fullmatch(name)}
+    if items:
+        values.update(_object_lists(items))
     for name, texts in fields.items():
+        if name in items:
+            continue
         if name.endswith("[]"):
             values[name[:-2]] = [form_value(name[:-2], text, typed) for text in texts]
         elif len(texts) > 1:
@@ -80,6 +87,54 @@ def typed_fields(fields: dict[str, list[str]], typed: frozenset[str] = frozenset
         else:
             values[name] = form_value(name, texts[0], typed)
     return values
+
+
+ITEM_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[([0-9]*)\]\[([A-Za-z_][A-Za-z0-9_]*)\]")
+
+
+def _object_lists(fields: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """`name[][key]` fields (the n-th text of each key makes the n-th object) or `name[i][key]` ones, as lists of
+    objects, each value typed by the item's schema (text for a text property, else JSON)."""
+    grouped: dict[str, dict[str, dict[str, list[str]]]] = {}  # list name -> index ("" unnumbered) -> key -> texts
+    for field, texts in fields.items():
+        name, index, key = ITEM_FIELD.fullmatch(field).groups()
+        grouped.setdefault(name, {}).setdefault(index, {})[key] = texts
+    lists, problems = {}, []
+    for name, by_index in grouped.items():
+        properties = SETTING_SCHEMAS.get(name, {}).get("items", {}).get("properties", {})
+
+        def typed(key: str, text: str) -> Any:
+            if properties.get(key, {}).get("type") in TEXT_TYPES:
+                return text
+            try:
+                return json.loads(text, parse_float=json_number)
+            except ValueError:
+                return text  # the library names the key and the type it wants
+
+        if "" in by_index and len(by_index) > 1:
+            problems.append(f"{name}[][...] and {name}[N][...] are both sent: send the list one way")
+            continue
+        if "" in by_index:
+            counts = {key: len(texts) for key, texts in by_index[""].items()}
+            if len(set(counts.values())) > 1:
+                sent = ", ".join(f"{name}[][{key}] {count} time(s)" for key, count in counts.items())
+                problems.append(f"{name} is sent as {sent}: each item must have every key, so the n-th of each makes "
+                                f"the n-th item (give each {name} item the same keys, e.g. a scale for every LoRA), "
+                                f"or send {name} as one JSON field")
+                continue
+            keys = list(counts)
+            lists[name] = [{key: typed(key, by_index[""][key][n]) for key in keys} for n in range(max(counts.values()))]
+            continue
+        repeated = [f"{name}[{index}][{key}]" for index, keys in by_index.items() for key, texts in keys.items()
+                    if len(texts) > 1]
+        if repeated:
+            problems.append(f"{', '.join(repeated[:5])} sent more than once: send each field once")
+            continue
+        lists[name] = [{key: typed(key, texts[0]) for key, texts in by_index[index].items()}
+                       for index in sorted(by_index, key=int)]
+    if problems:
+        raise SettingsError(problems)
+    return lists
 
 
 async def read_form(request: Request, roles: tuple[str, ...] = PICTURE_ROLES

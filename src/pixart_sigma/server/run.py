@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Optional
 
 from .. import MEMORY_BUDGET_ENV, PixArtSigmaError, PixArtSigmaModel, SettingsError
-from ..home import default_data_dir
+from ..home import default_data_dir, default_lora_dir
 from . import API_KEY_ENV, KEEP_GRACE_SECONDS, MAX_QUEUE_SIZE, is_loopback
 
 log = logging.getLogger(__name__)
 def load_models(model_names: list[str], device: str, dtype: str, memory: str = "auto",
-                text_encoder_dtype: str = "auto") -> dict[str, PixArtSigmaModel]:
+                text_encoder_dtype: str = "auto", lora_dir: Optional[Path] = None) -> dict[str, PixArtSigmaModel]:
     """Each served model, loaded and warmed by one small generation (kernels chosen, caches filled)."""
     models = {}
     for name in model_names:
         # A client names LoRAs of the served folder only, never a path on this machine.
         model = PixArtSigmaModel(model_name=name, device=device, dtype=dtype, text_encoder_dtype=text_encoder_dtype,
-                                 memory=memory, lora_paths=False)
+                                 memory=memory, lora_dir=lora_dir, lora_paths=False)
         model.generate("warm-up", num_inference_steps=1, width=64, height=64, num_images_per_prompt=1, seed=0)
         models[name] = model
     return models
@@ -88,7 +88,8 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
           text_encoder_dtype: str = "auto",
           host: str = "127.0.0.1", port: int = 8000, data_dir: Optional[Path] = None, queue_size: int = 8,
           api_key: Optional[str] = None, log_level: str = "info", keep_jobs: int = 0,
-          keep_grace_seconds: Optional[float] = None, allow_compile: bool = False) -> int:
+          keep_grace_seconds: Optional[float] = None, allow_compile: bool = False,
+          lora_dir: Optional[Path] = None) -> int:
     import uvicorn
 
     from .app import asgi, create_app
@@ -111,9 +112,13 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
         problems.append(f"keep_jobs={keep_jobs} is not valid: 0 keeps every job, N keeps the newest N finished ones")
     if not 0 <= keep_grace_seconds <= 86_400 * 365:
         problems.append(f"keep_grace={keep_grace_seconds:g} is not valid: seconds from 0 to a year")
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        problems.append(f"lora_dir={str(lora_dir)!r} is not a folder: give the folder that holds the LoRAs requests "
+                        f"may name (.safetensors files, PEFT folders), or leave --lora-dir out for {default_lora_dir()}")
     if problems:
         raise SettingsError(problems)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
+    lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else default_lora_dir()
     names = list(dict.fromkeys(model_names)) or [PixArtSigmaModel.get_schema()["properties"]["model_name"]["default"]]
     sock = bind(host, port)
     store = None
@@ -126,9 +131,12 @@ def serve(model_names: list[str], device: str = "auto", dtype: str = "auto", mem
                   "file(s) or link(s) removed",
                   file=sys.stderr, flush=True)
         print(f"loading {', '.join(names)} ...", file=sys.stderr, flush=True)
-        models = load_models(names, device, dtype, memory, text_encoder_dtype)
+        models = load_models(names, device, dtype, memory, text_encoder_dtype, lora_dir)
         check_models_fit(models)
-        service = Service(models, store, queue_size, keep_jobs, keep_grace_seconds, allow_compile)
+        service = Service(models, store, queue_size, keep_jobs, keep_grace_seconds, allow_compile, lora_dir)
+        found = len(service.loras.files())
+        print(f"LoRAs: {found} in {lora_dir}" if found or lora_dir.is_dir() else
+              f"LoRAs: none ({lora_dir} does not exist; --lora-dir names another folder)", file=sys.stderr, flush=True)
         app = create_app(service, api_key, hosts=host_names(host) if is_loopback(host) and not api_key else None)
         server = _DrainingServer(uvicorn.Config(asgi(app), log_level=log_level, timeout_graceful_shutdown=5), service)
         listen(sock, host, port)

@@ -27,6 +27,7 @@ import collections
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -36,6 +37,7 @@ from ..compiling import COMPILE_COST
 from ..settings import LOAD_SETTINGS, MAX_SEED, shown
 from .protocol import STORE_RETRY_AFTER, Rejected
 from . import KEEP_GRACE_SECONDS
+from .loras import ServedLoras
 from .store import PICTURE_ROLES, Job, JobStore, StoreError, image_name
 
 log = logging.getLogger(__name__)
@@ -105,11 +107,14 @@ class Service:
     """Validates requests, stores jobs, runs them one at a time, and reports on them."""
 
     def __init__(self, models: dict[str, PixArtSigmaModel], store: JobStore, queue_size: int = 8,
-                 keep_jobs: int = 0, keep_grace_seconds: float = KEEP_GRACE_SECONDS, allow_compile: bool = False):
+                 keep_jobs: int = 0, keep_grace_seconds: float = KEEP_GRACE_SECONDS, allow_compile: bool = False,
+                 lora_dir: Optional[Path] = None):
         if not models:
             raise ValueError("the service needs at least one model")
         self.models = models
         self.default_model = next(iter(models))
+        # The LoRA folder requests name LoRAs of (the models' own lora_dir): listed against the default model.
+        self.loras = ServedLoras(lora_dir, lambda: self.models[self.default_model].engine.pipeline.transformer.config)
         self.store = store
         self.queue_size = queue_size
         self.keep_jobs = keep_jobs  # finished jobs (and their images) kept; 0 keeps all
@@ -171,7 +176,7 @@ class Service:
         """(model_name, prompt, settings) of a request body (and an edit's pictures, role -> bytes), by the
         library's rules; SettingsError otherwise."""
         return validate_request(self.models, self.default_model, body, allow_compile=self.allow_compile,
-                                pictures=pictures)
+                                pictures=pictures, loras=self.loras)
 
     def submit(self, body: Any, idempotency_key: Optional[str] = None,
                pictures: Optional[Mapping[str, bytes]] = None) -> tuple[Job, bool]:
@@ -575,14 +580,17 @@ class Service:
 
 def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
                      set_by: str = "pixart-sigma serve --{flag}", allow_compile: bool = False,
-                     pictures: Optional[Mapping[str, bytes]] = None) -> tuple[str, str, dict[str, Any]]:
+                     pictures: Optional[Mapping[str, bytes]] = None,
+                     loras: Optional[ServedLoras] = None) -> tuple[str, str, dict[str, Any]]:
     """(model_name, prompt, settings) of a request body, by the library's rules; SettingsError otherwise.
 
     `models`: each served name and what checks a call for it (`validate_call`, as PixArtSigmaModel's);
     `set_by` says where the server's own settings (device, dtype) are chosen; `allow_compile` False
     refuses compile=true (the operator's choice, see `pixart-sigma serve --allow-compile`). `pictures`: an
     edit's (role -> the file's bytes, as the route received them); a picture named in `body` itself is
-    refused, since the library would read it as a path on this machine.
+    refused, since the library would read it as a path on this machine. `loras`: the served LoRA folder: the
+    request's LoRA names are checked against it first (a path or a name it lacks is refused saying what it
+    holds), and its place on the server is taken out of every message.
     """
     if not isinstance(body, dict):
         raise SettingsError([f"settings must be a JSON object (the request body), not {type(body).__name__}"])
@@ -607,17 +615,22 @@ def validate_request(models: Mapping[str, Any], default_model: str, body: Any,
     if missing_prompt:
         problems.append("prompt is missing: describe the image you want, e.g. \"a red fox in the snow\"")
     prompt = values.pop("prompt", "a placeholder, so that only the settings are checked")
+    refused: set[int] = set()
+    if loras is not None:
+        refused, lora_problems = loras.check(values.get("loras"))
+        problems += lora_problems
     try:
         prompt, settings = models[model_name].validate_call(prompt, **dict(pictures or {}), **values)
-    except SettingsError as exc:
-        problems += exc.problems
+    except SettingsError as exc:  # the entries refused above once, in the server's words
+        problems += [problem for problem in exc.problems
+                     if not any(problem.startswith(f"loras.{index}.name=") for index in refused)]
         settings = None
     if settings is not None and settings.get("compile") and not allow_compile:
         where = set_by.format(flag="allow-compile", name="allow_compile")
         problems.append(f"compile=true is not allowed on this server: it costs {COMPILE_COST}, so its operator "
                         f"decides ({where}); leave compile out")
     if problems:
-        raise SettingsError(problems)
+        raise SettingsError([loras.private(problem) for problem in problems] if loras is not None else problems)
     return model_name, prompt, settings
 
 
