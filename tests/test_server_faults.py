@@ -269,9 +269,11 @@ SEMANTIC_RULES = ("is over the budget", "is too large for", "is empty", "contain
                   "must have the picture's size", "marks nothing to repaint", "apply to inpainting: give a mask",
                   "the masked area starts from the original picture", "would stretch the", "canvas gives",
                   "apply to edits only",
-                  # a LoRA name: whether the served LoRA folder holds it (or exists at all) is no schema's to say
-                  "is not in the LoRA folder", "does not exist: put LoRAs there", "is not valid here: name a LoRA",
-                  "is ambiguous: the LoRA folder")
+                  # a LoRA name: whether the served LoRA folder holds it (or exists at all) is no schema's to say,
+                  # nor whether an A1111 prompt's text holds a LoRA tag (<lora:NAME:SCALE>)
+                  "is not in this server's LoRA folder", "is not valid here: name a LoRA",
+                  "is ambiguous: this server's LoRA folder", "a LoRA tag without its closing", "prompt: the tag ",
+                  "holds the LoRA tag")
 
 
 class Holder:
