@@ -351,3 +351,17 @@ def test_the_python_api_loads_without_the_libraries_loading_bars(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "Loading weights" not in done.stderr and "it/s" not in done.stderr
+
+
+def test_grid_is_a_command_and_its_help_says_the_axes_and_the_bound(capsys):
+    from pixart_sigma import MAX_GRID_CELLS, axis_names
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "grid" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["grid", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"NAME is one of {', '.join(axis_names())}" in text and f"at most {MAX_GRID_CELLS} cells" in text
+    assert "lora_scale is the scale of every LoRA given, lora_scale:NAME of that one" in text
+    assert "--lora NAME[:SCALE]" in text and "--num-inference-steps" in text

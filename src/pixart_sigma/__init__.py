@@ -17,6 +17,8 @@ from .errors import (Cancelled, CheckpointError, GenerationError, MetadataError,
                      SettingsError)
 from .images import (batch_settings, check_output_dir, edit_settings, output_name, read_settings,  # noqa: E402
                      reproducible_settings, save_image)
+from .grid import (MAX_GRID_CELLS, Grid, GridFiles, GridPlan, axis_names, make_grid, plan_grid,  # noqa: E402
+                   read_grid)
 from .home import default_lora_dir  # noqa: E402
 from .loras import (LoraListing, find_by_hash, folder_loras, list_loras, prepare_loras, recorded_loras,  # noqa: E402
                     resolve_lora)
@@ -35,4 +37,6 @@ __all__ = [
     "output_name", "batch_settings", "plan_batch", "read_prompt_file", "check_text", "check_images_per_call",
     "check_pixel_budget", "DEFAULT_MODEL", "DEMO_NAME", "KNOWN_MODEL_NAMES", "MEMORY_MODES", "COMPILE_COST",
     "checkpoint_statuses", "edit_settings", "read_picture", "read_mask", "picture_sha256", "check_edit",
+    # the comparison grid (grid.py)
+    "plan_grid", "make_grid", "read_grid", "axis_names", "GridPlan", "Grid", "GridFiles", "MAX_GRID_CELLS",
 ]

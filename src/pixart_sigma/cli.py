@@ -345,6 +345,26 @@ def _batch_on_ray(args: argparse.Namespace, prompts: list[tuple[int, str]], outp
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    """A comparison grid: every axis value checked before the model loads; the cells, then the sheet, written."""
+    from tqdm import tqdm
+
+    from . import check_output_dir, make_grid, plan_grid
+
+    settings = _with_lora_flags(_given_settings(args), args)
+    plan = plan_grid(args.prompt, settings, args.x, args.y)
+    output_dir = check_output_dir(args.output_dir)
+    model = _load(settings, args.quiet, args.lora_dir)
+    with tqdm(total=plan.count, desc="cells", unit="cell", disable=args.quiet, file=sys.stderr) as bar:
+        grid = make_grid(model, plan, on_cell=lambda done, total: bar.update(done - bar.n))
+    files = grid.save(output_dir)
+    for row in files.cells:
+        for path in row:
+            print(path)
+    print(f"{files.sheet}  {plan.count} cells")
+    return 0
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -481,6 +501,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(batch)
     _add_lora_flags(batch)
     batch.set_defaults(handler=cmd_batch)
+
+    from . import MAX_GRID_CELLS, axis_names
+
+    grid = commands.add_parser(
+        "grid", help="a comparison grid of one prompt: a setting (or a LoRA's scale) per axis, one labelled sheet",
+        description="An X/Y plot: one prompt, one image per pair of axis values, each the image `generate` makes "
+                    "with those settings (saved with its record, so --from remakes it), and a contact sheet "
+                    "(the prompt as its title, x's values over the columns, y's beside the rows; the grid as PNG "
+                    "text). The model loads once; every value is checked before the first image.",
+        epilog="example: pixart-sigma grid \"a red fox\" --lora my-style --x lora_scale=0,0.5,1 --y seed=1,2,3")
+    grid.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    axis_help = (f"NAME=V1,V2,...: a setting and its values, each checked by the setting's rules (quote a value "
+                 f"with a comma: 'negative_prompt=\"blurry, dark\",'; a list setting as a JSON list of values: "
+                 f"'loras=[[], [{{\"name\": \"my-style\"}}]]'). NAME is one of {', '.join(axis_names())}: "
+                 "lora_scale is the scale of every LoRA given, lora_scale:NAME of that one")
+    grid.add_argument("--x", required=True, metavar="AXIS", help=f"the columns: {axis_help}")
+    grid.add_argument("--y", metavar="AXIS",
+                      help=f"the rows (default: one row), as --x; at most {MAX_GRID_CELLS} cells in all")
+    grid.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR,
+                      help="folder for the sheet and a folder of its cells beside it (default: outputs)")
+    grid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_setting_flags(grid, title="settings of every cell (defaults as in `pixart-sigma schema`)")
+    _add_lora_flags(grid)
+    grid.set_defaults(handler=cmd_grid)
 
     from . import DEFAULT_MODEL
 
