@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,6 +352,43 @@ def test_the_python_api_loads_without_the_libraries_loading_bars(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "Loading weights" not in done.stderr and "it/s" not in done.stderr
+
+
+def test_batch_names_key_each_lora_by_its_sha256_and_scale_and_are_unchanged_without_loras(tmp_path, capsys):
+    import shutil
+
+    from pixart_sigma import PixArtSigmaModel, plan_batch
+    from pixart_sigma.checkpoints import DEMO_DIR
+    from pixart_sigma.lora_formats import write_lora
+    from test_loras import _random_lora
+
+    # Without LoRAs a batch keeps the names it had before LoRAs existed (this one, from then), so reruns resume.
+    values = PixArtSigmaModel.validate_and_transform({"model_name": "demo", "seed": 1, "num_inference_steps": 2,
+                                                      "dtype": "float32"})
+    assert plan_batch([(1, "a red circle")], values)[0].names == ("a-red-circle-70f8d6b899e5-0.png",)
+    with pytest.raises(ValueError, match="SHA-256 of each of the 1 LoRAs"):
+        plan_batch([(1, "a red circle")], {**values, "loras": [{"name": "style", "scale": 1.0}]})
+    folder, moved = tmp_path / "loras", tmp_path / "moved"
+    config = json.loads((DEMO_DIR / "transformer" / "config.json").read_text())
+    write_lora(folder / "style.safetensors", _random_lora(config, 1), "kohya")
+    moved.mkdir()
+    shutil.copy(folder / "style.safetensors", moved / "renamed.safetensors")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    common = ["batch", prompts, "--model-name", "demo", "--num-inference-steps", 1, "--seed", 1, "-o", tmp_path / "out",
+              "-q"]
+    code, out, err = run(capsys, *common, "--lora-dir", folder, "--lora", "style:0.5")
+    assert code == 0, err
+    first = written(out)
+    assert len(first) == 1 and not first[0].endswith("70f8d6b899e5-0.png")
+    # the same bytes under another name, in another folder or by path: the same file name, nothing to make
+    for lora in (["--lora-dir", moved, "--lora", "renamed:0.5"], ["--lora", f"{folder / 'style.safetensors'}:0.5"]):
+        code, out, err = run(capsys, *common, *lora)
+        assert code == 0 and out == "" and "0 prompt(s) generated, 1 already done" in err, err
+    code, out, err = run(capsys, *common, "--lora-dir", folder, "--lora", "style:0.7")  # another scale: another name
+    assert code == 0 and len(written(out)) == 1 and written(out) != first
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(
+        Path(path).name for path in first + written(out))
 
 
 def test_grid_is_a_command_and_its_help_says_the_axes_and_the_bound(capsys):

@@ -9,8 +9,10 @@ batch tests run before Serve takes its share of the CPUs. The demo model, a few 
 import base64
 import concurrent.futures
 import io
+import json
 import re
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,9 +27,12 @@ ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'"
 import httpx  # noqa: E402
 import psutil  # noqa: E402  (accelerate's dependency)
 
-from pixart_sigma import PixArtSigmaModel, SettingsError, read_settings  # noqa: E402
+from pixart_sigma import CheckpointError, PixArtSigmaModel, SettingsError, read_settings  # noqa: E402
+from pixart_sigma.checkpoints import DEMO_DIR  # noqa: E402
 from pixart_sigma.cli import main  # noqa: E402
 from pixart_sigma.images import safe_stem  # noqa: E402
+from pixart_sigma.lora_formats import write_lora  # noqa: E402
+from test_loras import _random_lora  # noqa: E402
 from pixart_sigma.integrations.ray import batch as on_ray  # noqa: E402
 from serving import free_port, wait_until  # noqa: E402
 
@@ -54,7 +59,7 @@ _serve_started = []
 
 
 def _batch(capsys, prompts_file, out, *flags):
-    code = main(["batch", str(prompts_file), "-o", str(out), "-q", *SETTINGS, *flags])
+    code = main(["batch", str(prompts_file), "-o", str(out), "-q", *SETTINGS, *map(str, flags)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -225,6 +230,80 @@ def test_bad_input_is_refused_before_ray_starts(no_ray_start, tmp_path, capsys):
                      "row 3: model_name is the same for the whole run", "row 4: image (bytes) is not an image",
                      "row 5: strength apply to edits only"):
         assert expected in message
+
+
+# -- batch with LoRAs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    config = json.loads((DEMO_DIR / "transformer" / "config.json").read_text())
+    write_lora(folder / "style.safetensors", _random_lora(config, 1), "kohya")
+    write_lora(folder / "other", _random_lora(config, 2), "peft")  # a PEFT folder: its two files travel
+    return folder
+
+
+def test_ray_batch_applies_loras_as_the_local_batch_does_and_names_them_by_sha256(lora_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n", encoding="utf-8")
+    loras = ["--lora-dir", lora_folder, "--lora", "style:0.5", "--lora", "other"]
+    code, _, err = _batch(capsys, prompts, tmp_path / "local", *loras)
+    assert code == 0, err
+    code, _, err = _batch(capsys, prompts, tmp_path / "ray", "--ray", "--workers", "1", *loras)
+    assert code == 0, err
+    made = _files(tmp_path / "ray")
+    assert made == _files(tmp_path / "local") and len(made) == 4  # names, pixels and records alike
+    record = read_settings(tmp_path / "ray" / sorted(made)[0])
+    assert [(lora["name"], lora["scale"]) for lora in record["loras"]] == [("style", 0.5), ("other", 1.0)]
+    # Keyed by each LoRA's SHA-256 and scale: the same files renamed in another folder, or named by path, are
+    # the same batch (nothing left to make); another scale is another batch.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(lora_folder / "style.safetensors", moved / "renamed.safetensors")
+    shutil.copytree(lora_folder / "other", moved / "peft-copy")
+    code, _, err = _batch(capsys, prompts, tmp_path / "ray", "--ray", "--lora-dir", moved, "--lora", "renamed:0.5",
+                          "--lora", moved / "peft-copy")
+    assert code == 0 and "0 prompt(s) generated, 2 already done" in err, err
+    plan = on_ray.plan(on_ray.check_rows(PROMPTS[:1], {"model_name": "demo", "num_inference_steps": int(STEPS),
+                                                       "seed": 7, "num_images_per_prompt": 2,
+                                                       "loras": [{"name": "style", "scale": 0.6},
+                                                                 {"name": "other", "scale": 1.0}]}),
+                       {}, tmp_path / "ray", lora_dir=lora_folder)
+    assert not set(plan.work[0].item.names) & set(made) and plan.work[0].missing == [0, 1]
+
+
+def test_a_worker_refuses_a_lora_whose_bytes_are_not_the_ones_hashed(tmp_path):
+    sent = [{"given": "style", "sha256": "0" * 64, "files": [("style.safetensors", ray.put(b"other bytes"))],
+             "weights": "style.safetensors", "top": "style.safetensors"}]
+    worker = on_ray.Worker({"model_name": "demo", "loras": [{"name": "style", "scale": 1.0}]}, None, loras=sent)
+    out = worker({"row": [0], "prompt": ["a red circle"], "overrides": ["{}"], "seed": [1], "missing": ["[0]"],
+                  "picture": [b""], "mask": [b""]})
+    error = json.loads(out["error"][0])
+    assert error["kind"] == "CheckpointError" and out["png"] == [b""]
+    assert error["problems"][0].startswith("loras: style (style.safetensors) reached this worker with SHA-256 ")
+    assert f"not the {'0' * 64} the driver hashed" in error["problems"][0]
+
+
+def test_a_lora_changed_after_the_plan_is_refused_naming_it(lora_folder, tmp_path):
+    lora = tmp_path / "changing.safetensors"
+    shutil.copy(lora_folder / "style.safetensors", lora)
+    settings = {"model_name": "demo", "num_inference_steps": 1, "seed": 1, "loras": [{"name": str(lora), "scale": 1.0}]}
+    plan = on_ray.plan(on_ray.check_rows(["a red circle"], settings), settings, tmp_path / "out")
+    lora.write_bytes((lora_folder / "other" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=f"loras: {lora} changed since the batch was planned"):
+        on_ray.run(plan, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_lora_is_refused_before_ray_starts(no_ray_start, lora_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n", encoding="utf-8")
+    code, _, err = _batch(capsys, prompts, tmp_path / "out", "--ray", "--lora-dir", lora_folder, "--lora", "missing")
+    assert code == 2 and "loras.0.name='missing' is not in the LoRA folder" in err and "other, style" in err, err
+    with pytest.raises(SettingsError) as error:
+        on_ray.generate(["a red circle", {"prompt": "a square", "loras": [{"name": "nope"}]}], model_name="demo",
+                        lora_dir=lora_folder)
+    assert "row 1: loras.0.name='nope' is not in the LoRA folder" in str(error.value)
 
 
 # -- Serve -------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Many prompts from a file, resumable: names keyed by content, never by line number; nothing overwritten.
 
 A prompt's images are named `<slug>-<key>-<k>.png`, where the key hashes the prompt, the settings
-that decide its pixels, and which occurrence of that same prompt in the file it is. Inserting or
+that decide its pixels (a LoRA by its SHA-256 and scale, not its name or path), and which occurrence of that same prompt in the file it is. Inserting or
 reordering lines changes no name; a rerun skips what is done and makes only what is missing,
 with the seed the earlier run drew when the seed is random, so a finished file is never replaced.
 """
@@ -15,7 +15,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .calls import random_seed
 from .devices import dtype_name
@@ -24,7 +24,8 @@ from .images import read_settings, safe_stem
 from .settings import PLACEMENT_SETTINGS, Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
-# Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match.
+# Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match
+# (LoRAs by their SHA-256 and scale: lora_key).
 KEYED_WHEN_SET = {"vae_tiling": False, "compile": False, "loras": []}
 COMMENT = "#"
 LINE_END = re.compile(r"\r\n|\r|\n")  # as editors break lines; not U+2028 or form feeds
@@ -108,11 +109,26 @@ def content_key(prompt: str, settings: dict[str, Any], occurrence: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any]) -> list[BatchItem]:
-    """Name every prompt's images from its content. `settings`: the model's validated settings."""
+def lora_key(settings: dict[str, Any], loras: Optional[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """What a batch's LoRAs are keyed by: each one's SHA-256 and scale, in order, never its name or path (a
+    renamed or moved file makes the same images). `loras`: the records of `settings["loras"]` (LoraUse.record(),
+    or mappings with "sha256" and "scale")."""
+    given = settings.get("loras") or []
+    if loras is None or len(loras) != len(given):
+        raise ValueError(f"plan_batch needs the SHA-256 of each of the {len(given)} LoRAs of settings['loras'] "
+                         "(loras=[use.record() for use in model.lora_uses(...)])")
+    return [{"sha256": lora["sha256"], "scale": float(lora["scale"])} for lora in loras]
+
+
+def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any],
+               loras: Optional[Sequence[Mapping[str, Any]]] = None) -> list[BatchItem]:
+    """Name every prompt's images from its content. `settings`: the model's validated settings; `loras`: with
+    LoRAs set, each one's record (SHA-256 and scale: what names are keyed by, see lora_key)."""
     # Every setting but where it runs decides the pixels; a local model is keyed by its absolute path.
     keyed = {name: settings[name] for name in Settings.field_names()
              if name not in PLACEMENT_SETTINGS and KEYED_WHEN_SET.get(name, ...) != settings[name]}
+    if "loras" in keyed:
+        keyed["loras"] = lora_key(settings, loras)
     if "checkpoint" in settings:
         keyed["model_name"] = settings["checkpoint"].model_name
     if "torch_dtype" in settings:  # the formats resolved decide the pixels, not "auto" (which differs by machine)

@@ -282,8 +282,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise _UsageError("--prompts-per-call is for local runs: on Ray each worker takes one prompt at a time "
                           "(add --workers to use more devices)")
     given = _with_lora_flags(_given_settings(args), args)
-    if args.ray and (given.get("loras") or args.lora_dir):
-        raise _UsageError("LoRAs are not applied on Ray yet: run the batch without --ray")
     prompts = read_prompt_file(args.prompts_file)  # every line is checked before the first image
     output_dir = check_output_dir(args.output_dir)
     if args.ray:
@@ -294,8 +292,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_images_per_call(calls, values["num_images_per_prompt"])
         check_pixel_budget(values["width"], values["height"], values["num_images_per_prompt"], prompts=calls)
     model = _load(given, args.quiet, args.lora_dir)
-    model.lora_uses(model.settings["loras"])  # every LoRA found and read before the first image
-    items = plan_batch(prompts, model.settings)
+    loras = model.lora_uses(model.settings["loras"])  # every LoRA found and read before the first image
+    items = plan_batch(prompts, model.settings, [lora.record() for lora in loras])  # names keyed by their SHA-256
     pending = [item for item in items if item.missing(output_dir)]  # resumable: skip what an earlier run finished
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="prompts", unit="prompt",
                disable=args.quiet, file=sys.stderr)
@@ -325,10 +323,10 @@ def _batch_on_ray(args: argparse.Namespace, prompts: list[tuple[int, str]], outp
     except ImportError as exc:
         raise _UsageError(f"--ray needs the ray extra: pip install \"pixart-sigma[ray]\" ({exc})") from None
     _quiet_libraries()
-    settings = _given_settings(args)
+    settings = _with_lora_flags(_given_settings(args), args)
     lines = [line for line, _ in prompts]
     checked = on_ray.check_rows([prompt for _, prompt in prompts], settings, numbers=lines)
-    plan = on_ray.plan(checked, settings, output_dir, lines=lines)
+    plan = on_ray.plan(checked, settings, output_dir, lines=lines, lora_dir=args.lora_dir)
     skipped = sum(1 for unit in plan.work if not unit.missing)
     if not args.quiet and skipped < len(plan.work):
         print(f"on Ray ({args.ray_address or 'a local Ray for this run'}): {len(plan.work) - skipped} prompt(s) "

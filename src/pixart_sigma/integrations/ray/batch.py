@@ -7,26 +7,36 @@ images). Workers only generate: one Ray actor per worker keeps one warm model an
 prompt with PNG bytes that carry the image's settings. The driver writes those bytes atomically,
 never over an existing file, so a cluster needs no shared file system, and an image that arrives
 twice (Ray retries a failed batch whole) is written once.
+
+LoRAs travel the same way, with no shared file system either: the driver resolves each LoRA the run
+names once (a name in the LoRA folder, or a path) and hashes it; at the start of the run it reads the
+files again, refuses if they changed since (their SHA-256 keys the file names), and puts their bytes
+into Ray's object store once. Each worker fetches them (once per node), checks the SHA-256 of what it
+got (refusing, naming the file, if it differs) and reads them from a folder of its own, under their own
+names: the images record the same names, scales and hashes as the local batch's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from ... import (EditSettings, PixArtSigmaError, PixArtSigmaModel, SettingsError, check_edit, check_output_dir,
-                 quiet_libraries, read_picture)
+from ... import (CheckpointError, EditSettings, PixArtSigmaError, PixArtSigmaModel, SettingsError, check_edit,
+                 check_output_dir, quiet_libraries, read_picture, resolve_lora, sha256_of)
 from ...batch import BatchItem, plan_batch
 from ...devices import dtype_name
 from ...images import image_bytes, save_bytes
+from ...lora_formats import PEFT_CONFIG
 from ...settings import LOAD_SETTINGS, Settings, check_text, shown
 
 log = logging.getLogger(__name__)
@@ -71,11 +81,29 @@ class Work:
     seed: Optional[int] = None  # first seed: given, drawn here, or the one an earlier run drew
 
 
+@dataclass(frozen=True)
+class ShippedLora:
+    """A LoRA the run names, resolved and hashed once on the driver: what its workers are sent."""
+
+    given: str  # as the settings name it: a name in the LoRA folder, or a path
+    path: Path  # on the driver: a .safetensors file or a PEFT folder
+    weights: Path  # the file hashed (a PEFT folder's adapter_model.safetensors)
+    sha256: str
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(where the worker puts it, relative to the LoRA's own folder there; the file here)."""
+        if not self.path.is_dir():
+            return [(self.path.name, self.path)]
+        config = self.path / PEFT_CONFIG
+        return [(f"{self.path.name}/{file.name}", file) for file in (config, self.weights) if file.is_file()]
+
+
 @dataclass
 class Plan:
     work: list[Work]
     settings: dict[str, Any]  # the run's settings, dtype=auto resolved here: every worker uses the same formats
     output_dir: Optional[Path]
+    loras: dict[str, ShippedLora] = field(default_factory=dict)  # by the name the settings give
 
 
 # -- checking and planning, before Ray starts ------------------------------------------------------
@@ -165,11 +193,39 @@ def check_rows(rows: Iterable[Any], settings: dict[str, Any], numbers: Optional[
     return out
 
 
+def _resolve_loras(rows: list[Checked], labels: list[str], lora_dir: Optional[Path]) -> dict[str, ShippedLora]:
+    """Every LoRA the rows use, resolved (in `lora_dir`, or by path) and hashed once; SettingsError naming each
+    that cannot be (a row's own LoRAs with its label)."""
+    shipped: dict[str, ShippedLora] = {}
+    problems: list[str] = []
+    tried: set[str] = set()
+    for row, label in zip(rows, labels):
+        for index, item in enumerate(row.values["loras"]):
+            name = item["name"]
+            if name in tried:  # once each, however many rows name it
+                continue
+            tried.add(name)
+            own = "loras" in row.overrides  # the row's own setting: say which row
+            where = f"loras.{index}.name"
+            try:
+                found = resolve_lora(name, lora_dir, where=where)
+                shipped[name] = ShippedLora(name, found.path, found.weights, sha256_of(found.weights))
+            except SettingsError as exc:
+                problems += [f"{label}: {problem}" if own else problem for problem in exc.problems]
+            except CheckpointError as exc:
+                problems.append(f"{label + ': ' if own else ''}{where}={shown(name)} cannot be used: {exc}")
+    if problems:
+        raise SettingsError(problems[:MAX_PROBLEMS])
+    return shipped
+
+
 def plan(rows: list[Checked], settings: dict[str, Any], output_dir: Optional[Path],
-         lines: Optional[Sequence[int]] = None) -> Plan:
-    """Name every row's images as the local batch does, leave out what is done, and fix every seed now."""
+         lines: Optional[Sequence[int]] = None, lora_dir: Optional[Union[str, os.PathLike]] = None) -> Plan:
+    """Name every row's images as the local batch does, leave out what is done, and fix every seed now.
+    The LoRAs are resolved (names in `lora_dir`, default the LoRA folder, or paths) and hashed here, once."""
     labels = [f"line {line}" for line in lines] if lines is not None else [f"row {row}" for row in range(len(rows))]
     lines = list(lines) if lines is not None else list(range(len(rows)))
+    loras = _resolve_loras(rows, labels, Path(lora_dir).expanduser() if lora_dir is not None else None)
     work = [Work(index, labels[index], row.prompt, row.overrides, row.pictures) for index, row in enumerate(rows)]
     groups: dict[str, list[int]] = {}  # rows with the same settings are one local batch: names as plan_batch gives
     for index, row in enumerate(rows):
@@ -179,14 +235,15 @@ def plan(rows: list[Checked], settings: dict[str, Any], output_dir: Optional[Pat
         first = rows[members[0]]
         # An edit's settings and pictures decide its pixels: they are part of its files' names.
         values = first.values if first.pictures is None else {**first.values, "edit": first.pictures.key}
-        items = plan_batch([(lines[i], rows[i].prompt) for i in members], values)
+        records = [{"sha256": loras[item["name"]].sha256, "scale": item["scale"]} for item in values["loras"]]
+        items = plan_batch([(lines[i], rows[i].prompt) for i in members], values, records)  # by SHA-256, not name
         for index, item in zip(members, items):
             unit = work[index]
             unit.item = item
             unit.missing = item.missing(output_dir) if output_dir is not None else list(range(len(item.names)))
             # Drawn once, here: a retried row makes the same images.
             unit.seed = item.first_seed(values["seed"], output_dir) if unit.missing else values["seed"]
-    return Plan(work, resolved_formats(settings), output_dir)
+    return Plan(work, resolved_formats(settings), output_dir, loras)
 
 
 def resolved_formats(settings: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +264,7 @@ class Worker:
     as a row naming the error, not as a crash: Ray would only try it again, and hide the message.
     """
 
-    def __init__(self, settings: dict[str, Any], threads: Optional[int]):
+    def __init__(self, settings: dict[str, Any], threads: Optional[int], loras: Sequence[dict[str, Any]] = ()):
         import torch
 
         if threads:  # on the CPU the thread count changes float rounding: the driver says how many, for its pixels
@@ -215,10 +272,48 @@ class Worker:
         quiet_libraries()
         self.model: Optional[PixArtSigmaModel] = None
         self.refused: Optional[PixArtSigmaError] = None
+        self.local: dict[str, str] = {}  # a LoRA's name as the settings give it -> its copy on this worker
         try:
+            self._receive(loras)
+            if "loras" in settings:
+                settings = {**settings, "loras": self._local(settings["loras"])}
             self.model = PixArtSigmaModel(**settings)
         except PixArtSigmaError as exc:  # said at the first prompt
             self.refused = exc
+
+    def _receive(self, loras: Sequence[dict[str, Any]]) -> None:
+        """The run's LoRAs, from the object store into a folder of this worker's, each checked by its SHA-256."""
+        if not loras:
+            return
+        import ray
+
+        self.folder = tempfile.TemporaryDirectory(prefix="pixart-sigma-loras-")  # removed with the worker
+        for lora in loras:
+            root = Path(self.folder.name) / lora["sha256"]
+            for relative, ref in lora["files"]:
+                data = ray.get(ref)
+                if relative == lora["weights"] and hashlib.sha256(data).hexdigest() != lora["sha256"]:
+                    raise CheckpointError(
+                        f"loras: {lora['given']} ({relative}) reached this worker with SHA-256 "
+                        f"{hashlib.sha256(data).hexdigest()}, not the {lora['sha256']} the driver hashed: refusing "
+                        "to use it (run the batch again)")
+                target = root / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            self.local[lora["given"]] = str(root / lora["top"])
+
+    def _local(self, loras: Any) -> Any:
+        """A `loras` setting with each name the driver resolved replaced by this worker's copy."""
+        if not loras:
+            return loras
+        items = [item if isinstance(item, dict) else item.model_dump() for item in loras]
+        return [{**item, "name": self.local.get(item["name"], item["name"])} for item in items]
+
+    def _shown(self, problem: str) -> str:
+        """A message naming a LoRA as the run named it, not by this worker's copy."""
+        for given, local in self.local.items():
+            problem = problem.replace(repr(local), repr(given)).replace(local, given)
+        return problem
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"row": [], "image": [], "png": [], "error": []}
@@ -231,9 +326,12 @@ class Worker:
             try:
                 if self.refused is not None:
                     raise self.refused
-                images = self.model.generate(str(prompt), **edit, **{**json.loads(overrides), "seed": int(seed)})
+                given = json.loads(overrides)
+                if "loras" in given:
+                    given["loras"] = self._local(given["loras"])
+                images = self.model.generate(str(prompt), **edit, **{**given, "seed": int(seed)})
             except PixArtSigmaError as exc:
-                problems = getattr(exc, "problems", None) or [str(exc)]
+                problems = [self._shown(problem) for problem in getattr(exc, "problems", None) or [str(exc)]]
                 error = json.dumps({"kind": type(exc).__name__, "problems": problems})
                 _add(out, int(row), -1, error=error)
                 continue
@@ -335,6 +433,7 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
         import ray
 
         count, resources, worker_threads = _placement(plan_.settings, workers, threads)
+        loras = _put_loras(plan_.loras)
         rows = [{"row": unit.row, "prompt": unit.prompt, "overrides": json.dumps(unit.overrides), "seed": unit.seed,
                  "missing": json.dumps(unit.missing), **_picture_columns(unit.pictures)} for unit in todo]
         with warnings.catch_warnings():
@@ -342,7 +441,7 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
             # kills its worker each time would be retried for ever.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                Worker, fn_constructor_kwargs={"settings": plan_.settings, "threads": worker_threads},
+                Worker, fn_constructor_kwargs={"settings": plan_.settings, "threads": worker_threads, "loras": loras},
                 compute=ray.data.ActorPoolStrategy(size=min(count, len(rows))), batch_size=1, batch_format="numpy",
                 max_task_retries=TASK_RETRIES, **resources)
         with _quiet_data():
@@ -350,6 +449,26 @@ def run(plan_: Plan, *, workers: Optional[int] = None, address: Optional[str] = 
     finally:
         session.close()
     return results
+
+
+def _put_loras(loras: dict[str, ShippedLora]) -> list[dict[str, Any]]:
+    """Each LoRA's files read again and put into Ray's object store once, for every worker; CheckpointError
+    naming the file if it changed since the plan hashed it (its SHA-256 names the images)."""
+    import ray
+
+    sent = []
+    for lora in loras.values():
+        files = []
+        for relative, path in lora.files():
+            data = path.read_bytes()
+            if path == lora.weights and hashlib.sha256(data).hexdigest() != lora.sha256:
+                raise CheckpointError(f"loras: {path} changed since the batch was planned (SHA-256 {lora.sha256} "
+                                      f"then, {hashlib.sha256(data).hexdigest()} now): run the batch again")
+            files.append((relative, ray.put(data)))
+        weights = next(relative for relative, path in lora.files() if path == lora.weights)
+        sent.append({"given": lora.given, "sha256": lora.sha256, "files": files, "weights": weights,
+                     "top": lora.path.name})
+    return sent
 
 
 def _picture_columns(pictures: Optional[Pictures]) -> dict[str, bytes]:
@@ -412,7 +531,8 @@ def _collect(dataset, todo: list[Work], output_dir: Optional[Path], results: dic
 # -- the Python entry -------------------------------------------------------------------------------
 
 def generate(prompts: Any, output_dir: Union[str, os.PathLike, None] = None, *, workers: Optional[int] = None,
-             address: Optional[str] = None, progress: bool = True, **settings: Any) -> list[list[Any]]:
+             address: Optional[str] = None, progress: bool = True, lora_dir: Union[str, os.PathLike, None] = None,
+             **settings: Any) -> list[list[Any]]:
     """Generate for many prompts on Ray; for each prompt (in order), its images, or their files in `output_dir`.
 
     `prompts`: a list of prompts, of mappings (`{"prompt": ..., "seed": 7, ...}`: per-row settings), or
@@ -424,12 +544,13 @@ def generate(prompts: Any, output_dir: Union[str, os.PathLike, None] = None, *, 
     `settings`: for the whole run (model_name, device, dtype and the defaults of the rest).
     `output_dir`: write the files as `pixart-sigma batch` names them, skip what is there already
     (resumable), return their paths; without it the images come back as PIL images.
-    `workers`, `address`: as for `run`.
+    `workers`, `address`: as for `run`. `lora_dir`: the folder LoRA names are looked up in (default: the LoRA
+    folder); a LoRA (`loras=[...]`, for the run or a row) is resolved and hashed here and sent to the workers.
     """
     rows = _input_rows(prompts)
     checked = check_rows(rows, settings)
     folder = check_output_dir(output_dir) if output_dir is not None else None
-    plan_ = plan(checked, settings, folder)
+    plan_ = plan(checked, settings, folder, lora_dir=lora_dir)
     made = run(plan_, workers=workers, address=address, progress=progress)
     return [[made.get((unit.row, index), folder / name if folder is not None else None)
              for index, name in enumerate(unit.item.names)] for unit in plan_.work]
