@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 from pixart_sigma import picture_sha256, read_mask, read_settings
 
-from serving import start_server, wait_for_job
+from serving import start_server, wait_for_job, write_demo_lora
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -47,8 +47,19 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("page") / "data", faults=True, env=NO_KEY)
+def lora_dir(tmp_path_factory):
+    """The page server's LoRA folder: two LoRAs for the demo model and a file that is none."""
+    folder = tmp_path_factory.mktemp("page-loras")
+    write_demo_lora(folder / "style.safetensors", 1)
+    write_demo_lora(folder / "other.safetensors", 2, layout="diffusers")
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, lora_dir):
+    server = start_server(tmp_path_factory.mktemp("page") / "data", "--model-name", "demo", "--lora-dir", str(lora_dir),
+                          faults=True, env=NO_KEY)
     yield server
     server.stop(signal.SIGTERM, timeout=20)
 
@@ -208,7 +219,8 @@ def test_clicking_a_gallery_item_fills_the_form(page, server, styled_job):
                       "num_inference_steps": "7", "guidance_scale": "3.5", "seed": "1234", "width": "64",
                       "height": "64", "num_images_per_prompt": "1", "scheduler": "euler",
                       "use_resolution_binning": False, "max_sequence_length": "120", "vae_tiling": False,
-                      "compile": False, "loras": ""}  # no LoRAs: an empty JSON field (a picker is issue 25's page part)
+                      "compile": False, "loras": None}  # the LoRA picker (a fieldset): nothing picked
+    assert page.locator('[data-field="loras"] input[type=checkbox]:checked').count() == 0
     assert natural_width(page, "#result img") == 64  # its picture is shown as the result
     page.get_by_role("button", name="Reset settings").click()
     assert page.locator("#field-seed").input_value() == "-1"
@@ -266,18 +278,64 @@ def test_server_errors_show_next_to_their_field(page, server):
         assert client.get("/v1/jobs?limit=1").json()["total"] == before
 
 
-def test_the_loras_field_sends_a_list_and_says_what_is_wrong_with_it(page, server):
-    page.get_by_label("Prompt", exact=True).fill("a red circle")
-    field = page.locator("#field-loras")
-    field.fill('[{"name": "not-in-the-folder", "scale": 0.5}]')
+def test_the_lora_picker_lists_the_folder_sends_the_picked_loras_and_is_refilled_from_a_job(page, server):
+    with server.client() as client:
+        scale_schema = client.get("/v1/schema").json()["properties"]["loras"]["items"]["properties"]["scale"]
+    picker = page.locator('[data-field="loras"]')
+    picker.locator('li[data-name="style"]').wait_for()
+    assert picker.locator("li").evaluate_all("rows => rows.map(r => r.dataset.name)") == ["broken", "other", "style"]
+    broken = picker.locator('li[data-name="broken"]')
+    assert "Cannot be used: broken.safetensors is not a safetensors file" in broken.inner_text()
+    assert broken.get_by_role("checkbox").is_disabled()  # shown with its reason, not selectable
+    assert "kohya · rank 4" in picker.locator('li[data-name="style"]').inner_text()
+    scale = page.get_by_label("Scale of style")
+    assert (scale.get_attribute("min"), scale.get_attribute("max"), scale.input_value()) == (
+        f"{scale_schema['minimum']:g}", f"{scale_schema['maximum']:g}", f"{scale_schema['default']:g}")
+    page.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    page.get_by_label("Inference steps").fill("3")
+    page.get_by_label("other", exact=True).check()
+    page.get_by_label("style", exact=True).check()
+    scale.fill("0.7")
     body = sent_request(page, lambda: page.get_by_role("button", name="Generate").click())
-    assert body["loras"] == [{"name": "not-in-the-folder", "scale": 0.5}]  # a list, not its JSON text
+    assert body["loras"] == [{"name": "other", "scale": 1}, {"name": "style", "scale": 0.7}]  # in the order picked
+    page.wait_for_selector('#status[data-state="succeeded"]', timeout=30_000)
+    job, png = result_png(server, page)
+    assert job["settings"]["loras"] == [{"name": "other", "scale": 1.0}, {"name": "style", "scale": 0.7}]
+    recorded = read_settings(Image.open(io.BytesIO(png)))["loras"]
+    assert [(lora["name"], lora["scale"], len(lora["sha256"])) for lora in recorded] == [("other", 1.0, 64),
+                                                                                         ("style", 0.7, 64)]
+    page.get_by_role("button", name="Reset settings").click()
+    assert not page.get_by_label("style", exact=True).is_checked() and scale.input_value() == "0.7"
+    item = gallery_item(page, job["id"])
+    assert "other ×1, style ×0.7" in item.locator(".settings").inner_text()
+    item.get_by_role("button", name="Use the prompt and settings of: a red circle on a blue background").click()
+    assert page.get_by_label("other", exact=True).is_checked() and page.get_by_label("style", exact=True).is_checked()
+    assert page.get_by_label("Scale of style").input_value() == "0.7"
+    assert page.get_by_label("Scale of other").input_value() == "1"
+    body = sent_request(page, lambda: page.get_by_role("button", name="Generate").click())
+    assert body["loras"] == [{"name": "other", "scale": 1}, {"name": "style", "scale": 0.7}]  # the job's order
+    page.wait_for_selector('#status[data-state="succeeded"]', timeout=30_000)
+
+
+def test_a_lora_gone_from_the_folder_is_shown_and_the_servers_refusal_is_beside_the_picker(page, server, lora_dir):
+    late = write_demo_lora(lora_dir / "late.safetensors", 5)
+    page.get_by_role("button", name="Reload list").click()
+    page.locator('[data-field="loras"] li[data-name="late"]').wait_for()
+    page.get_by_label("late", exact=True).check()
+    late.unlink()
+    page.get_by_label("Prompt", exact=True).fill("a red circle")
+    page.get_by_role("button", name="Generate").click()
     error = page.locator('[data-field="loras"] .field-error')
     error.wait_for()
-    assert "not-in-the-folder" in error.inner_text()  # the server's refusal, beside the field
-    field.fill("[{name: oops")
-    page.get_by_role("button", name="Generate").click()
-    assert "Enter JSON" in error.inner_text()
+    assert "loras.0.name='late' is not in this server's LoRA folder" in error.inner_text()
+    assert "other" in error.inner_text() and str(lora_dir) not in error.inner_text()
+    assert page.locator("#field-loras").get_attribute("aria-invalid") == "true"
+    page.get_by_role("button", name="Reload list").click()
+    page.wait_for_selector('li[data-name="late"] .lora-problem')
+    assert "Not in this server's LoRA folder now" in page.locator('li[data-name="late"]').inner_text()
+    assert page.get_by_label("late", exact=True).is_checked()  # still picked: shown, not dropped unseen
+    page.get_by_label("late", exact=True).uncheck()
+    assert error.is_hidden()  # changing the picker clears its message
 
 
 def test_queue_full_and_network_errors_in_the_general_area(page, server):

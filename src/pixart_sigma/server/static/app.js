@@ -194,7 +194,8 @@
     if (choices) kind = "enum";
     else if (type === "boolean") kind = "boolean";
     else if (type === "integer" || type === "number") kind = type;
-    else if (type === "array" || type === "object") kind = "json";  // a list setting (loras): JSON text
+    else if (name === "loras") kind = "loras";  // a picker of the server's LoRAs (GET /v1/loras)
+    else if (type === "array" || type === "object") kind = "json";  // another list setting: JSON text
     return {
       name, kind, choices,
       nullable: types.includes("null"),
@@ -205,6 +206,8 @@
       exclusiveMinimum: merged.exclusiveMinimum,
       maximum: merged.maximum,
       multipleOf: merged.multipleOf,
+      items: merged.items,
+      maxItems: merged.maxItems,
       promptLike: kind === "string" && /prompt$/.test(name),
       edit: EDIT_NAMES.has(name),
       sides: name === "expand",  // four numbers, not a text field
@@ -218,6 +221,7 @@
     const label = el("label", { for: id, text: spec.title });
     let input;
     if (spec.sides) return buildSides(spec);
+    if (spec.kind === "loras") return buildLoras(spec);
     if (spec.name === "strength") {
       // a slider: above 0 (exclusiveMinimum) up to its maximum
       const low = spec.minimum ?? (spec.exclusiveMinimum ?? 0) + STRENGTH_STEP;
@@ -280,6 +284,139 @@
       el("p", { class: "field-error", id: "error-expand" }));
   }
 
+  // -- the LoRA picker -------------------------------------------------------------------------
+  // The server's LoRA folder (GET /v1/loras): a checkbox and a scale for each; one that cannot be used is shown
+  // with the server's reason and cannot be picked. The scale's bounds and default, and how many LoRAs one image
+  // may use, come from the schema's `loras` setting. Picked LoRAs are sent in the order they were picked.
+  function buildLoras(spec) {
+    const scale = (spec.items && spec.items.properties && spec.items.properties.scale) || {};
+    const list = el("ul", { class: "lora-list", id: "lora-list" });
+    const reload = el("button", { type: "button", class: "quiet small", id: "reload-loras", text: "Reload list" });
+    reload.addEventListener("click", () => loadLoras());
+    const limit = el("p", { class: "lora-limit muted", id: "lora-limit", hidden: true });
+    const wrap = el("fieldset", { class: "field field-wide loras", "data-field": spec.name, id: `field-${spec.name}`,
+      name: spec.name, "aria-label": spec.title, tabindex: "-1",
+      "aria-describedby": `help-${spec.name} error-${spec.name}` },
+    el("legend", { text: spec.title }), list, limit,
+    el("div", { class: "lora-foot" }, el("p", { class: "help", id: `help-${spec.name}`, text: spec.description }), reload),
+    el("p", { class: "field-error", id: `error-${spec.name}` }));
+    state.loras = { list, limit, listing: null, failed: null, picked: [], scales: new Map(), rows: 0,
+      min: scale.minimum, max: scale.maximum, fallback: scale.default ?? 1, most: spec.maxItems };
+    state.inputs[spec.name] = wrap;
+    renderLoras();
+    return wrap;
+  }
+
+  async function loadLoras() {
+    const picker = state.loras;
+    if (!picker) return;
+    try {
+      picker.listing = (await api("/v1/loras")).loras;
+      picker.failed = null;
+    } catch (err) {
+      picker.failed = err.message || String(err);
+    }
+    renderLoras();
+  }
+
+  function setLoras(value) {
+    const picker = state.loras;
+    if (!picker) return;
+    picker.picked = [];
+    for (const item of Array.isArray(value) ? value : []) {
+      if (!item || typeof item.name !== "string" || picker.picked.includes(item.name)) continue;
+      picker.picked.push(item.name);
+      picker.scales.set(item.name, String(item.scale ?? picker.fallback));
+    }
+    renderLoras();
+  }
+
+  function renderLoras() {
+    const picker = state.loras;
+    if (!picker) return;
+    const rows = [];
+    const listing = picker.listing || [];
+    if (picker.failed) rows.push(el("li", { class: "muted", text: `The LoRA list could not be loaded: ${picker.failed}` }));
+    else if (!picker.listing) rows.push(el("li", { class: "muted", text: "Loading LoRAs…" }));
+    else if (!listing.length) {
+      rows.push(el("li", { class: "muted", text: "This server has no LoRAs: its operator puts them in its LoRA folder "
+        + "(pixart-sigma serve --lora-dir)." }));
+    }
+    const known = new Set(listing.map((lora) => lora.name));
+    rows.push(...listing.map((lora) => loraRow(lora)));
+    // a job's LoRA that the folder no longer holds (or before the list is in): shown, so it is not dropped unseen
+    rows.push(...picker.picked.filter((name) => !known.has(name))
+      .map((name) => loraRow({ name, missing: Boolean(picker.listing) })));
+    picker.list.replaceChildren(...rows);
+    updateLoraLimit();
+  }
+
+  function megabytes(bytes) {
+    return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(bytes / 1e3))} kB`;
+  }
+
+  function loraRow(lora) {
+    const picker = state.loras;
+    const id = `lora-${picker.rows++}`;
+    const picked = picker.picked.includes(lora.name);
+    const unusable = Boolean(lora.problem);
+    const box = el("input", { type: "checkbox", id, "data-lora": lora.name, disabled: unusable, checked: picked });
+    box.checked = picked;
+    const scale = el("input", { type: "number", id: `${id}-scale`, class: "lora-scale", "data-lora": lora.name,
+      min: picker.min, max: picker.max, step: "0.05", inputmode: "decimal", disabled: unusable,
+      value: picker.scales.get(lora.name) ?? String(picker.fallback), "aria-label": `Scale of ${lora.name}` });
+    box.addEventListener("change", () => {
+      picker.picked = picker.picked.filter((name) => name !== lora.name);
+      if (box.checked) picker.picked.push(lora.name);
+      clearFieldError("loras");
+      updateLoraLimit();
+    });
+    scale.addEventListener("input", () => {
+      picker.scales.set(lora.name, scale.value);
+      clearFieldError("loras");
+    });
+    let about;
+    if (unusable) about = el("p", { class: "lora-problem", text: `Cannot be used: ${lora.problem}` });
+    else if (lora.missing) {
+      about = el("p", { class: "lora-problem", text: "Not in this server's LoRA folder now: the server will refuse "
+        + "it; uncheck it to generate without it." });
+    } else if (lora.layout) {
+      const ranks = (lora.ranks || []).join("/");
+      about = el("span", { class: "lora-meta muted", text: `${lora.layout} · rank ${ranks} · ${lora.targets} layers · `
+        + `${megabytes(lora.bytes)} · ${lora.short_hash}`, title: lora.path });
+    }
+    const name = el("label", { class: "check", for: id }, box, el("span", { class: "lora-name", text: lora.name }));
+    return el("li", { class: `lora${unusable ? " unusable" : ""}`, "data-name": lora.name }, name,
+      unusable ? null : el("label", { class: "lora-scale-label", for: scale.id, text: "Scale" }),
+      unusable ? null : scale, about);
+  }
+
+  // At most `most` LoRAs per image (the schema's maxItems): the rest cannot be picked meanwhile.
+  function updateLoraLimit() {
+    const picker = state.loras;
+    const full = Boolean(picker.most) && picker.picked.length >= picker.most;
+    for (const box of picker.list.querySelectorAll("input[type=checkbox]")) {
+      const row = box.closest("li");
+      if (!box.checked) box.disabled = full || row.classList.contains("unusable");
+    }
+    picker.limit.hidden = !full;
+    picker.limit.textContent = full ? `At most ${picker.most} LoRAs per image: uncheck one to pick another.` : "";
+  }
+
+  // The picked LoRAs as the request sends them, in the order picked; an empty scale is the default one.
+  function pickedLoras() {
+    const picker = state.loras;
+    if (!picker) return { loras: [] };
+    const loras = [];
+    for (const name of picker.picked) {
+      const input = [...picker.list.querySelectorAll("input.lora-scale")].find((item) => item.dataset.lora === name);
+      if (input && input.validity.badInput) return { loras, problem: `Enter a number for the scale of ${name}.` };
+      const text = input ? input.value.trim() : picker.scales.get(name) || "";
+      loras.push({ name, scale: text === "" ? picker.fallback : Number(text) });
+    }
+    return { loras };
+  }
+
   function buildForm(schema) {
     const properties = { ...schema.properties };
     for (const [name, prop] of Object.entries(EDIT_FALLBACK)) properties[name] = properties[name] || prop;
@@ -314,7 +451,8 @@
     if (spec.sides) {
       state.sides.forEach((side, index) => { side.value = value && value[index] ? String(value[index]) : ""; });
       layoutStage();
-    } else if (spec.kind === "boolean") input.checked = Boolean(value);
+    } else if (spec.kind === "loras") setLoras(value);
+    else if (spec.kind === "boolean") input.checked = Boolean(value);
     else if (spec.kind === "enum") {
       const index = spec.choices.indexOf(value);
       input.value = index >= 0 ? String(index) : spec.nullable ? "" : "0";
@@ -342,6 +480,10 @@
       if (spec.sides) {
         if (state.sides.some((side) => side.validity.badInput)) problems[spec.name] = ["Enter a number for each side."];
         else body[spec.name] = expandValues();
+      } else if (spec.kind === "loras") {
+        const { loras, problem } = pickedLoras();
+        if (problem) problems[spec.name] = [problem];
+        else if (loras.length) body[spec.name] = loras;
       } else if (spec.kind === "boolean") body[spec.name] = input.checked;
       else if (spec.kind === "enum") {
         if (input.value !== "") body[spec.name] = spec.choices[Number(input.value)];
@@ -563,6 +705,11 @@
   function formatValue(value) {
     if (value === null || value === undefined || value === "") return "default";
     if (typeof value === "boolean") return value ? "on" : "off";
+    if (Array.isArray(value) && value.some((item) => item && typeof item === "object")) {
+      return value.length ? value.map((item) => (item && item.name !== undefined
+        ? `${item.name} ×${item.scale ?? 1}` : JSON.stringify(item))).join(", ") : "none";
+    }
+    if (Array.isArray(value) && !value.length) return "none";
     return String(value);
   }
 
@@ -987,6 +1134,7 @@
     clearErrors();
     try {
       if (!state.specs.length) buildForm(await api("/v1/schema"));
+      loadLoras();
       const page = await loadGallery();
       const active = page.jobs.find((job) => !FINISHED.has(job.status));
       if (active && !state.job) follow(active);
