@@ -285,8 +285,6 @@ def test_cli_batch_takes_lora_flags(tiny, folder, tmp_path, capsys):
                          "--lora-dir", folder, "--lora", "style:0.5", "-o", tmp_path / "out", "-q")
     assert code == 0, err
     assert read_settings(out.split()[0])["loras"][0]["scale"] == 0.5
-    code, _, err = run(capsys, "batch", prompts, "--model-name", tiny, "--lora", "style", "--ray", "-o", tmp_path, "-q")
-    assert code == 2 and "LoRAs are not applied on Ray yet" in err
 
 
 def test_cli_lists_the_lora_folder_good_and_broken(tiny, folder, capsys):
