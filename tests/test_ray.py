@@ -34,7 +34,7 @@ from pixart_sigma.images import safe_stem  # noqa: E402
 from pixart_sigma.lora_formats import write_lora  # noqa: E402
 from test_loras import _random_lora  # noqa: E402
 from pixart_sigma.integrations.ray import batch as on_ray  # noqa: E402
-from serving import free_port, wait_until  # noqa: E402
+from serving import free_port, wait_until, write_demo_lora  # noqa: E402
 
 STEPS = "3"
 PROMPTS = ["a red circle on a blue background", "a large yellow triangle at the top",
@@ -309,7 +309,15 @@ def test_a_missing_lora_is_refused_before_ray_starts(no_ray_start, lora_folder, 
 # -- Serve -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def service():
+def serve_loras(tmp_path_factory):
+    """The Serve application's LoRA folder: one LoRA for the demo model."""
+    folder = tmp_path_factory.mktemp("serve-loras")
+    write_demo_lora(folder / "style.safetensors", 1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service(serve_loras):
     """The Serve application on the demo model: one replica, a queue of 2, its proxy on 127.0.0.1."""
     from ray import serve
 
@@ -319,7 +327,7 @@ def service():
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _serve_started.append(True)
     serve.run(app({"model_name": "demo", "device": "cpu", "max_queued_requests": "2",
-                   "health_check_period_s": "2"}), name="pixart", route_prefix="/")
+                   "health_check_period_s": "2", "lora_dir": str(serve_loras)}), name="pixart", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
         yield client
 
@@ -339,6 +347,26 @@ def test_serve_openai_route_makes_images_with_their_settings(service):
     assert (record["prompt"], record["seed"], record["num_inference_steps"]) == (PROMPTS[0], 4, int(STEPS))
     assert service.get("/healthz").json() == {"status": "ok"}
     assert "num_inference_steps" in service.get("/v1/schema").json()["properties"]
+
+
+def test_serve_applies_extra_body_loras_of_its_folder_and_refuses_others(service, serve_loras):
+    def image(**body):
+        response = _post(service, prompt=PROMPTS[0], size="64x64", seed=3, num_inference_steps=int(STEPS), **body)
+        assert response.status_code == 200, response.text
+        picture = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        return np.asarray(picture.convert("RGB")), read_settings(picture)
+
+    base, _ = image()
+    styled, record = image(loras=[{"name": "style", "scale": 1.0}])
+    zero, _ = image(loras=[{"name": "style", "scale": 0}])
+    assert [(lora["name"], lora["scale"], len(lora["sha256"])) for lora in record["loras"]] == [("style", 1.0, 64)]
+    assert not np.array_equal(styled, base) and np.array_equal(zero, base)
+    missing = _post(service, prompt="x", loras=[{"name": "nowhere"}])  # refused by the replica, which has the folder
+    assert missing.status_code == 400, missing.text
+    assert missing.json()["error"]["param"] == "loras" and "loras.0.name='nowhere'" in missing.text
+    assert "style" in missing.json()["error"]["message"] and str(serve_loras) not in missing.text
+    path = _post(service, prompt="x", loras=[{"name": str(serve_loras / "style.safetensors")}])  # refused here
+    assert path.status_code == 400 and "never a path" in path.json()["error"]["message"]
 
 
 def test_serve_edits_route_edits_a_picture_as_the_library_does(service):

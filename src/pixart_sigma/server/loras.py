@@ -187,7 +187,7 @@ class ServedLoras:
     def holds(self, names: Optional[Sequence[str]] = None) -> str:
         """What the folder holds, in a few words for an error."""
         if not self.local:
-            return "the LoRAs of the served LoRA folder"
+            return "the names are those of the served LoRA folder"
         names = sorted(self.names()) if names is None else sorted(names)
         if not names:
             return ("this server has no LoRAs: its operator puts .safetensors files or PEFT folders in its LoRA folder "
@@ -208,8 +208,9 @@ class ServedLoras:
                 continue
             where = f"loras.{index}.name={shown(name)}"
             if not is_plain_lora_name(name):
+                holds = f"; {self.holds(places)}" if self.local else ""
                 problems.append(f"{where} is not valid here: name a LoRA of this server's LoRA folder by its name "
-                                f"(no / or \\, not starting with a dot), never a path; {self.holds(places)}")
+                                f"(no / or \\, not starting with a dot), never a path{holds}")
             elif places is None:
                 continue
             elif name.removesuffix(".safetensors") not in places:
