@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from .. import SettingsError
 from ..home import default_lora_dir
 from ..loras import SHOWN_NAMES, LoraFile, folder_loras, lora_name, list_loras
-from ..settings import MAX_LORA_SCALE, SHORT_HASH_DIGITS, is_plain_lora_name, shown
+from ..settings import MAX_LORA_SCALE, MAX_LORAS, SHORT_HASH_DIGITS, is_plain_lora_name, shown
 
 LISTING_ROUTES = "GET /v1/loras, or A1111's GET /sdapi/v1/loras, lists them"
 MAX_METADATA_CHARS = 64 * 1024  # of one LoRA's training metadata in A1111's listing; a larger value is left out
@@ -77,11 +77,15 @@ def take_tags(prompt: str, holds: Callable[[], str], field: str = "prompt") -> t
 
     unclosed = [match.start() for match in TAG_START.finditer(prompt)
                 if not TAG.match(prompt, match.start())]
-    for start in unclosed:
-        fragment = prompt[start:start + 40]
-        problems.append(f"{field} holds {shown(fragment)}, a LoRA tag without its closing '>': {TAG_RULE}")
-    text = re.sub(r"\s*" + TAG.pattern, lambda match: take(TAG.search(match[0])), prompt, flags=re.IGNORECASE)
-    return text.strip(), tags, problems
+    if unclosed:
+        fragment = prompt[unclosed[0]:unclosed[0] + 40]
+        more = f" (and {len(unclosed) - 1} more like it)" if len(unclosed) > 1 else ""
+        problems.append(f"{field} holds {shown(fragment)}, a LoRA tag without its closing '>'{more}: {TAG_RULE}")
+    pieces, end = [], 0
+    for match in TAG.finditer(prompt):  # linear: no pattern here backtracks over a long run of spaces
+        pieces += [prompt[end:match.start()].rstrip(), take(match)]
+        end = match.end()
+    return ("".join(pieces) + prompt[end:]).strip(), tags, problems
 
 
 def negative_tags(negative_prompt: Any, field: str = "negative_prompt") -> list[str]:
@@ -90,9 +94,12 @@ def negative_tags(negative_prompt: Any, field: str = "negative_prompt") -> list[
         return []
     found = [match[0] for match in TAG.finditer(negative_prompt)] or [
         negative_prompt[m.start():m.start() + 40] for m in TAG_START.finditer(negative_prompt)]
-    return [f"{field} holds the LoRA tag {shown(tag)}: LoRA tags are read from prompt only (a LoRA changes the "
-            "whole image, not what to steer away from; A1111 would pass this one to the text encoder as words); "
-            "move it to prompt, or remove it" for tag in found]
+    if not found:
+        return []
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return [f"{field} holds the LoRA tag {shown(found[0])}{more}: LoRA tags are read from prompt only (a LoRA "
+            "changes the whole image, not what to steer away from; A1111 would pass it to the text encoder as "
+            "words); move it to prompt, or remove it"]
 
 
 def tag_renamer(tags: Mapping[int, Tag], given: int, field: str = "prompt") -> Callable[[str], str]:
@@ -198,7 +205,7 @@ class ServedLoras:
     def check(self, value: Any) -> tuple[set[int], list[str]]:
         """A request's `loras`, named against the folder before anything is read: (the entries refused here,
         problems). Entries that are not {"name": text, ...} are left to the library's checks."""
-        if not isinstance(value, list):
+        if not isinstance(value, list) or len(value) > MAX_LORAS:  # too many: the library says so, once
             return set(), []
         places = self.names() if self.local else None
         refused, problems = set(), []
