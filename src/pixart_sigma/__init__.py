@@ -22,6 +22,8 @@ from .grid import (MAX_GRID_CELLS, Grid, GridFiles, GridPlan, axis_names, make_g
 from .home import default_lora_dir  # noqa: E402
 from .loras import (LoraListing, find_by_hash, folder_loras, list_loras, prepare_loras, recorded_loras,  # noqa: E402
                     resolve_lora, sha256_of)
+from .lora_training import LoraTrainingSettings, TrainingResult, train_lora  # noqa: E402
+from .lora_training import check_settings as check_training_settings  # noqa: E402
 from .model import PixArtSigmaModel  # noqa: E402
 from .quiet import quiet_libraries  # noqa: E402
 from .settings import (DEFAULT_MODEL, MAX_LORA_SCALE, MAX_LORAS, MEMORY_MODES, EditSettings, LoraSetting,  # noqa: E402
@@ -29,7 +31,8 @@ from .settings import (DEFAULT_MODEL, MAX_LORA_SCALE, MAX_LORAS, MEMORY_MODES, E
 
 __all__ = [
     "LoraSetting", "MAX_LORAS", "MAX_LORA_SCALE", "recorded_loras", "prepare_loras", "resolve_lora", "folder_loras",
-    "find_by_hash", "list_loras", "LoraListing", "default_lora_dir", "sha256_of",
+    "find_by_hash", "list_loras", "LoraListing", "train_lora", "LoraTrainingSettings", "TrainingResult",
+    "check_training_settings", "default_lora_dir", "sha256_of",
     "PixArtSigmaModel", "Settings", "EditSettings", "PixArtSigmaError", "SettingsError", "CheckpointError", "GenerationError",
     "MetadataError", "Cancelled", "save_image", "read_settings", "reproducible_settings", "check_output_dir",
     "unload_all", "MEMORY_BUDGET_ENV", "random_seed", "quiet_libraries", "__version__",

@@ -62,10 +62,14 @@ TWO_SHAPE_TEMPLATES = (
 )
 
 # Words the tokenizer and text encoder know but no training caption ever uses: a fine-tune or a LoRA can
-# teach them ("a pink star") without touching the tokenizer. The renderer does not draw them yet.
+# teach them ("a red diamond") without touching the tokenizer. The renderer and the checker know the diamond
+# (the demo LoRA teaches it); reserved colours cannot be taught by a transformer LoRA, as the demo VAE's
+# decoder only draws the palette's colours (pink comes back purple: see docs/demo-model.md).
 RESERVED_COLOUR_WORDS = ("pink", "brown")
 RESERVED_SHAPE_WORDS = ("star", "diamond")
 RESERVED_WORDS = RESERVED_COLOUR_WORDS + RESERVED_SHAPE_WORDS
+LORA_SHAPE = "diamond"  # the reserved shape the demo LoRA teaches: a square turned 45 degrees, corners at its box's sides
+DRAWN_SHAPES = SHAPES + (LORA_SHAPE,)  # what render draws and read tells apart
 
 VOCABULARY = sorted({
     word for text in (
@@ -119,6 +123,8 @@ def render(scene: Scene) -> Image.Image:
             draw.ellipse(box, fill=fill)
         elif item.shape == "square":
             draw.rectangle(box, fill=fill)
+        elif item.shape == LORA_SHAPE:
+            draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=fill)
         else:  # an upright isosceles triangle filling its box
             draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     return image.reduce(SUPERSAMPLE)
@@ -253,6 +259,37 @@ def colourless_prompts(count: int, seed: int = 0, colour: str = "red") -> list[t
     return prompts
 
 
+def lora_scene(rng: np.random.Generator) -> Scene:
+    """A large diamond (the demo LoRA's reserved shape) of a training colour on a training background: the demo
+    VAE draws a 36-pixel diamond back as one, while a 20-pixel one comes back with round corners (a circle)."""
+    background = _pick(rng, BACKGROUND_COLOURS)
+    named = {"shape"} | {a for a, chance in (("colour", 0.85), ("background", 0.8), ("size", 0.5), ("position", 0.7))
+                         if rng.random() < chance}
+    return Scene(background, (_random_shape(rng, background, shape=LORA_SHAPE, size="large"),), frozenset(named))
+
+
+def lora_training_set(diamonds: int, others: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """Captioned scenes to teach the reserved shape: `diamonds` of it, and `others` ordinary training scenes so
+    that the rest stays as it was (prior preservation)."""
+    rng = np.random.default_rng([seed, 11])  # a stream no other set draws from
+    scenes = [lora_scene(rng) for _ in range(diamonds)] + [training_scene(rng) for _ in range(others)]
+    return [(caption(scene, rng), scene) for scene in scenes]
+
+
+def lora_evaluation_prompts(count: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """`count` held-out prompts naming a large diamond, its colour and the background (position half the time),
+    half of them in the wordings no training set uses."""
+    rng = np.random.default_rng([seed, 12])
+    prompts = []
+    for index in range(count):
+        background = _pick(rng, BACKGROUND_COLOURS)
+        named = {"background", "colour", "shape", "size"} | ({"position"} if rng.random() < 0.5 else set())
+        item = _random_shape(rng, background, shape=LORA_SHAPE, size="large")
+        scene = Scene(background, (item,), frozenset(named))
+        prompts.append((caption(scene, rng, HELD_OUT_TEMPLATES if index % 2 else TRAIN_TEMPLATES), scene))
+    return prompts
+
+
 def generate_images(prompts: Sequence[tuple[str, Scene]], first_seed: int = 0, **settings) -> list[Image.Image]:
     """One picture per prompt through the public API (prompt k uses seed first_seed + k)."""
     from .model import PixArtSigmaModel
@@ -321,6 +358,8 @@ def _ideal(shape: str, height: int, width: int) -> np.ndarray:
         return np.ones((height, width), dtype=bool)
     if shape == "circle":
         return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    if shape == LORA_SHAPE:
+        return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
     return np.abs(u - 0.5) <= v / 2  # apex at the top centre, base along the bottom
 
 
@@ -331,12 +370,12 @@ def _shape_of(box: np.ndarray) -> Optional[str]:
     edges shave a triangle's thin apex and base corners off the mask, shrinking its box, and a triangle
     blurred by one pixel would otherwise read as no shape (squares and circles keep their boxes)."""
     height, width = box.shape
-    overlaps = dict.fromkeys(SHAPES, 0.0)
+    overlaps = dict.fromkeys(DRAWN_SHAPES, 0.0)
     for top in range(SOFT_EDGE + 1):
         for side in range(SOFT_EDGE + 1):
             placed = np.zeros((height + top, width + 2 * side), dtype=bool)
             placed[top:, side:side + width] = box
-            for shape in SHAPES:
+            for shape in DRAWN_SHAPES:
                 ideal = _ideal(shape, *placed.shape)
                 overlaps[shape] = max(overlaps[shape], (placed & ideal).sum() / (placed | ideal).sum())
     best = max(overlaps, key=overlaps.get)

@@ -1,0 +1,735 @@
+"""Train a LoRA for a PixArt-Sigma transformer from a folder of captioned pictures (`pixart-sigma train-lora`).
+
+- Data: a folder of pictures with captions in same-name `.txt` files (kohya / ai-toolkit), or a
+  `metadata.jsonl` of {"file_name", "text"} lines (Hugging Face's imagefolder; "caption" or "prompt" are read
+  too). Everything is checked before a model is loaded, every problem named with its file: an empty folder,
+  pictures that cannot be read, missing or empty captions, captions over max_sequence_length tokens, pictures
+  too small for their bucket (enlarged more than MAX_ENLARGEMENT) or too elongated for PixArt's buckets.
+- Buckets: each picture goes to the nearest of PixArt's aspect-ratio bins for the training resolution (a
+  square of it when the resolution has no table), is resized to cover it and centre-cropped; a batch holds
+  one bucket. Pictures are never flipped (captions name left and right).
+- Cheap on small machines: captions are encoded once and T5 is freed; latents are encoded once (the VAE's
+  latent mean) and the VAE freed unless samples are wanted; the transformer stays in bfloat16 (float16 on a
+  GPU without it) while the LoRA weights train in float32; gradient checkpointing.
+- peft's LoRA layers (`inject_adapter_in_model`); epsilon-prediction MSE on uniformly drawn timesteps of the
+  checkpoint's schedule, AdamW, a linear warm-up, gradients clipped to MAX_GRAD_NORM.
+- State (LoRA, optimizer, step, random streams) is saved every `save_every` steps in `<output>.training/`, with
+  the LoRA so far as `<output stem>-step<N>.safetensors`; `resume` goes on from there and ends with the same
+  file as a run that never stopped. Ctrl-C saves the state and stops.
+- The result is the flat diffusers/PEFT layout (`transformer.<module>.lora_A/B.weight`, alpha in diffusers'
+  header), with the base model, rank, alpha, steps and the data's SHA-256 in the header's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SettingsError
+from .settings import DEFAULT_MODEL, shown
+
+log = logging.getLogger(__name__)
+
+# -- bounds and names (each fact once) -------------------------------------------------------------------------
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CAPTION_SUFFIX = ".txt"
+METADATA_FILE = "metadata.jsonl"
+CAPTION_COLUMNS = ("text", "caption", "prompt")  # read from metadata.jsonl, first found
+MAX_PICTURES = 100_000
+MAX_DEPTH = 4  # subfolders looked into (kohya sorts pictures into repeat folders)
+MAX_CAPTION_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+MAX_ENLARGEMENT = 2.0  # a picture enlarged more than this per side to cover its bucket would train on blur
+MAX_ASPECT = 4.0  # PixArt's bins go from 1:4 to 4:1
+MAX_GRAD_NORM = 1.0
+WARMUP_SHARE = 0.05  # of the steps, learning rate rising linearly (at most MAX_WARMUP_STEPS)
+MAX_WARMUP_STEPS = 100
+SHOWN_PROBLEMS = 30  # a data error lists this many problems, then counts the rest
+STATE_FILE = "state.pt"
+METADATA_PREFIX = "pixart_sigma."
+TARGET_PRESETS = {
+    "attention": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    "attention+ff": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "all": (),  # every module a LoRA can target (lora_formats.transformer_targets)
+}
+
+
+class LoraTrainingSettings(BaseModel):
+    """What `train_lora` does; each field is a `train-lora` flag of the same name (underscores as dashes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field(DEFAULT_MODEL, description="the base checkpoint: a known id, 'demo', or a local folder")
+    rank: int = Field(16, ge=1, le=256, description="the LoRA's rank (its size: 4-32 is usual)")
+    alpha: Optional[float] = Field(None, gt=0, le=1024, description="LoRA alpha (default: the rank, so scale 1)")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's peak learning rate")
+    steps: Optional[int] = Field(None, ge=1, le=1_000_000,
+                                 description="optimizer steps (default 1000 unless --epochs is given)")
+    epochs: Optional[int] = Field(None, ge=1, le=100_000, description="passes over the data, instead of --steps")
+    batch_size: int = Field(1, ge=1, le=256, description="pictures per step (of one aspect-ratio bucket)")
+    resolution: Optional[int] = Field(None, ge=64, le=2048, multiple_of=16,
+                                      description="training size in pixels (default: the checkpoint's native size); "
+                                      "256, 512, 1024 and 2048 use PixArt's aspect-ratio buckets, others a square")
+    buckets: bool = Field(True, description="aspect-ratio buckets (off: every picture cropped to a square)")
+    targets: str = Field("attention+ff", max_length=4000,
+                         description="the modules trained: 'attention', 'attention+ff' or 'all', or module names "
+                         "separated by commas (an ending such as 'attn2.to_k' matches it in every block)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="the seed of the LoRA's start, the noise and the order")
+    caption_dropout: float = Field(0.05, ge=0, le=1, description="share of steps' captions replaced by the empty "
+                                   "prompt, so guidance keeps working")
+    max_sequence_length: int = Field(300, ge=1, le=300, description="T5 tokens a caption may have")
+    save_every: int = Field(500, ge=0, le=1_000_000, description="save the state and the LoRA so far every N "
+                            "steps (0: only at the end)")
+    sample_every: int = Field(0, ge=0, le=1_000_000, description="draw the sample prompts every N steps (0: only "
+                              "at the end, if any are given)")
+    sample_prompts: list[str] = Field(default_factory=list, max_length=16,
+                                      description="prompts drawn with the LoRA so far, into <output>-samples/")
+    sample_steps: int = Field(20, ge=1, le=200, description="sampler steps of each sample")
+    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass: far less "
+                                         "memory, about a third slower")
+    device: str = Field("auto", description="'auto' (the first GPU, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps'")
+    dtype: str = Field("auto", description="the frozen base's format: 'auto' (bfloat16 where the device has it, "
+                       "float16 on an older GPU, else float32), 'bfloat16', 'float16' or 'float32'; the LoRA trains "
+                       "in float32")
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts(cls, value: list[str]) -> list[str]:
+        for index, prompt in enumerate(value):
+            if not prompt.strip() or len(prompt) > 2000:
+                raise ValueError(f"sample_prompts.{index}={shown(prompt)} must be 1 to 2000 characters")
+        return value
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.steps is not None and self.epochs is not None:
+            raise SettingsError([f"steps={self.steps} and epochs={self.epochs}: give one of them"])
+        return self.epochs * steps_per_epoch if self.epochs is not None else (self.steps or 1000)
+
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+def check_settings(raw: dict[str, Any]) -> LoraTrainingSettings:
+    """The settings checked: SettingsError naming each field, its value and the rule."""
+    try:
+        settings = LoraTrainingSettings(**raw)
+    except ValidationError as exc:
+        raise SettingsError([f"{'.'.join(str(p) for p in e['loc'])}={shown(e.get('input'))}: {e['msg']}"
+                             for e in exc.errors()]) from None
+    settings.total_steps(1)  # steps and epochs together are refused now
+    return settings
+
+
+# -- the data ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    picture: Path
+    caption: str
+    size: tuple[int, int]  # width, height
+
+
+class DataError(SettingsError):
+    """Training data refused: every problem, each naming its file (the first SHOWN_PROBLEMS shown, then a count)."""
+
+    def __init__(self, folder: Path, problems: list[str]):
+        self.problems = list(problems)
+        shown_problems = problems[:SHOWN_PROBLEMS] + ([f"... and {len(problems) - SHOWN_PROBLEMS} more"]
+                                                      if len(problems) > SHOWN_PROBLEMS else [])
+        Exception.__init__(self, "\n".join([f"the training data in {folder} has {len(problems)} problem(s), "
+                                            "found before training:"] + [f"  - {p}" for p in shown_problems]))
+
+
+def _pictures_in(folder: Path) -> list[Path]:
+    found = []
+    for root, folders, files in os.walk(folder):
+        root_path = Path(root)
+        depth = len(root_path.relative_to(folder).parts)
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and depth < MAX_DEPTH)
+        found += [root_path / f for f in sorted(files)
+                  if f.lower().endswith(PICTURE_SUFFIXES) and not f.startswith(".")]
+        if len(found) > MAX_PICTURES:
+            raise SettingsError([f"{folder} holds more than {MAX_PICTURES:,} pictures: train on a folder of its own"])
+    return sorted(found)
+
+
+def _read_text(path: Path, limit: int) -> str:
+    from .checkpoints import regular_file
+
+    regular_file(path, limit)
+    with open(path, "rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise SettingsError([f"{path} is over {limit:,} bytes"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+
+
+def _metadata_captions(folder: Path, problems: list[str]) -> dict[Path, str]:
+    """file -> caption from metadata.jsonl; each bad line named."""
+    path = folder / METADATA_FILE
+    captions: dict[Path, str] = {}
+    for number, line in enumerate(_read_text(path, MAX_METADATA_BYTES).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where} is not JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            problems.append(f"{where} has no \"file_name\" (a string): each line is "
+                            "{\"file_name\": \"a.png\", \"text\": \"its caption\"}")
+            continue
+        column = next((c for c in CAPTION_COLUMNS if c in row), None)
+        if column is None or not isinstance(row[column], str):
+            problems.append(f"{where}: no caption (a string in {' or '.join(CAPTION_COLUMNS)})")
+            continue
+        picture = (folder / row["file_name"]).resolve()
+        if not picture.is_relative_to(folder.resolve()):
+            problems.append(f"{where}: file_name={shown(row['file_name'])} is outside {folder}")
+            continue
+        if picture in captions:
+            problems.append(f"{where}: {row['file_name']} is listed twice")
+        captions[picture] = row[column]
+    return captions
+
+
+def _bucket_sizes(resolution: int, buckets: bool) -> list[tuple[int, int]]:
+    """(width, height) of each bucket: PixArt's bins for the resolution, or one square."""
+    from .sizes import aspect_ratio_bins
+
+    bins = aspect_ratio_bins(resolution) if buckets else None
+    if bins is None:
+        return [(resolution, resolution)]
+    return [(int(hw[1]), int(hw[0])) for hw in bins.values()]
+
+
+def bucket_of(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket nearest in aspect ratio (height / width, the first of equals, as diffusers' bins)."""
+    ratio = size[1] / size[0]
+    return min(buckets, key=lambda b: abs(b[1] / b[0] - ratio))
+
+
+def read_dataset(folder: Union[str, Path], tokenizer, settings: LoraTrainingSettings,
+                 resolution: int) -> list[Example]:
+    """Every picture of the folder with its caption; every problem at once (SettingsError), before any model loads."""
+    from .editing import read_picture
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SettingsError([f"data={shown(str(folder))}: no such folder (give a folder of pictures with captions)"])
+    pictures = _pictures_in(folder)
+    if not pictures:
+        raise SettingsError([f"{folder} holds no pictures ({', '.join(PICTURE_SUFFIXES)}): put the pictures there, "
+                             f"each with its caption in a same-name {CAPTION_SUFFIX} file or in {METADATA_FILE}"])
+    problems: list[str] = []
+    from_metadata = (folder / METADATA_FILE).is_file()
+    captions = _metadata_captions(folder, problems) if from_metadata else {}
+    buckets = _bucket_sizes(resolution, settings.buckets)
+    examples = []
+    for picture in pictures:
+        if not picture.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"{picture} links outside {folder}")
+            continue
+        if from_metadata:
+            caption = captions.pop(picture.resolve(), None)
+            if caption is None:
+                problems.append(f"{picture}: no caption in {METADATA_FILE}")
+                continue
+        else:
+            text_file = picture.with_suffix(CAPTION_SUFFIX)
+            if not text_file.is_file():
+                problems.append(f"{picture}: no caption file {text_file.name}")
+                continue
+            try:
+                caption = _read_text(text_file, MAX_CAPTION_BYTES)
+            except SettingsError as exc:
+                problems += exc.problems
+                continue
+        caption = " ".join(caption.split())
+        if not caption:
+            problems.append(f"{picture}: its caption is empty")
+            continue
+        tokens = len(tokenizer(caption, add_special_tokens=True).input_ids)
+        if tokens > settings.max_sequence_length:
+            problems.append(f"{picture}: its caption is {tokens} tokens, over max_sequence_length="
+                            f"{settings.max_sequence_length}; shorten it")
+            continue
+        try:
+            with read_picture(picture, "picture") as image:
+                size = image.size
+        except SettingsError as exc:
+            problems += [f"{picture}: {p}" for p in exc.problems]
+            continue
+        width, height = size
+        if max(width / height, height / width) > MAX_ASPECT:
+            problems.append(f"{picture} is {width}x{height}: longer than {MAX_ASPECT:g} times its width or height "
+                            "(PixArt's buckets go from 1:4 to 4:1); crop it")
+            continue
+        bucket = bucket_of(size, buckets)
+        enlargement = max(bucket[0] / width, bucket[1] / height)
+        if enlargement > MAX_ENLARGEMENT:
+            problems.append(f"{picture} is {width}x{height}: its bucket {bucket[0]}x{bucket[1]} would enlarge it "
+                            f"{enlargement:.1f} times (at most {MAX_ENLARGEMENT:g}); use a larger picture or a lower "
+                            "resolution")
+            continue
+        examples.append(Example(picture, caption, size))
+    for leftover in sorted(captions):
+        problems.append(f"{METADATA_FILE} names {leftover.name}, which is not a picture of {folder}")
+    if problems:
+        raise DataError(folder, problems)
+    return examples
+
+
+def data_sha256(examples: list[Example], folder: Path) -> str:
+    """What the data is: each picture's name, bytes and caption."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example.picture.relative_to(folder)).encode() + b"\0" + example.caption.encode() + b"\0")
+        with open(example.picture, "rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# -- targets -------------------------------------------------------------------------------------------------
+def target_modules(targets: str, transformer_config) -> list[str]:
+    """The module names `targets` means for this transformer (a preset, or names / endings separated by commas)."""
+    from .lora_formats import transformer_targets
+
+    every = transformer_targets(transformer_config)
+    if targets in TARGET_PRESETS:
+        endings = TARGET_PRESETS[targets]
+        return sorted(m for m in every if not endings or m.endswith(endings))
+    chosen, unknown = set(), []
+    for part in (p.strip() for p in targets.split(",")):
+        matches = [m for m in every if m == part or m.endswith("." + part)]
+        if not part or not matches:
+            unknown.append(part)
+        chosen.update(matches)
+    if unknown:
+        raise SettingsError([f"targets={shown(targets)}: {', '.join(repr(u) for u in unknown)} match no module; give "
+                             f"{', '.join(TARGET_PRESETS)} or module names such as attn2.to_k, ff.net.2, "
+                             "transformer_blocks.0.attn1.to_q"])
+    return sorted(chosen)
+
+
+# -- training --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingResult:
+    output: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    stopped: bool  # by Ctrl-C or stop_after: the state is saved, `resume` goes on
+
+
+def state_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".training")
+
+
+def _resume_key(settings: LoraTrainingSettings, data_hash: str) -> dict[str, Any]:
+    """What must not change between a run and its resumption (the rest only says how long or how often)."""
+    kept = settings.model_dump(exclude={"steps", "epochs", "save_every", "sample_every", "sample_prompts",
+                                        "sample_steps", "device"})
+    return {**kept, "data_sha256": data_hash}
+
+
+def _atomic_save(write: Callable[[Path], Any], path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+class _Trainer:
+    def __init__(self, data: Path, output: Path, settings: LoraTrainingSettings):
+        import torch
+
+        from .checkpoints import load_part, locate, part_config, resolve_checkpoint
+        from .devices import resolve_device, resolve_dtype
+
+        self.data, self.output, self.settings = data, output, settings
+        self.located = locate(resolve_checkpoint(settings.model_name))
+        folders = self.located.folders
+        self.transformer_config = part_config(folders["transformer"], "transformer")
+        vae_config = part_config(folders["vae"], "vae")
+        scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+        self.native = self.transformer_config["sample_size"] * scale
+        self.resolution = settings.resolution or self.native
+        self.modules = target_modules(settings.targets, self.transformer_config)
+        tokenizer = load_part(folders["tokenizer"], "tokenizer", None)
+        self.examples = read_dataset(data, tokenizer, settings, self.resolution)
+        self.data_hash = data_sha256(self.examples, data)
+        self.device = resolve_device(settings.device)
+        self.dtype = (resolve_dtype("bfloat16", self.device) if settings.dtype == "auto" and _has_bfloat16(self.device)
+                      else torch.float16 if settings.dtype == "auto" and self.device.type == "cuda"
+                      else torch.float32 if settings.dtype == "auto" else resolve_dtype(settings.dtype, self.device))
+        sizes = _bucket_sizes(self.resolution, settings.buckets)
+        self.buckets = [bucket_of(e.size, sizes) for e in self.examples]
+        self._tokenizer = tokenizer
+
+    # -- caches ----------------------------------------------------------------------------------------------
+    def encode_texts(self) -> None:
+        """Every caption, the empty prompt and the sample prompts through T5 once; then T5 is freed."""
+        import gc
+
+        import torch
+
+        from .checkpoints import load_part
+        from .engine import TextEncoder
+
+        encoder = load_part(self.located.folders["text_encoder"], "text_encoder", self.dtype).to(self.device).eval()
+        text = TextEncoder(self._tokenizer, encoder, self.device)
+        length = self.settings.max_sequence_length
+
+        def encoded(caption: str):
+            result = text.encode(caption, length, use_cache=False)
+            kept = int(result.mask.sum())
+            return result.embeds[0, :kept].to("cpu", self.dtype), kept
+
+        self.captions = [encoded(e.caption) for e in self.examples]
+        self.empty = encoded("")
+        self.samples = [encoded(p) for p in self.settings.sample_prompts]
+        text.encoder = encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def encode_pictures(self) -> None:
+        """Each picture covered and centre-cropped to its bucket, then its latent mean, in float32 on the CPU."""
+        import gc
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from .checkpoints import load_part
+        from .editing import read_picture
+
+        vae = load_part(self.located.folders["vae"], "vae", torch.float32).to(self.device).eval()
+        self.latents = []
+        for example, bucket in zip(self.examples, self.buckets):
+            with read_picture(example.picture, "picture") as image:
+                image = _rgb(image)
+                cover = max(bucket[0] / image.width, bucket[1] / image.height)
+                size = (max(bucket[0], round(image.width * cover)), max(bucket[1], round(image.height * cover)))
+                if size != image.size:
+                    image = image.resize(size, Image.LANCZOS)
+                left, top = (size[0] - bucket[0]) // 2, (size[1] - bucket[1]) // 2
+                image = image.crop((left, top, left + bucket[0], top + bucket[1]))
+                pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+            with torch.inference_mode():
+                mean = vae.encode(pixels.to(self.device)).latent_dist.mean * vae.config.scaling_factor
+            self.latents.append(mean[0].to("cpu", torch.float32))
+        self.vae = vae if self.settings.sample_prompts else None
+        if self.vae is None:
+            del vae
+            gc.collect()
+
+    # -- the model ---------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        import torch
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from .checkpoints import load_part, part_config
+
+        torch.manual_seed(self.settings.seed)  # peft draws the LoRA's start (lora_A) from the global stream
+        transformer = load_part(self.located.folders["transformer"], "transformer", self.dtype)
+        transformer.requires_grad_(False)
+        config = LoraConfig(r=self.settings.rank, lora_alpha=self.settings.lora_alpha(), target_modules=self.modules,
+                            lora_dropout=0.0, init_lora_weights=True)
+        inject_adapter_in_model(config, transformer)
+        self.parameters = []
+        for name, parameter in transformer.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
+                self.parameters.append(parameter)
+        transformer.to(self.device)
+        if self.settings.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        self.transformer = transformer
+        self.noise_schedule = DDPMScheduler.from_config(part_config(self.located.folders["scheduler"], "scheduler"))
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.settings.learning_rate, weight_decay=1e-2)
+
+    def lora_weights(self):
+        """The LoRA trained so far, in lora_formats' canonical form (float32, CPU)."""
+        from peft import get_peft_model_state_dict
+
+        from .lora_formats import Lora, LoraWeights
+
+        state = get_peft_model_state_dict(self.transformer)
+        alpha = self.settings.lora_alpha()
+        weights = {}
+        for module in self.modules:
+            down = state[f"{module}.lora_A.weight"].detach().to("cpu", copy=True).float()
+            up = state[f"{module}.lora_B.weight"].detach().to("cpu", copy=True).float()
+            weights[module] = LoraWeights(down, up, alpha)
+        return Lora(weights)
+
+    def metadata(self, step: int) -> dict[str, str]:
+        from . import __version__
+
+        fields = {"base_model": self.settings.model_name, "rank": self.settings.rank,
+                  "alpha": self.settings.lora_alpha(), "steps": step, "data_sha256": self.data_hash,
+                  "pictures": len(self.examples), "learning_rate": self.settings.learning_rate,
+                  "batch_size": self.settings.batch_size, "resolution": self.resolution,
+                  "targets": self.settings.targets, "seed": self.settings.seed, "trainer": f"pixart-sigma {__version__}"}
+        return {METADATA_PREFIX + k: str(v) for k, v in fields.items()}
+
+    def write_lora(self, path: Path, step: int) -> None:
+        from .lora_formats import write_lora
+
+        _atomic_save(lambda target: write_lora(target, self.lora_weights(), "diffusers",
+                                               metadata=self.metadata(step)), path)
+
+    # -- the order of the data -------------------------------------------------------------------------------
+    def epoch_batches(self, rng) -> list[list[int]]:
+        """One pass over the data: batches of one bucket each, in a seeded order."""
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index in rng.permutation(len(self.examples)):
+            by_bucket.setdefault(self.buckets[int(index)], []).append(int(index))
+        batches = [indices[i:i + self.settings.batch_size] for _, indices in sorted(by_bucket.items())
+                   for i in range(0, len(indices), self.settings.batch_size)]
+        return [batches[int(i)] for i in rng.permutation(len(batches))]
+
+    def steps_per_epoch(self) -> int:
+        per_bucket: dict[tuple[int, int], int] = {}
+        for bucket in self.buckets:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+        return sum(math.ceil(n / self.settings.batch_size) for n in per_bucket.values())
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def loss(self, batch: list[int], generator) -> "Any":
+        import torch
+        import torch.nn.functional as F
+
+        latents = torch.stack([self.latents[i] for i in batch]).to(self.device)
+        drop = torch.rand(len(batch), generator=generator) < self.settings.caption_dropout
+        texts = [self.empty if dropped else self.captions[i] for i, dropped in zip(batch, drop.tolist())]
+        longest = max(kept for _, kept in texts)
+        embeds = torch.zeros(len(batch), longest, texts[0][0].shape[-1], dtype=self.dtype)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, (embed, kept) in enumerate(texts):
+            embeds[row, :kept], mask[row, :kept] = embed, 1
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        timesteps = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(batch),),
+                                  generator=generator).to(self.device)
+        noisy = self.noise_schedule.add_noise(latents, noise, timesteps)
+        prediction = self.transformer(noisy.to(self.dtype), encoder_hidden_states=embeds.to(self.device),
+                                      encoder_attention_mask=mask.to(self.device), timestep=timesteps,
+                                      added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                      return_dict=False)[0]
+        if prediction.shape[1] == 2 * latents.shape[1]:  # learned sigma: the first half is the noise
+            prediction = prediction.chunk(2, dim=1)[0]
+        return F.mse_loss(prediction.float(), noise)
+
+    def learning_rate(self, step: int, total: int) -> float:
+        warmup = min(MAX_WARMUP_STEPS, max(1, int(total * WARMUP_SHARE)))
+        return self.settings.learning_rate * min(1.0, (step + 1) / warmup)
+
+    # -- samples ------------------------------------------------------------------------------------------------
+    def draw_samples(self, step: int) -> list[Path]:
+        import torch
+        from diffusers import PixArtSigmaPipeline
+
+        from .checkpoints import load_part
+
+        if not self.settings.sample_prompts:
+            return []
+        folder = self.output.with_name(self.output.stem + "-samples")
+        folder.mkdir(parents=True, exist_ok=True)
+        scheduler = load_part(self.located.folders["scheduler"], "scheduler", None)
+        pipeline = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=self.transformer,
+                                       scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        self.transformer.eval()
+        written = []
+        empty, empty_kept = self.empty
+        try:
+            for index, (embed, kept) in enumerate(self.samples):
+                generator = torch.Generator().manual_seed(self.settings.seed + index)
+                width = height = self.resolution
+                with torch.no_grad():
+                    image = pipeline(prompt_embeds=embed[None].to(self.device),
+                                     prompt_attention_mask=torch.ones(1, kept, dtype=torch.long, device=self.device),
+                                     negative_prompt_embeds=_padded(empty, kept)[None].to(self.device),
+                                     negative_prompt_attention_mask=_mask(empty_kept, kept).to(self.device),
+                                     num_inference_steps=self.settings.sample_steps, guidance_scale=4.5,
+                                     width=width, height=height, use_resolution_binning=False,
+                                     generator=generator).images[0]
+                path = folder / f"step{step:06d}-{index}.png"
+                image.save(path)
+                written.append(path)
+        finally:
+            self.transformer.train()
+        return written
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def save_state(self, step: int, rng, generator, losses: list[float], batches: list[list[int]]) -> None:
+        """Everything a resumed run needs to go on exactly: the LoRA, AdamW's moments, the step, the random
+        streams and the rest of this pass's batches."""
+        import torch
+
+        folder = state_dir(self.output)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"key": _resume_key(self.settings, self.data_hash), "step": step,
+                 "lora": {k: v.detach().cpu() for k, v in zip(self._parameter_names(), self.parameters)},
+                 "optimizer": self.optimizer.state_dict(), "order": rng.bit_generator.state,
+                 "generator": generator.get_state(), "losses": losses, "batches": batches}
+        _atomic_save(lambda target: torch.save(state, target), folder / STATE_FILE)
+
+    def _parameter_names(self) -> list[str]:
+        return [name for name, p in self.transformer.named_parameters() if p.requires_grad]
+
+    def load_state(self, rng, generator) -> tuple[int, list[float], list[list[int]]]:
+        import torch
+
+        path = state_dir(self.output) / STATE_FILE
+        if not path.is_file():
+            raise SettingsError([f"resume: no saved state at {path} (a run saves one every save_every steps and at "
+                                 "Ctrl-C); start without --resume"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        expected = _resume_key(self.settings, self.data_hash)
+        changed = [f"{k}: saved {state['key'].get(k)!r}, now {v!r}" for k, v in expected.items()
+                   if state["key"].get(k) != v]
+        if changed:
+            raise SettingsError([f"resume: the state in {path} was saved with other settings or data ("
+                                 + "; ".join(changed) + "); give the same ones, or start again without --resume"])
+        with torch.no_grad():
+            for name, parameter in zip(self._parameter_names(), self.parameters):
+                parameter.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["order"]
+        generator.set_state(state["generator"])
+        return int(state["step"]), list(state["losses"]), [list(b) for b in state["batches"]]
+
+
+def _has_bfloat16(device) -> bool:
+    import torch
+
+    from .devices import cpu_has_native_bfloat16
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bfloat16()
+
+
+def _rgb(image):
+    """RGB; transparency over white (a cut-out's background is then plain, not black)."""
+    from PIL import Image
+
+    if image.mode == "RGBA":
+        plain = Image.new("RGB", image.size, (255, 255, 255))
+        plain.paste(image, mask=image.getchannel("A"))
+        return plain
+    return image.convert("RGB")
+
+
+def _padded(embeds, length: int):
+    import torch
+
+    padded = torch.zeros(length, embeds.shape[-1], dtype=embeds.dtype)
+    padded[:min(length, len(embeds))] = embeds[:length]
+    return padded
+
+
+def _mask(kept: int, length: int):
+    import torch
+
+    mask = torch.zeros(1, length, dtype=torch.long)
+    mask[0, :min(kept, length)] = 1
+    return mask
+
+
+def train_lora(data: Union[str, Path], output: Union[str, Path], settings: Union[LoraTrainingSettings, dict],
+               *, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None,
+               on_step: Optional[Callable[[int, int, float], None]] = None) -> TrainingResult:
+    """Train a LoRA on the captioned pictures in `data` and write it to `output` (a .safetensors file).
+
+    `resume`: go on from the state saved beside `output`. `stop_after`: save and stop after this many steps in
+    all (as Ctrl-C does). `on_step(step, total, loss)` after each step. The data is checked first (SettingsError
+    listing every problem); see the module's docstring for what is cached, saved and written.
+    """
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    settings = settings if isinstance(settings, LoraTrainingSettings) else check_settings(dict(settings))
+    output = Path(output).expanduser()
+    if output.suffix != ".safetensors":
+        raise SettingsError([f"output={shown(str(output))}: a LoRA is written as a .safetensors file"])
+    if output.exists() and not resume:
+        raise SettingsError([f"output {output} exists: choose another name, or remove it (never overwritten)"])
+    if not resume and (state_dir(output) / STATE_FILE).exists():
+        raise SettingsError([f"{state_dir(output)} holds a stopped run's state: add --resume to go on, or remove it"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    trainer = _Trainer(Path(data).expanduser(), output, settings)
+    total = settings.total_steps(trainer.steps_per_epoch())
+    trainer.encode_texts()
+    trainer.encode_pictures()
+    trainer.build()
+    rng = np.random.default_rng([settings.seed, 1])
+    generator = torch.Generator().manual_seed(settings.seed)
+    step, losses, batches = trainer.load_state(rng, generator) if resume else (0, [], [])
+    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    stopped = False
+    try:
+        while step < total:
+            if not batches:
+                batches = trainer.epoch_batches(rng)
+            batch = batches.pop(0)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = trainer.learning_rate(step, total)
+            loss = trainer.loss(batch, generator)
+            if not torch.isfinite(loss):
+                raise SettingsError([f"the loss became {loss.item()} at step {step + 1}: lower learning_rate "
+                                     f"(now {settings.learning_rate:g}) or use dtype=float32"])
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainer.parameters, MAX_GRAD_NORM)
+            trainer.optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            recent = losses[-50:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, total, losses[-1])
+            if settings.save_every and step % settings.save_every == 0 and step < total:
+                trainer.save_state(step, rng, generator, losses, batches)
+                trainer.write_lora(output.with_name(f"{output.stem}-step{step:06d}.safetensors"), step)
+            if settings.sample_every and step % settings.sample_every == 0 and step < total:
+                trainer.draw_samples(step)
+            if stop_after is not None and step >= stop_after and step < total:
+                stopped = True
+                break
+    except KeyboardInterrupt:
+        stopped = True
+    finally:
+        bar.close()
+    if stopped:
+        trainer.save_state(step, rng, generator, losses, batches)
+        trainer.write_lora(output.with_name(f"{output.stem}-step{step:06d}.safetensors"), step)
+    else:
+        trainer.write_lora(output, step)
+        trainer.draw_samples(step)
+    recent = losses[-50:] or [float("nan")]
+    return TrainingResult(output, step, time.monotonic() - started, sum(recent) / len(recent), stopped)
