@@ -195,3 +195,44 @@ def test_the_cli_trains_stops_resumes_and_names_bad_data(tmp_path, capsys):
     assert "000.png: no caption file 000.txt" in capsys.readouterr().err
     assert main(flags + ["--rank", "0"]) == 2
     assert "rank=0" in capsys.readouterr().err
+
+
+# Measured with tools/evaluate_demo_lora.py on 120 held-out prompts (docs/loras.md, 2026-12-07, float32): the
+# diamond read 84.2% with the LoRA, 0% without; ordinary prompts' lowest attribute with it 90.0% (shape). Floors:
+# those less 3 standard errors of a 40-prompt sample (5.8 and 4.7 points), rounded down.
+DIAMOND_PROMPTS = 40
+DIAMOND_FLOOR = 0.67
+ORDINARY_FLOOR = 0.75
+
+
+@pytest.mark.slow
+def test_the_demo_lora_teaches_the_diamond_and_keeps_the_rest(tmp_path):
+    """The shipped demo LoRA (trained by train-lora on tools/make_demo_lora_data.py's pictures) makes the demo
+    model draw a shape it never saw when a prompt names it; without it the model draws none; ordinary prompts
+    stay right with it. float32, the defaults, prompt k at seed k, as the tool measures."""
+    model = PixArtSigmaModel(model_name="demo", device="cpu", dtype="float32")
+    lora = [{"name": str(DEMO_LORA), "scale": 1.0}]
+    prompts = demo_world.lora_evaluation_prompts(DIAMOND_PROMPTS, seed=1)
+    scenes = [scene for _, scene in prompts]
+    with_lora = [model.generate(prompt=p, seed=k, loras=lora)[0] for k, (p, _) in enumerate(prompts)]
+    without = [model.generate(prompt=p, seed=k)[0] for k, (p, _) in enumerate(prompts)]
+    assert demo_world.score(scenes, with_lora)["shape"] >= DIAMOND_FLOOR
+    assert demo_world.score(scenes, without)["shape"] <= 0.05
+
+    ordinary = demo_world.evaluation_prompts(DIAMOND_PROMPTS, seed=1001)
+    scores = demo_world.score([s for _, s in ordinary],
+                              [model.generate(prompt=p, seed=k, loras=lora)[0] for k, (p, _) in enumerate(ordinary)])
+    assert min(scores.values()) >= ORDINARY_FLOOR, scores
+
+
+def test_the_demo_lora_in_every_layout_draws_the_same_pixels(tmp_path):
+    model = PixArtSigmaModel(model_name="demo", device="cpu", dtype="float32", num_inference_steps=4, seed=2)
+    config = dict(model.engine.pipeline.transformer.config)
+    lora = read_lora(DEMO_LORA, config)
+    prompt = "a large green diamond on a black background"
+    first = np.asarray(model.generate(prompt=prompt, loras=[{"name": str(DEMO_LORA)}])[0], dtype=int)
+    assert not np.array_equal(first, np.asarray(model.generate(prompt=prompt)[0], dtype=int))
+    for layout in LAYOUTS:
+        path = write_lora(tmp_path / (layout if layout == "peft" else f"{layout}.safetensors"), lora, layout, config)
+        pixels = np.asarray(model.generate(prompt=prompt, loras=[{"name": str(path)}])[0], dtype=int)
+        assert np.abs(pixels - first).max() <= 1, layout

@@ -389,7 +389,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         shown_default = "" if default in (None, []) else f" (default: {default})"
-        kind, _ = _flag_type(field.annotation)
+        kind, choices = _flag_type(field.annotation)
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{field.description}{shown_default}")
@@ -397,7 +397,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action="append", default=None, metavar="TEXT",
                                 help=f"{field.description} (repeatable)")
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=name.split("_")[-1].upper(),
+            parser.add_argument(flag, dest=name, type=kind, default=None, choices=choices,
+                                metavar="{" + ",".join(choices) + "}" if choices else name.split("_")[-1].upper(),
                                 help=f"{field.description}{shown_default}")
 
 

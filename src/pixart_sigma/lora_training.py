@@ -27,10 +27,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -53,6 +54,7 @@ MAX_ASPECT = 4.0  # PixArt's bins go from 1:4 to 4:1
 MAX_GRAD_NORM = 1.0
 WARMUP_SHARE = 0.05  # of the steps, learning rate rising linearly (at most MAX_WARMUP_STEPS)
 MAX_WARMUP_STEPS = 100
+COSINE_FLOOR = 0.1  # the cosine schedule's last learning rate, as a share of the peak
 SHOWN_PROBLEMS = 30  # a data error lists this many problems, then counts the rest
 STATE_FILE = "state.pt"
 METADATA_PREFIX = "pixart_sigma."
@@ -74,6 +76,9 @@ class LoraTrainingSettings(BaseModel):
     rank: int = Field(16, ge=1, le=256, description="the LoRA's rank (its size: 4-32 is usual)")
     alpha: Optional[float] = Field(None, gt=0, le=1024, description="LoRA alpha (default: the rank, so scale 1)")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's peak learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after a short linear warm-up: 'cosine' falls to a tenth of the peak by the last "
+        "step (finer detail at the end), 'constant' stays at the peak")
     steps: Optional[int] = Field(None, ge=1, le=1_000_000,
                                  description="optimizer steps (default 1000 unless --epochs is given)")
     epochs: Optional[int] = Field(None, ge=1, le=100_000, description="passes over the data, instead of --steps")
@@ -99,7 +104,7 @@ class LoraTrainingSettings(BaseModel):
     gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass: far less "
                                          "memory, about a third slower")
     device: str = Field("auto", description="'auto' (the first GPU, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps'")
-    dtype: str = Field("auto", description="the frozen base's format: 'auto' (bfloat16 where the device has it, "
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="the frozen base's format: 'auto' (bfloat16 where the device has it, "
                        "float16 on an older GPU, else float32), 'bfloat16', 'float16' or 'float32'; the LoRA trains "
                        "in float32")
 
@@ -542,7 +547,13 @@ class _Trainer:
 
     def learning_rate(self, step: int, total: int) -> float:
         warmup = min(MAX_WARMUP_STEPS, max(1, int(total * WARMUP_SHARE)))
-        return self.settings.learning_rate * min(1.0, (step + 1) / warmup)
+        peak = self.settings.learning_rate
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        if self.settings.lr_schedule == "constant":
+            return peak
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # -- samples ------------------------------------------------------------------------------------------------
     def draw_samples(self, step: int) -> list[Path]:
@@ -731,5 +742,6 @@ def train_lora(data: Union[str, Path], output: Union[str, Path], settings: Union
     else:
         trainer.write_lora(output, step)
         trainer.draw_samples(step)
+        shutil.rmtree(state_dir(output), ignore_errors=True)  # finished: nothing to resume
     recent = losses[-50:] or [float("nan")]
     return TrainingResult(output, step, time.monotonic() - started, sum(recent) / len(recent), stopped)

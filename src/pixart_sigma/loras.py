@@ -101,8 +101,9 @@ def resolve_lora(name: str, folder: Optional[Path] = None, allow_paths: bool = T
         return LoraFile(lora_name(path), path)
     stem = name.removesuffix(LORA_SUFFIX)
     if not folder.is_dir():
-        raise SettingsError([f"{where}={shown(name)}: the LoRA folder {folder} does not exist: put LoRAs there, "
-                             "name another folder (lora_dir, --lora-dir), or give the LoRA's path"])
+        raise SettingsError([f"{where}={shown(name)}: the LoRA folder {folder} does not exist: put LoRAs there"
+                             + (", name another folder (lora_dir, --lora-dir), or give the LoRA's path" if allow_paths
+                                else "")])
     loras = folder_loras(folder)
     matches = [path for path in loras if lora_name(path) == stem]
     if not matches:
@@ -114,10 +115,10 @@ def resolve_lora(name: str, folder: Optional[Path] = None, allow_paths: bool = T
     if len(matches) > 1:
         places = ", ".join(str(path.relative_to(folder)) for path in matches)
         raise SettingsError([f"{where}={shown(name)} is ambiguous: the LoRA folder {folder} holds {places}; "
-                             "rename one, or give the path"])
+                             + ("rename one, or give the path" if allow_paths else "rename one")])
     if not _inside(matches[0], folder):
         raise SettingsError([f"{where}={shown(name)}: {matches[0]} links outside the LoRA folder {folder}; a name "
-                             "only finds LoRAs inside it (give the path to use that file)"])
+                             "only finds LoRAs inside it" + (" (give the path to use that file)" if allow_paths else "")])
     return LoraFile(stem, matches[0])
 
 
