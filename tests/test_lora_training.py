@@ -236,3 +236,15 @@ def test_the_demo_lora_in_every_layout_draws_the_same_pixels(tmp_path):
         path = write_lora(tmp_path / (layout if layout == "peft" else f"{layout}.safetensors"), lora, layout, config)
         pixels = np.asarray(model.generate(prompt=prompt, loras=[{"name": str(path)}])[0], dtype=int)
         assert np.abs(pixels - first).max() <= 1, layout
+
+
+def test_the_checker_reads_rendered_diamonds():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        background = demo_world._pick(rng, demo_world.BACKGROUND_COLOURS)
+        scene = demo_world.Scene(background, (demo_world._random_shape(rng, background, shape="diamond"),))
+        picture = demo_world.render(scene)
+        assert demo_world.reads_as_named(scene, picture)
+        assert demo_world.read(picture.filter(ImageFilter.GaussianBlur(1))).shape == "diamond"
