@@ -62,6 +62,13 @@ def client(server):
         yield client
 
 
+@pytest.fixture()
+def http(server):
+    """A fresh HTTP client of the module's own `server` fixture for each test."""
+    with server.client() as client:
+        yield client
+
+
 @pytest.fixture
 def image_array():
     import numpy as np

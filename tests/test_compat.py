@@ -33,12 +33,6 @@ def server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture()
-def http(server):
-    with server.client() as client:
-        yield client
-
-
 def oai(server, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", **{"max_retries": 2, "timeout": 60, **kwargs})
 

@@ -81,12 +81,6 @@ def server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture()
-def http(server):
-    with server.client() as client:
-        yield client
-
-
 def served_pixels(http: httpx.Client, job: dict) -> np.ndarray:
     job = wait_for_job(http, job["id"])
     assert job["status"] == "succeeded", job

@@ -44,12 +44,6 @@ def server(tmp_path_factory, folder):
     server.stop()
 
 
-@pytest.fixture()
-def http(server):
-    with server.client() as client:
-        yield client
-
-
 def oai(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
