@@ -358,3 +358,18 @@ def test_canonical_form_is_what_peft_means(tmp_path, tiny_dir, configs, lora):
         through_peft = run(adapted)
         torch.testing.assert_close(through_peft, run(manual), rtol=1e-4, atol=1e-4)
         assert (through_peft - untouched).abs().max() > 1e-2  # the LoRA did change the output
+
+
+def test_written_headers_are_in_one_order_so_the_same_lora_has_one_hash(tmp_path, configs):
+    """safetensors orders its header's metadata differently in each process; the writer sorts it, so a LoRA
+    written twice (by two runs of train-lora, say) has one SHA-256."""
+    import json as json_module
+
+    width = transformer_targets(configs[0])["transformer_blocks.0.attn1.to_q"].in_features
+    lora = Lora({"transformer_blocks.0.attn1.to_q": LoraWeights(torch.ones(2, width), torch.ones(width, 2), 2.0)})
+    for layout in ("diffusers", "kohya"):
+        path = write_lora(tmp_path / f"{layout}.safetensors", lora, layout, metadata={f"k{i}": str(i) for i in range(30)})
+        raw = path.read_bytes()
+        header = json_module.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+        assert read_lora(path, configs[0]).transformer["transformer_blocks.0.attn1.to_q"].alpha == 2.0

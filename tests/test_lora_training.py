@@ -3,6 +3,7 @@ a short run that writes a file this loader and diffusers' own PEFT path read wit
 and the shipped demo LoRA teaching the demo model a shape it never saw."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def test_metadata_jsonl_is_read_and_its_bad_lines_named(tmp_path, tokenizer):
     assert "metadata.jsonl line 2 is not JSON" in text
     assert "line 3: file_name='../outside.png' is outside" in text
     assert "line 4: no caption" in text
-    assert "names gone.png, which is not a picture" in text
+    assert "names 'gone.png', which is not a picture" in text
     assert "b.png: no caption in metadata.jsonl" in text and "c.png: no caption in metadata.jsonl" in text
 
     (data / "metadata.jsonl").write_text("\n".join([json.dumps({"file_name": n, "caption": f"a {n}"})
@@ -248,3 +249,74 @@ def test_the_checker_reads_rendered_diamonds():
         picture = demo_world.render(scene)
         assert demo_world.reads_as_named(scene, picture)
         assert demo_world.read(picture.filter(ImageFilter.GaussianBlur(1))).shape == "diamond"
+
+
+def test_samples_are_drawn_during_and_after_training(tmp_path, capsys):
+    from pixart_sigma.cli import main
+
+    data = _data(tmp_path / "data", 4)
+    output = tmp_path / "sampled.safetensors"
+    assert main(["train-lora", str(data), "-o", str(output), "--model-name", "demo", "--rank", "2", "--steps", "4",
+                 "--batch-size", "2", "--save-every", "0", "--dtype", "float32", "-q", "--sample-every", "2",
+                 "--sample-steps", "2", "--sample-prompts", "a large red diamond", "--sample-prompts",
+                 "a small blue circle on the left"]) == 0, capsys.readouterr().err
+    samples = sorted(p.name for p in (tmp_path / "sampled-samples").iterdir())
+    assert samples == ["step000002-0.png", "step000002-1.png", "step000004-0.png", "step000004-1.png"]
+    assert Image.open(tmp_path / "sampled-samples" / "step000004-1.png").size == (64, 64)
+
+
+def test_a_damaged_state_and_earlier_files_are_refused_with_what_to_do(trained, tmp_path):
+    data, _, _ = trained
+    output = tmp_path / "damaged.safetensors"
+    train_lora(data, output, QUICK, progress=False, stop_after=2)
+    state = state_dir(output) / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(SettingsError, match="state.pt is damaged .*remove .* and start again without --resume"):
+        train_lora(data, output, QUICK, progress=False, resume=True)
+    torch.save({"key": {}, "step": -5, "losses": [], "batches": [], "lora": {}}, state)
+    with pytest.raises(SettingsError, match="step=-5"):
+        train_lora(data, output, QUICK, progress=False, resume=True)
+    import shutil
+    shutil.rmtree(state_dir(output))
+    with pytest.raises(SettingsError, match="damaged-step000002.safetensors is an earlier run's"):
+        train_lora(data, output, QUICK, progress=False)
+    (tmp_path / "damaged-step000002.safetensors").unlink()
+    output.write_text("precious")
+    with pytest.raises(SettingsError, match="exists: choose another name"):
+        train_lora(data, output, QUICK, progress=False, resume=True)
+
+
+def test_captions_that_link_outside_or_are_not_files_are_named(tmp_path, tokenizer):
+    data = _data(tmp_path / "data", 3)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("a red circle")
+    (data / "000.txt").unlink()
+    (data / "000.txt").symlink_to(outside)
+    (data / "001.txt").unlink()
+    os.mkfifo(data / "001.txt")
+    (data / "002.png").rename(data / "002.PNG")
+    (data / "002.txt").rename(data / "002.TXT")
+    text = _problems(data, tokenizer)
+    assert "000.txt links outside" in text and "001.txt is not a regular file" in text
+    assert "002" not in text  # upper-case suffixes are read
+
+
+def test_ctrl_c_in_the_middle_of_a_step_finishes_it_saves_and_resumes_exactly(trained, tmp_path):
+    import signal
+    import threading
+
+    from safetensors.torch import load_file
+
+    data, straight, _ = trained
+    output = tmp_path / "interrupted.safetensors"
+
+    def on_step(step, total, loss):
+        if step == 2:  # Ctrl-C lands in step 3's forward or backward pass
+            threading.Timer(0.005, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    first = train_lora(data, output, QUICK, progress=False, on_step=on_step)
+    assert first.stopped and 3 <= first.steps < 6 and not output.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    train_lora(data, output, QUICK, progress=False, resume=True)
+    a, b = load_file(straight), load_file(output)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -390,10 +390,12 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         default = field.get_default(call_default_factory=True)
         shown_default = "" if default in (None, []) else f" (default: {default})"
         kind, choices = _flag_type(field.annotation)
+        if typing.get_origin(field.annotation) is list:
+            kind = list
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{field.description}{shown_default}")
-        elif typing.get_origin(kind) is list:
+        elif kind is list:
             parser.add_argument(flag, dest=name, action="append", default=None, metavar="TEXT",
                                 help=f"{field.description} (repeatable)")
         else:

@@ -669,10 +669,18 @@ def _scalar(value: float):
 
 
 def _save(path: Path, tensors: dict, metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
+    """safetensors with its header's keys sorted: safetensors writes the metadata in a per-process order, so the
+    same LoRA would get another SHA-256 (the hash records and `--from` find LoRAs by) each time it is written."""
+    from safetensors.torch import save
 
+    data = save({k: _own_copy(v) for k, v in tensors.items()}, metadata={"format": "pt", **metadata})
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = header.encode()
+    if len(encoded) <= length:  # the same keys and values: the same length, padded as safetensors pads
+        data = data[:8] + encoded + b" " * (length - len(encoded)) + data[8 + length:]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: _own_copy(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt", **metadata})
+    path.write_bytes(data)
 
 
 def _pairs_named(weights: Mapping[str, LoraWeights], prefix: str, down: str, up: str,

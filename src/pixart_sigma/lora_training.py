@@ -26,8 +26,12 @@ import hashlib
 import json
 import logging
 import math
+import glob
 import os
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +53,12 @@ MAX_PICTURES = 100_000
 MAX_DEPTH = 4  # subfolders looked into (kohya sorts pictures into repeat folders)
 MAX_CAPTION_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 64 * 1024 * 1024
+MAX_NAME_CHARS = 1000  # a file name in metadata.jsonl
+MAX_CHARS_PER_TOKEN = 64  # a caption longer than this many characters per allowed token cannot fit: not tokenized
 MAX_ENLARGEMENT = 2.0  # a picture enlarged more than this per side to cover its bucket would train on blur
 MAX_ASPECT = 4.0  # PixArt's bins go from 1:4 to 4:1
 MAX_GRAD_NORM = 1.0
+MAX_STEPS = 1_000_000
 WARMUP_SHARE = 0.05  # of the steps, learning rate rising linearly (at most MAX_WARMUP_STEPS)
 MAX_WARMUP_STEPS = 100
 COSINE_FLOOR = 0.1  # the cosine schedule's last learning rate, as a share of the peak
@@ -70,7 +77,7 @@ TARGET_PRESETS = {
 class LoraTrainingSettings(BaseModel):
     """What `train_lora` does; each field is a `train-lora` flag of the same name (underscores as dashes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_name: str = Field(DEFAULT_MODEL, description="the base checkpoint: a known id, 'demo', or a local folder")
     rank: int = Field(16, ge=1, le=256, description="the LoRA's rank (its size: 4-32 is usual)")
@@ -79,8 +86,9 @@ class LoraTrainingSettings(BaseModel):
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after a short linear warm-up: 'cosine' falls to a tenth of the peak by the last "
         "step (finer detail at the end), 'constant' stays at the peak")
-    steps: Optional[int] = Field(None, ge=1, le=1_000_000,
-                                 description="optimizer steps (default 1000 unless --epochs is given)")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS,
+                                 description="optimizer steps (default 1000 unless --epochs is given); a resumed run may "
+                                 "be given more, and its schedule then follows the new total")
     epochs: Optional[int] = Field(None, ge=1, le=100_000, description="passes over the data, instead of --steps")
     batch_size: int = Field(1, ge=1, le=256, description="pictures per step (of one aspect-ratio bucket)")
     resolution: Optional[int] = Field(None, ge=64, le=2048, multiple_of=16,
@@ -168,12 +176,21 @@ def _pictures_in(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _read_text(path: Path, limit: int) -> str:
+def _read_text(path: Path, limit: int, folder: Path) -> str:
+    """A caption or metadata file: inside `folder` (after links), a regular file of at most `limit` bytes, UTF-8."""
     from .checkpoints import regular_file
+    from .errors import CheckpointError
 
-    regular_file(path, limit)
-    with open(path, "rb") as stream:
-        data = stream.read(limit + 1)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise SettingsError([f"{path} links outside {folder}: captions are read from the data folder only"])
+    try:
+        regular_file(path, limit)
+        with open(path, "rb") as stream:
+            data = stream.read(limit + 1)
+    except CheckpointError as exc:
+        raise SettingsError([str(exc)]) from None
+    except OSError as exc:
+        raise SettingsError([f"{path} cannot be read ({exc.strerror or exc})"]) from None
     if len(data) > limit:
         raise SettingsError([f"{path} is over {limit:,} bytes"])
     try:
@@ -182,11 +199,25 @@ def _read_text(path: Path, limit: int) -> str:
         raise SettingsError([f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
 
 
+def _plain_name(value: str) -> bool:
+    """A file name a metadata line may give: printable, no NUL, encodable, not absurdly long."""
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return False
+    return 0 < len(value) <= MAX_NAME_CHARS and "\0" not in value and value.isprintable()
+
+
 def _metadata_captions(folder: Path, problems: list[str]) -> dict[Path, str]:
     """file -> caption from metadata.jsonl; each bad line named."""
     path = folder / METADATA_FILE
     captions: dict[Path, str] = {}
-    for number, line in enumerate(_read_text(path, MAX_METADATA_BYTES).splitlines(), 1):
+    try:
+        text = _read_text(path, MAX_METADATA_BYTES, folder)
+    except SettingsError as exc:
+        problems += exc.problems
+        return captions
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -195,20 +226,35 @@ def _metadata_captions(folder: Path, problems: list[str]) -> dict[Path, str]:
         except json.JSONDecodeError as exc:
             problems.append(f"{where} is not JSON ({exc.msg})")
             continue
+        except (ValueError, RecursionError):  # a number of thousands of digits, brackets nested past the limit
+            problems.append(f"{where} is not JSON this reader takes (nested too deep, or a number too long)")
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             problems.append(f"{where} has no \"file_name\" (a string): each line is "
                             "{\"file_name\": \"a.png\", \"text\": \"its caption\"}")
             continue
+        if not _plain_name(row["file_name"]):
+            problems.append(f"{where}: file_name={shown(row['file_name'])} is not a file name (printable, at most "
+                            f"{MAX_NAME_CHARS} characters)")
+            continue
         column = next((c for c in CAPTION_COLUMNS if c in row), None)
         if column is None or not isinstance(row[column], str):
             problems.append(f"{where}: no caption (a string in {' or '.join(CAPTION_COLUMNS)})")
+            continue
+        try:
+            size = len(row[column].encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+            problems.append(f"{where}: the caption is not valid Unicode text")
+            continue
+        if size > MAX_CAPTION_BYTES:
+            problems.append(f"{where}: the caption is over {MAX_CAPTION_BYTES:,} bytes")
             continue
         picture = (folder / row["file_name"]).resolve()
         if not picture.is_relative_to(folder.resolve()):
             problems.append(f"{where}: file_name={shown(row['file_name'])} is outside {folder}")
             continue
         if picture in captions:
-            problems.append(f"{where}: {row['file_name']} is listed twice")
+            problems.append(f"{where}: {shown(row['file_name'])} is listed twice")
         captions[picture] = row[column]
     return captions
 
@@ -236,38 +282,54 @@ def read_dataset(folder: Union[str, Path], tokenizer, settings: LoraTrainingSett
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise SettingsError([f"data={shown(str(folder))}: no such folder (give a folder of pictures with captions)"])
+        what = "is not a folder" if folder.exists() else "no such folder"
+        raise SettingsError([f"data={shown(str(folder))}: {what} (give a folder of pictures with captions)"])
     pictures = _pictures_in(folder)
     if not pictures:
         raise SettingsError([f"{folder} holds no pictures ({', '.join(PICTURE_SUFFIXES)}): put the pictures there, "
                              f"each with its caption in a same-name {CAPTION_SUFFIX} file or in {METADATA_FILE}"])
     problems: list[str] = []
-    from_metadata = (folder / METADATA_FILE).is_file()
+    from_metadata = os.path.lexists(folder / METADATA_FILE)  # whatever it is: a FIFO or a folder is refused, not skipped
     captions = _metadata_captions(folder, problems) if from_metadata else {}
     buckets = _bucket_sizes(resolution, settings.buckets)
-    examples = []
+    examples, seen, caption_files = [], {}, {}
     for picture in pictures:
-        if not picture.resolve().is_relative_to(folder.resolve()):
+        real = picture.resolve()
+        if not real.is_relative_to(folder.resolve()):
             problems.append(f"{picture} links outside {folder}")
             continue
+        if real in seen:
+            problems.append(f"{picture} is {seen[real]} again (a link): each picture once")
+            continue
+        seen[real] = picture
         if from_metadata:
             caption = captions.pop(picture.resolve(), None)
             if caption is None:
                 problems.append(f"{picture}: no caption in {METADATA_FILE}")
                 continue
         else:
-            text_file = picture.with_suffix(CAPTION_SUFFIX)
-            if not text_file.is_file():
-                problems.append(f"{picture}: no caption file {text_file.name}")
+            text_file = next((picture.with_suffix(suffix) for suffix in (CAPTION_SUFFIX, CAPTION_SUFFIX.upper())
+                              if os.path.lexists(picture.with_suffix(suffix))), None)
+            if text_file is None:
+                problems.append(f"{picture}: no caption file {picture.with_suffix(CAPTION_SUFFIX).name}")
                 continue
+            if text_file in caption_files:
+                problems.append(f"{picture} and {caption_files[text_file].name} share the caption file "
+                                f"{text_file.name}: rename one picture and give it a caption of its own")
+                continue
+            caption_files[text_file] = picture
             try:
-                caption = _read_text(text_file, MAX_CAPTION_BYTES)
+                caption = _read_text(text_file, MAX_CAPTION_BYTES, folder)
             except SettingsError as exc:
                 problems += exc.problems
                 continue
         caption = " ".join(caption.split())
         if not caption:
             problems.append(f"{picture}: its caption is empty")
+            continue
+        if len(caption) > settings.max_sequence_length * MAX_CHARS_PER_TOKEN:  # long past the limit: not tokenized
+            problems.append(f"{picture}: its caption is {len(caption):,} characters, far over max_sequence_length="
+                            f"{settings.max_sequence_length} tokens; shorten it")
             continue
         tokens = len(tokenizer(caption, add_special_tokens=True).input_ids)
         if tokens > settings.max_sequence_length:
@@ -294,7 +356,7 @@ def read_dataset(folder: Union[str, Path], tokenizer, settings: LoraTrainingSett
             continue
         examples.append(Example(picture, caption, size))
     for leftover in sorted(captions):
-        problems.append(f"{METADATA_FILE} names {leftover.name}, which is not a picture of {folder}")
+        problems.append(f"{METADATA_FILE} names {shown(leftover.name)}, which is not a picture of {folder}")
     if problems:
         raise DataError(folder, problems)
     return examples
@@ -304,7 +366,7 @@ def data_sha256(examples: list[Example], folder: Path) -> str:
     """What the data is: each picture's name, bytes and caption."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(str(example.picture.relative_to(folder)).encode() + b"\0" + example.caption.encode() + b"\0")
+        digest.update(os.fsencode(example.picture.relative_to(folder)) + b"\0" + example.caption.encode() + b"\0")
         with open(example.picture, "rb") as stream:
             while block := stream.read(1 << 20):
                 digest.update(block)
@@ -350,7 +412,7 @@ def state_dir(output: Path) -> Path:
 def _resume_key(settings: LoraTrainingSettings, data_hash: str) -> dict[str, Any]:
     """What must not change between a run and its resumption (the rest only says how long or how often)."""
     kept = settings.model_dump(exclude={"steps", "epochs", "save_every", "sample_every", "sample_prompts",
-                                        "sample_steps", "device"})
+                                        "sample_steps", "device", "gradient_checkpointing"})
     return {**kept, "data_sha256": data_hash}
 
 
@@ -578,7 +640,7 @@ class _Trainer:
                 generator = torch.Generator().manual_seed(self.settings.seed + index)
                 width = height = self.resolution
                 with torch.no_grad():
-                    image = pipeline(prompt_embeds=embed[None].to(self.device),
+                    image = pipeline(prompt=None, negative_prompt=None, prompt_embeds=embed[None].to(self.device),
                                      prompt_attention_mask=torch.ones(1, kept, dtype=torch.long, device=self.device),
                                      negative_prompt_embeds=_padded(empty, kept)[None].to(self.device),
                                      negative_prompt_attention_mask=_mask(empty_kept, kept).to(self.device),
@@ -601,7 +663,7 @@ class _Trainer:
         folder = state_dir(self.output)
         folder.mkdir(parents=True, exist_ok=True)
         state = {"key": _resume_key(self.settings, self.data_hash), "step": step,
-                 "lora": {k: v.detach().cpu() for k, v in zip(self._parameter_names(), self.parameters)},
+                 "lora": {k: v.detach().cpu().clone() for k, v in zip(self._parameter_names(), self.parameters)},
                  "optimizer": self.optimizer.state_dict(), "order": rng.bit_generator.state,
                  "generator": generator.get_state(), "losses": losses, "batches": batches}
         _atomic_save(lambda target: torch.save(state, target), folder / STATE_FILE)
@@ -609,27 +671,62 @@ class _Trainer:
     def _parameter_names(self) -> list[str]:
         return [name for name, p in self.transformer.named_parameters() if p.requires_grad]
 
-    def load_state(self, rng, generator) -> tuple[int, list[float], list[list[int]]]:
-        import torch
-
+    def read_state(self) -> dict[str, Any]:
+        """The saved state, checked before anything loads: a damaged or foreign file is refused with what to do."""
         path = state_dir(self.output) / STATE_FILE
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             raise SettingsError([f"resume: no saved state at {path} (a run saves one every save_every steps and at "
                                  "Ctrl-C); start without --resume"])
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_state_file(path, len(self.examples))
         expected = _resume_key(self.settings, self.data_hash)
         changed = [f"{k}: saved {state['key'].get(k)!r}, now {v!r}" for k, v in expected.items()
                    if state["key"].get(k) != v]
         if changed:
             raise SettingsError([f"resume: the state in {path} was saved with other settings or data ("
                                  + "; ".join(changed) + "); give the same ones, or start again without --resume"])
-        with torch.no_grad():
-            for name, parameter in zip(self._parameter_names(), self.parameters):
-                parameter.copy_(state["lora"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["order"]
-        generator.set_state(state["generator"])
-        return int(state["step"]), list(state["losses"]), [list(b) for b in state["batches"]]
+        return state
+
+    def apply_state(self, state: dict[str, Any], rng, generator) -> tuple[int, list[float], list[list[int]]]:
+        """The LoRA, AdamW and the random streams as saved; (step, losses, the rest of the pass's batches)."""
+        import torch
+
+        try:
+            with torch.no_grad():
+                for name, parameter in zip(self._parameter_names(), self.parameters):
+                    parameter.copy_(state["lora"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            rng.bit_generator.state = state["order"]
+            generator.set_state(state["generator"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise _damaged(state_dir(self.output) / STATE_FILE, f"{type(exc).__name__}: {exc}"[:300]) from None
+        return state["step"], state["losses"], state["batches"]
+
+
+def _damaged(path: Path, why: str) -> SettingsError:
+    return SettingsError([f"resume: {path} is damaged ({why}); remove {path.parent} and start again without --resume"])
+
+
+def _load_state_file(path: Path, pictures: int) -> dict[str, Any]:
+    """torch.load with weights_only (no code runs), then every field's type and range checked."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, empty, foreign or crafted: never a traceback
+        raise _damaged(path, f"{type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(state, dict) or not isinstance(state.get("key"), dict):
+        raise _damaged(path, "not a train-lora state")
+    step, losses, batches = state.get("step"), state.get("losses"), state.get("batches")
+    if not (isinstance(step, int) and 0 <= step <= MAX_STEPS):
+        raise _damaged(path, f"step={shown(step)}")
+    if not (isinstance(losses, list) and len(losses) == step and all(isinstance(v, float) for v in losses)):
+        raise _damaged(path, "its losses do not match its step")
+    if not (isinstance(batches, list) and all(isinstance(b, list) and b and all(
+            isinstance(i, int) and 0 <= i < pictures for i in b) for b in batches)):
+        raise _damaged(path, "its batches are not pictures of this data")
+    if not isinstance(state.get("lora"), dict) or not all(isinstance(v, torch.Tensor) for v in state["lora"].values()):
+        raise _damaged(path, "no LoRA weights")
+    return state
 
 
 def _has_bfloat16(device) -> bool:
@@ -684,64 +781,111 @@ def train_lora(data: Union[str, Path], output: Union[str, Path], settings: Union
 
     settings = settings if isinstance(settings, LoraTrainingSettings) else check_settings(dict(settings))
     output = Path(output).expanduser()
-    if output.suffix != ".safetensors":
-        raise SettingsError([f"output={shown(str(output))}: a LoRA is written as a .safetensors file"])
-    if output.exists() and not resume:
-        raise SettingsError([f"output {output} exists: choose another name, or remove it (never overwritten)"])
-    if not resume and (state_dir(output) / STATE_FILE).exists():
-        raise SettingsError([f"{state_dir(output)} holds a stopped run's state: add --resume to go on, or remove it"])
-    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_output(output, resume)
     started = time.monotonic()
     trainer = _Trainer(Path(data).expanduser(), output, settings)
     total = settings.total_steps(trainer.steps_per_epoch())
+    saved = trainer.read_state() if resume else None  # a damaged or foreign state is refused before T5 loads
     trainer.encode_texts()
     trainer.encode_pictures()
     trainer.build()
     rng = np.random.default_rng([settings.seed, 1])
     generator = torch.Generator().manual_seed(settings.seed)
-    step, losses, batches = trainer.load_state(rng, generator) if resume else (0, [], [])
+    step, losses, batches = trainer.apply_state(saved, rng, generator) if saved else (0, [], [])
+
+    def step_file() -> Path:
+        return output.with_name(f"{output.stem}-step{step:06d}.safetensors")
+
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     stopped = False
-    try:
-        while step < total:
-            if not batches:
-                batches = trainer.epoch_batches(rng)
-            batch = batches.pop(0)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = trainer.learning_rate(step, total)
-            loss = trainer.loss(batch, generator)
-            if not torch.isfinite(loss):
-                raise SettingsError([f"the loss became {loss.item()} at step {step + 1}: lower learning_rate "
-                                     f"(now {settings.learning_rate:g}) or use dtype=float32"])
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainer.parameters, MAX_GRAD_NORM)
-            trainer.optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            recent = losses[-50:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(step, total, losses[-1])
-            if settings.save_every and step % settings.save_every == 0 and step < total:
-                trainer.save_state(step, rng, generator, losses, batches)
-                trainer.write_lora(output.with_name(f"{output.stem}-step{step:06d}.safetensors"), step)
-            if settings.sample_every and step % settings.sample_every == 0 and step < total:
-                trainer.draw_samples(step)
-            if stop_after is not None and step >= stop_after and step < total:
-                stopped = True
-                break
-    except KeyboardInterrupt:
-        stopped = True
-    finally:
-        bar.close()
-    if stopped:
-        trainer.save_state(step, rng, generator, losses, batches)
-        trainer.write_lora(output.with_name(f"{output.stem}-step{step:06d}.safetensors"), step)
-    else:
-        trainer.write_lora(output, step)
+    with _StopAtStepEnd() as interrupt:  # Ctrl-C ends the step first, so the saved state is a whole step's
+        try:
+            while step < total and not stopped:
+                if not batches:
+                    batches = trainer.epoch_batches(rng)
+                batch = batches.pop(0)
+                for group in trainer.optimizer.param_groups:
+                    group["lr"] = trainer.learning_rate(step, total)
+                loss = trainer.loss(batch, generator)
+                if not torch.isfinite(loss):
+                    advice = "" if trainer.dtype == torch.float32 else " or use dtype=float32"
+                    raise SettingsError([f"the loss became {loss.item()} at step {step + 1}: lower learning_rate "
+                                         f"(now {settings.learning_rate:g}){advice}"])
+                trainer.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainer.parameters, MAX_GRAD_NORM)
+                trainer.optimizer.step()
+                step += 1
+                losses.append(loss.item())
+                recent = losses[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, total, losses[-1])
+                stopped = interrupt.asked or (stop_after is not None and step >= stop_after and step < total)
+                if step < total and (stopped or (settings.save_every and step % settings.save_every == 0)):
+                    trainer.save_state(step, rng, generator, losses, batches)
+                    trainer.write_lora(step_file(), step)
+                if settings.sample_every and step % settings.sample_every == 0 and step < total:
+                    trainer.draw_samples(step)
+        finally:
+            bar.close()
+    if not stopped:
+        try:
+            trainer.write_lora(output, step)
+        except Exception as exc:  # a full disk, a folder made read-only since the start
+            trainer.save_state(step, rng, generator, losses, batches)
+            raise SettingsError([f"cannot write {output} ({type(exc).__name__}: {exc}); the {step} steps are saved in "
+                                 f"{state_dir(output)}: make room and run again with --resume to write it"]) from None
         trainer.draw_samples(step)
         shutil.rmtree(state_dir(output), ignore_errors=True)  # finished: nothing to resume
     recent = losses[-50:] or [float("nan")]
     return TrainingResult(output, step, time.monotonic() - started, sum(recent) / len(recent), stopped)
+
+
+class _StopAtStepEnd:
+    """Ctrl-C (SIGINT) during training asks to stop at the end of the current step; a second one stops at once
+    (the state saved last stays). Only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.asked, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __enter__(self) -> "_StopAtStepEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    """Before anything loads: the output is a new .safetensors file in a folder that takes files, and no earlier
+    run's files would be overwritten."""
+    if output.suffix != ".safetensors":
+        raise SettingsError([f"output={shown(str(output))}: a LoRA is written as a .safetensors file"])
+    if os.path.lexists(output):
+        raise SettingsError([f"output {output} exists: choose another name, or remove it (never overwritten)"])
+    state = state_dir(output) / STATE_FILE
+    if not resume:
+        if os.path.lexists(state):
+            raise SettingsError([f"{state_dir(output)} holds a stopped run's state: add --resume to go on, or "
+                                 "remove it"])
+        earlier = sorted(output.parent.glob(f"{glob.escape(output.stem)}-step[0-9]*.safetensors"))
+        if earlier:
+            raise SettingsError([f"{earlier[0]} is an earlier run's ({len(earlier)} such files): choose another "
+                                 "output name, or remove them (never overwritten)"])
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=".train-lora-", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SettingsError([f"output {output}: cannot write in {output.parent} ({exc.strerror or exc}); choose a "
+                             "folder you can write"]) from None
