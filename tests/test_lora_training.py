@@ -14,7 +14,7 @@ from PIL import Image
 from pixart_sigma import PixArtSigmaModel, SettingsError, demo_world
 from pixart_sigma.checkpoints import load_part, locate, resolve_checkpoint
 from pixart_sigma.lora_formats import LAYOUTS, read_lora, safetensors_header, write_lora
-from pixart_sigma.lora_training import (METADATA_PREFIX, LoraTrainingSettings, check_settings, read_dataset,
+from pixart_sigma.lora_training import (METADATA_PREFIX, check_settings, read_dataset,
                                         state_dir, train_lora)
 
 DEMO_LORA = Path(demo_world.__file__).parent / "checkpoints_data" / "demo-loras" / "diamond.safetensors"
