@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import sampling
+from . import sampling, text_cache
 from .calls import check_memory_mode
 from .errors import Cancelled, GenerationError, SettingsError
 from .loras import LoraUse, fuse
@@ -380,8 +380,12 @@ class Engine:
         step_kwargs = _step_kwargs(scheduler, generators)
         with self.placement.using("transformer"):
             denoiser = sampling.GuidedDenoiser(self.denoiser(compile), conditioning, guidance_scale, learned_sigma)
-            latents = sampling.denoise(denoiser, scheduler, start, step_kwargs=step_kwargs, hooks=hooks,
-                                       on_progress=on_progress, cancel=cancel)
+            # The text's projection and cross-attention keys/values once per call, not per step (same pixels).
+            reuse = contextlib.nullcontext() if compile else text_cache.session(self.pipeline.transformer,
+                                                                                 denoiser.embeds)
+            with reuse:
+                latents = sampling.denoise(denoiser, scheduler, start, step_kwargs=step_kwargs, hooks=hooks,
+                                           on_progress=on_progress, cancel=cancel)
         if not torch.isfinite(latents).all():
             raise GenerationError(
                 f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
