@@ -188,3 +188,26 @@ def test_text_values_may_hold_commas_and_list_settings_take_json(model, loras, t
     assert read_settings(grid.images[0][0])["negative_prompt"] == "blurry, dark"
     assert "loras" not in read_settings(grid.images[0][1])
     assert read_settings(grid.images[1][1])["loras"][0]["scale"] == 0.5
+
+
+def test_an_axis_value_with_a_line_break_is_named_not_a_traceback():
+    with pytest.raises(SettingsError, match="write them on one line"):
+        plan_grid(PROMPT, {"model_name": "demo"}, "negative_prompt=a\nb,c")
+
+
+def test_read_grid_treats_the_file_as_untrusted(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(MetadataError, match="not a regular file"):
+        read_grid(fifo)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    with pytest.raises(MetadataError, match="cannot be read"):
+        read_grid(tmp_path / "junk.png")
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("pixart_sigma_grid", "[" * 100_000)
+    Image.new("RGB", (4, 4)).save(tmp_path / "deep.png", pnginfo=info)
+    with pytest.raises(MetadataError):
+        read_grid(tmp_path / "deep.png")

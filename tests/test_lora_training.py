@@ -320,3 +320,45 @@ def test_ctrl_c_in_the_middle_of_a_step_finishes_it_saves_and_resumes_exactly(tr
     train_lora(data, output, QUICK, progress=False, resume=True)
     a, b = load_file(straight), load_file(output)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_in_the_last_step_still_writes_the_lora(trained, tmp_path):
+    import signal
+
+    data, _, _ = trained
+    output = tmp_path / "last.safetensors"
+
+    def on_step(step, total, loss):
+        if step == total:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train_lora(data, output, QUICK, progress=False, on_step=on_step)
+    assert not result.stopped and output.is_file() and not state_dir(output).exists()
+
+
+def test_metadata_captions_may_hold_unicode_line_separators(tmp_path, tokenizer):
+    data = tmp_path / "data"
+    data.mkdir()
+    demo_world.render(demo_world.rendered_scenes(1)[0]).save(data / "a.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a red\u2028circle"},
+                                                    ensure_ascii=False) + "\n")
+    examples = read_dataset(data, tokenizer, check_settings({"model_name": "demo"}), 64)
+    assert [e.caption for e in examples] == ["a red circle"]
+
+
+def test_a_state_of_other_shapes_is_refused(trained, tmp_path):
+    data, _, _ = trained
+    output = tmp_path / "shapes.safetensors"
+    train_lora(data, output, QUICK, progress=False, stop_after=2)
+    state = torch.load(state_dir(output) / "state.pt", weights_only=True)
+    name = next(iter(state["lora"]))
+    state["lora"][name] = torch.zeros(1)
+    torch.save(state, state_dir(output) / "state.pt")
+    with pytest.raises(SettingsError, match="damaged .*" + name.replace(".", r"\.")):
+        train_lora(data, output, QUICK, progress=False, resume=True)
+
+
+def test_a_missing_data_folder_is_said_before_the_checkpoint_is_looked_for(tmp_path):
+    with pytest.raises(SettingsError, match="no such folder"):
+        train_lora(tmp_path / "nothing", tmp_path / "x.safetensors",
+                   {"model_name": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"}, progress=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 import signal
 
 import numpy as np
@@ -302,3 +303,23 @@ def test_serve_refuses_a_lora_dir_that_is_not_a_folder(tmp_path):
         assert f"lora_dir='{tmp_path / 'nowhere'}' is not a folder" in server.output()
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_many_tags_are_refused_unread_with_one_message():
+    from pixart_sigma.server.loras import MAX_TAGS, take_tags
+
+    walks = []
+    prompt, tags, problems = take_tags("<lora:>" * 140_000, lambda: walks.append(1) or "none")
+    assert tags == [] and len(problems) == 1 and f"more than {MAX_TAGS} LoRA tags" in problems[0] and not walks
+    _, _, problems = take_tags("<lora:> <lora:> <lora:>", lambda: walks.append(1) or "none")
+    assert len(problems) == 3 and len(walks) == 1  # the folder is walked once per prompt
+
+
+def test_a_relative_folder_is_kept_out_of_messages_without_garbling_them(tmp_path, monkeypatch):
+    from pixart_sigma.server.loras import ServedLoras
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras").mkdir()
+    served = ServedLoras(Path("loras"))
+    text = served.private(f"loras.0.scale=9 is over 4; loras.1.name='x' is not in the LoRA folder {tmp_path / 'loras'}")
+    assert text == "loras.0.scale=9 is over 4; loras.1.name='x' is not in this server's LoRA folder"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from .images import safe_stem, save_bytes, save_image
 from .model import validate
 from .settings import LOAD_SETTINGS, Settings, check_text, parse_settings, shown
 
+MAX_GRID_TEXT_CHARS = 4 * 1024 * 1024  # a sheet's grid text: 100 cells' settings are far less
 MAX_GRID_CELLS = 100  # x values times y values: each cell is one generation (10 x 10, as X/Y plots go)
 # Pillow warns that a larger picture may be a decompression bomb when it opens it: a sheet viewers open.
 MAX_SHEET_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -186,8 +189,12 @@ def _read_axis(where: str, given: AxisInput, raw: dict[str, Any], base: Settings
             problems.append(f"{where} ({name}): each value is {Settings.json_hint(name)}: give the axis as a JSON "
                             f"list of them, e.g. {name}=[[], {json.dumps(Settings.field_schemas()[name]['examples'][0])}]")
             return None
-        values = [_typed("number" if setting == "loras" else kind, token)
-                  for token in next(csv.reader([values], skipinitialspace=True))]
+        try:
+            tokens = next(csv.reader([values], skipinitialspace=True))
+        except csv.Error as exc:  # a line break or NUL inside a value
+            problems.append(f"{where} ({name}): its values cannot be read ({exc}): write them on one line")
+            return None
+        values = [_typed("number" if setting == "loras" else kind, token) for token in tokens]
     if not values:
         problems.append(f"{where} ({name}) has no values: give at least one")
         return None
@@ -384,16 +391,22 @@ class Grid:
 def read_grid(path: Union[str, Path]) -> dict[str, Any]:
     """The grid a sheet carries (Grid.record): its prompt, axes and cells; MetadataError naming the file if none."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever
+            raise MetadataError(f"{path} is not a regular file: it cannot be a grid's sheet")
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(GRID_KEY)
-    except OSError as exc:
-        raise MetadataError(f"{path}: {exc}") from None
+    except MetadataError:
+        raise
+    except Exception as exc:  # not an image, damaged, a bomb, text chunks over Pillow's limits: never a traceback
+        raise MetadataError(f"{path} cannot be read as a grid's sheet ({type(exc).__name__}: {exc})"[:500]) from None
     if text is None:
         raise MetadataError(f"{path} is not a grid's sheet: it has no '{GRID_KEY}' text")
+    if len(text) > MAX_GRID_TEXT_CHARS:
+        raise MetadataError(f"{path}: its '{GRID_KEY}' text is over {MAX_GRID_TEXT_CHARS:,} characters")
     try:
         return json.loads(text)
-    except ValueError as exc:
-        raise MetadataError(f"{path}: its '{GRID_KEY}' text is not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise MetadataError(f"{path}: its '{GRID_KEY}' text is not JSON this reader takes ({exc})"[:500]) from None
 
 
 # -- the sheet's layout ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SettingsError
-from .settings import DEFAULT_MODEL, shown
+from .settings import DEFAULT_MODEL, DTYPES, MAX_SEQUENCE_LENGTH, MAX_SIDE, MAX_STEPS, MIN_SIDE, shown
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ MAX_CHARS_PER_TOKEN = 64  # a caption longer than this many characters per allow
 MAX_ENLARGEMENT = 2.0  # a picture enlarged more than this per side to cover its bucket would train on blur
 MAX_ASPECT = 4.0  # PixArt's bins go from 1:4 to 4:1
 MAX_GRAD_NORM = 1.0
-MAX_STEPS = 1_000_000
+MAX_TRAINING_STEPS = 1_000_000
 WARMUP_SHARE = 0.05  # of the steps, learning rate rising linearly (at most MAX_WARMUP_STEPS)
 MAX_WARMUP_STEPS = 100
 COSINE_FLOOR = 0.1  # the cosine schedule's last learning rate, as a share of the peak
@@ -86,12 +86,12 @@ class LoraTrainingSettings(BaseModel):
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="after a short linear warm-up: 'cosine' falls to a tenth of the peak by the last "
         "step (finer detail at the end), 'constant' stays at the peak")
-    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS,
+    steps: Optional[int] = Field(None, ge=1, le=MAX_TRAINING_STEPS,
                                  description="optimizer steps (default 1000 unless --epochs is given); a resumed run may "
                                  "be given more, and its schedule then follows the new total")
     epochs: Optional[int] = Field(None, ge=1, le=100_000, description="passes over the data, instead of --steps")
     batch_size: int = Field(1, ge=1, le=256, description="pictures per step (of one aspect-ratio bucket)")
-    resolution: Optional[int] = Field(None, ge=64, le=2048, multiple_of=16,
+    resolution: Optional[int] = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
                                       description="training size in pixels (default: the checkpoint's native size); "
                                       "256, 512, 1024 and 2048 use PixArt's aspect-ratio buckets, others a square")
     buckets: bool = Field(True, description="aspect-ratio buckets (off: every picture cropped to a square)")
@@ -101,18 +101,18 @@ class LoraTrainingSettings(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="the seed of the LoRA's start, the noise and the order")
     caption_dropout: float = Field(0.05, ge=0, le=1, description="share of steps' captions replaced by the empty "
                                    "prompt, so guidance keeps working")
-    max_sequence_length: int = Field(300, ge=1, le=300, description="T5 tokens a caption may have")
+    max_sequence_length: int = Field(MAX_SEQUENCE_LENGTH, ge=1, le=MAX_SEQUENCE_LENGTH, description="T5 tokens a caption may have")
     save_every: int = Field(500, ge=0, le=1_000_000, description="save the state and the LoRA so far every N "
                             "steps (0: only at the end)")
     sample_every: int = Field(0, ge=0, le=1_000_000, description="draw the sample prompts every N steps (0: only "
                               "at the end, if any are given)")
     sample_prompts: list[str] = Field(default_factory=list, max_length=16,
                                       description="prompts drawn with the LoRA so far, into <output>-samples/")
-    sample_steps: int = Field(20, ge=1, le=200, description="sampler steps of each sample")
+    sample_steps: int = Field(20, ge=1, le=MAX_STEPS, description="sampler steps of each sample")
     gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass: far less "
                                          "memory, about a third slower")
     device: str = Field("auto", description="'auto' (the first GPU, else the CPU), 'cpu', 'cuda', 'cuda:N', 'mps'")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="the frozen base's format: 'auto' (bfloat16 where the device has it, "
+    dtype: Literal[DTYPES] = Field("auto", description="the frozen base's format: 'auto' (bfloat16 where the device has it, "
                        "float16 on an older GPU, else float32), 'bfloat16', 'float16' or 'float32'; the LoRA trains "
                        "in float32")
 
@@ -217,7 +217,7 @@ def _metadata_captions(folder: Path, problems: list[str]) -> dict[Path, str]:
     except SettingsError as exc:
         problems += exc.problems
         return captions
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # JSON keeps U+2028 and the like raw: not line ends
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -430,6 +430,8 @@ class _Trainer:
         from .devices import resolve_device, resolve_dtype
 
         self.data, self.output, self.settings = data, output, settings
+        if not data.is_dir() or not _pictures_in(data):  # said before a checkpoint is looked for (or downloaded)
+            read_dataset(data, None, settings, 0)
         self.located = locate(resolve_checkpoint(settings.model_name))
         folders = self.located.folders
         self.transformer_config = part_config(folders["transformer"], "transformer")
@@ -693,7 +695,16 @@ class _Trainer:
         try:
             with torch.no_grad():
                 for name, parameter in zip(self._parameter_names(), self.parameters):
-                    parameter.copy_(state["lora"][name])
+                    saved = state["lora"][name]
+                    if saved.shape != parameter.shape or saved.dtype != parameter.dtype:
+                        raise ValueError(f"{name} is {tuple(saved.shape)} {saved.dtype}, the LoRA's is "
+                                         f"{tuple(parameter.shape)} {parameter.dtype}")
+                    parameter.copy_(saved)
+                for group in state["optimizer"]["state"].values():
+                    for value in group.values():
+                        if isinstance(value, torch.Tensor) and value.dim() and not any(
+                                value.shape == p.shape for p in self.parameters):
+                            raise ValueError(f"an optimizer moment is {tuple(value.shape)}, no LoRA weight's shape")
             self.optimizer.load_state_dict(state["optimizer"])
             rng.bit_generator.state = state["order"]
             generator.set_state(state["generator"])
@@ -717,7 +728,7 @@ def _load_state_file(path: Path, pictures: int) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("key"), dict):
         raise _damaged(path, "not a train-lora state")
     step, losses, batches = state.get("step"), state.get("losses"), state.get("batches")
-    if not (isinstance(step, int) and 0 <= step <= MAX_STEPS):
+    if not (isinstance(step, int) and 0 <= step <= MAX_TRAINING_STEPS):
         raise _damaged(path, f"step={shown(step)}")
     if not (isinstance(losses, list) and len(losses) == step and all(isinstance(v, float) for v in losses)):
         raise _damaged(path, "its losses do not match its step")
@@ -822,7 +833,7 @@ def train_lora(data: Union[str, Path], output: Union[str, Path], settings: Union
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, total, losses[-1])
-                stopped = interrupt.asked or (stop_after is not None and step >= stop_after and step < total)
+                stopped = step < total and (interrupt.asked or (stop_after is not None and step >= stop_after))
                 if step < total and (stopped or (settings.save_every and step % settings.save_every == 0)):
                     trainer.save_state(step, rng, generator, losses, batches)
                     trainer.write_lora(step_file(), step)

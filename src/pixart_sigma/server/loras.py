@@ -51,6 +51,13 @@ class Tag:
         return {"name": self.name, "scale": self.scale}
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+MAX_TAGS = 64  # LoRA tags one prompt may hold (a call applies at most MAX_LORAS): more is refused unread
+
+
 def take_tags(prompt: str, holds: Callable[[], str], field: str = "prompt") -> tuple[str, list[Tag], list[str]]:
     """(the prompt without its LoRA tags, the tags in the order written, problems naming each bad tag).
 
@@ -58,13 +65,19 @@ def take_tags(prompt: str, holds: Callable[[], str], field: str = "prompt") -> t
     `holds()` says what the LoRA folder holds, for the problems."""
     tags: list[Tag] = []
     problems: list[str] = []
+    held: list[str] = []
+
+    def holds_once() -> str:  # the folder is walked once per prompt, however many tags need it
+        if not held:
+            held.append(holds())
+        return held[0]
 
     def take(match: re.Match) -> str:
         text = match[0]
         name, *values = [part.strip() for part in match[2].split(":")]
         if not name:
             problems.append(f"{field}: the tag {shown(text)} names no LoRA: {TAG_RULE}, NAME one of this server's "
-                            f"LoRAs ({holds()})")
+                            f"LoRAs ({holds_once()})")
         elif len(values) > 1:
             problems.append(f"{field}: the tag {shown(text)} has {len(values)} values after the name: A1111's separate "
                             "text-encoder and UNet multipliers (<lora:NAME:TE:UNET>) have no meaning here, where a "
@@ -75,6 +88,11 @@ def take_tags(prompt: str, holds: Callable[[], str], field: str = "prompt") -> t
             tags.append(Tag(text, name, float(values[0]) if values else 1.0))
         return ""
 
+    starts = 0
+    for starts, _ in enumerate(TAG_START.finditer(prompt), 1):
+        if starts > MAX_TAGS:
+            return prompt, [], [f"{field} holds more than {MAX_TAGS} LoRA tags (<lora:...>): a call applies at most "
+                                f"{MAX_LORAS} LoRAs"]
     unclosed = [match.start() for match in TAG_START.finditer(prompt)
                 if not TAG.match(prompt, match.start())]
     if unclosed:
@@ -168,7 +186,8 @@ class ServedLoras:
 
     def __init__(self, folder: Optional[Path] = None, transformer_config: Optional[Callable[[], Mapping]] = None,
                  local: bool = True):
-        self.folder = Path(folder).expanduser() if folder is not None else default_lora_dir()
+        # Absolute: `private` replaces the folder's text in messages, and "loras" or "." would match other words.
+        self.folder = (Path(folder).expanduser() if folder is not None else default_lora_dir()).absolute()
         self.transformer_config = transformer_config
         self.local = local
         self._lock = threading.Lock()  # one listing is read at a time; a second waits and gets it
@@ -205,7 +224,7 @@ class ServedLoras:
     def check(self, value: Any) -> tuple[set[int], list[str]]:
         """A request's `loras`, named against the folder before anything is read: (the entries refused here,
         problems). Entries that are not {"name": text, ...} are left to the library's checks."""
-        if not isinstance(value, list) or len(value) > MAX_LORAS:  # too many: the library says so, once
+        if not isinstance(value, list) or not value or len(value) > MAX_LORAS:  # too many: the library says so
             return set(), []
         places = self.names() if self.local else None
         refused, problems = set(), []
@@ -234,7 +253,7 @@ class ServedLoras:
     # -- the server's own path, kept -------------------------------------------------------------------
     def private(self, text: str) -> str:
         """A message without the folder's place on the server: its files named inside it."""
-        for folder in sorted({str(self.folder), str(self.folder.resolve())}, key=len, reverse=True):
+        for folder in sorted({str(self.folder), str(self.folder.resolve())} - {os.sep}, key=len, reverse=True):
             text = text.replace(f"the LoRA folder {folder}", "this server's LoRA folder")
             text = text.replace(folder + os.sep, "").replace(folder, "this server's LoRA folder")
         return text
@@ -291,8 +310,8 @@ def _metadata(weights: Path) -> dict[str, Any]:
             continue
         if value.startswith("{"):
             try:
-                value = json.loads(value)
-            except ValueError:
+                value = json.loads(value, parse_constant=_no_constant)  # NaN/Infinity: not JSON an answer may carry
+            except (ValueError, RecursionError):  # deep nesting: kept as the text it is
                 pass
         shown_metadata[key] = value
     return shown_metadata

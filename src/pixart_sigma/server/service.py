@@ -457,7 +457,7 @@ class Service:
         except Cancelled:
             status, error = "cancelled", f"cancelled at step {progress.step} of {progress.total or '?'}"
         except PixArtSigmaError as exc:
-            error = str(exc)
+            error = self.loras.private(str(exc))  # a LoRA gone since the job was queued names the folder
         except Exception as exc:
             if _is_out_of_memory(exc):
                 self.metrics.out_of_memory.inc()
@@ -465,7 +465,7 @@ class Service:
                          "or fewer images per prompt")
             else:
                 log.exception("job %s failed", job_id)
-                error = f"{type(exc).__name__}: {exc}"[:2000]
+                error = self.loras.private(f"{type(exc).__name__}: {exc}")[:2000]
         finished, end_recorded = time.time(), True
         # A job failed by storage frees its Idempotency-Key: a retry with it makes a new job.
         released = {"idempotency_key": None} if storage_failed else {}
