@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 DEFAULT_OUTPUT_DIR = "outputs"
+SHOWN_REASON_CHARS = 300  # of why a LoRA cannot be read, in `pixart-sigma loras`
 
 
 def _flag_type(annotation: Any):
@@ -464,7 +465,8 @@ def cmd_loras(args: argparse.Namespace) -> int:
     listed = list_loras(folder, model_name=args.model_name)
     for lora in listed:
         if lora.problem:
-            print(f"{lora.name}  cannot be read: {lora.problem}  ({lora.path})")
+            reason = " ".join(lora.problem.split())
+            print(f"{lora.name}  cannot be read: {reason[:SHOWN_REASON_CHARS]}  ({lora.path})")
             continue
         ranks = "/".join(str(rank) for rank in lora.ranks)
         print(f"{lora.name}  {lora.layout}  rank {ranks}  {lora.targets} targets  {lora.bytes / 1e6:.1f} MB  "

@@ -318,7 +318,7 @@ __all__ = ["LoraFile", "LoraUse", "resolve_lora", "folder_loras", "lora_name", "
 
 
 # -- the folder, listed ------------------------------------------------------------------------------------
-MAX_PROBLEM_CHARS = 300  # of why a LoRA cannot be read, in a listing
+MAX_PROBLEM_CHARS = 2000  # of why a LoRA cannot be read, in a listing (our messages are far shorter)
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,8 @@ def list_loras(folder: Optional[Path] = None, transformer_config: Optional[Mappi
             read, digest = read_cached(lora, transformer_config)
             size = lora.weights.stat().st_size
         except (PixArtSigmaError, OSError) as exc:  # a bad file is listed with its reason, never a crash
-            listed.append(LoraListing(lora.name, shown_path, problem=" ".join(str(exc).split())[:MAX_PROBLEM_CHARS]))
+            # Whole: a front end may take the folder's path out of it, which a cut message would defeat.
+            listed.append(LoraListing(lora.name, shown_path, problem=str(exc)[:MAX_PROBLEM_CHARS]))
             continue
         listed.append(LoraListing(lora.name, shown_path, read.layout,
                                   tuple(sorted({w.rank for w in read.transformer.values()})),
