@@ -432,13 +432,14 @@ class _Trainer:
         self.data, self.output, self.settings = data, output, settings
         if not data.is_dir() or not _pictures_in(data):  # said before a checkpoint is looked for (or downloaded)
             read_dataset(data, None, settings, 0)
-        self.located = locate(resolve_checkpoint(settings.model_name))
+        checkpoint = resolve_checkpoint(settings.model_name)
+        self.located = locate(checkpoint)
         folders = self.located.folders
         self.transformer_config = part_config(folders["transformer"], "transformer")
-        vae_config = part_config(folders["vae"], "vae")
-        scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-        self.native = self.transformer_config["sample_size"] * scale
-        self.resolution = settings.resolution or self.native
+        self.resolution = settings.resolution or checkpoint.native_size
+        if self.resolution is None:
+            raise SettingsError([f"resolution: {settings.model_name} does not say its native size (its transformer's "
+                                 "sample_size); give --resolution"])
         self.modules = target_modules(settings.targets, self.transformer_config)
         tokenizer = load_part(folders["tokenizer"], "tokenizer", None)
         self.examples = read_dataset(data, tokenizer, settings, self.resolution)
