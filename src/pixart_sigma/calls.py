@@ -24,6 +24,10 @@ LORAS_STREAMED = ("loras cannot be used with memory='sequential-offload' (memory
                   "fit whole): its offloading hooks keep their own copies of the weights, which a LoRA cannot change; "
                   "use model-offload, text-offload or resident, or no loras")
 
+INT8_STREAMED = ("text_encoder_dtype='int8' cannot be used with memory='sequential-offload' (memory=auto picks it "
+                 "when the model does not fit whole): its int8 weights cannot be streamed block by block; use "
+                 "memory='model-offload' or 'text-offload', or text_encoder_dtype='bfloat16'")
+
 
 def random_seed() -> int:
     """A seed for seed=-1, drawn once and then recorded, so the same image can be made again."""
@@ -136,6 +140,13 @@ def check_memory_mode(compile: bool, loras: Any, memory_mode: str) -> None:
         problems.append(LORAS_STREAMED)
     if problems:
         raise SettingsError(problems)
+
+
+def check_text_encoder_memory(text_encoder_dtype: str, memory_mode: str) -> None:
+    """An int8 T5 is never streamed: diffusers' group offloading fails to pin torchao's int8 weights on their
+    way to a GPU (huggingface/diffusers#14433)."""
+    if text_encoder_dtype == "int8" and memory_mode == "sequential-offload":
+        raise SettingsError([INT8_STREAMED])
 
 
 def check_compile(compile: bool, memory_mode: str) -> None:

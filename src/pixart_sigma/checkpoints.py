@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .quiet import no_loading_bars
+from .quiet import import_torchao_quietly, no_loading_bars
 from .errors import CheckpointError, SettingsError
 from .settings import DEFAULT_MODEL, shown
 
@@ -571,6 +571,7 @@ def vae_dtype(dtype):
 def load_part(folder: Path, part: str, dtype):
     """One pipeline part, with PixArt-Sigma's own class for it (the folder's configs cannot pick another)."""
     check_part(folder, part)
+    import_torchao_quietly()  # before diffusers imports it (it does when torchao is installed)
     with loading_guard(folder, part), no_loading_bars():
         if part == "transformer":
             from diffusers import PixArtTransformer2DModel

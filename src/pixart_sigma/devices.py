@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import SettingsError
 
@@ -85,13 +86,69 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# text_encoder_dtype=int8: T5's Linear weights held in int8 (torchao's weight-only int8, one scale per output
+# row), its activations in int8_activation_dtype. torch.int8 stands for it wherever a dtype names T5's format
+# (engine keys, part sizes, records).
+INT8 = torch.int8
+_INT8_MARK = "_pixart_sigma_int8"  # set on a module quantize_int8 made
+
+
+def int8_activation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype an int8 T5 computes in: bfloat16 where the device runs it natively, else float32 (T5 overflows
+    in float16)."""
+    return torch.bfloat16 if resolve_dtype("auto", device) == torch.bfloat16 else torch.float32
+
+
+def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """Its Linear weights to int8 in place (about 1 byte per weight instead of 2); returns it."""
+    from .quiet import import_torchao_quietly
+
+    import_torchao_quietly()
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise SettingsError([f"text_encoder_dtype='int8' needs torchao 0.18 or later ({exc}): pip install "
+                             "'torchao>=0.18', or use text_encoder_dtype='bfloat16'"]) from None
+
+    # set_inductor_config=False: leave torch.compile's process-wide settings (the transformer's compile) alone.
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False))
+    setattr(module, _INT8_MARK, True)
+    return module
+
+
+def held_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The format a part's weights are held in, as settings and records name it: INT8 for a quantize_int8 one."""
+    return INT8 if getattr(module, _INT8_MARK, False) else module.dtype
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a quantized one (a tensor subclass) holds its inner tensors, not numel × its dtype."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as they are held (int8 weights at 1 byte each)."""
+    return sum(tensor_bytes(tensor) for tensor in list(module.parameters()) + list(module.buffers()))
+
+
 def text_encoder_dtype(setting: str, dtype_setting: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The T5 encoder's dtype: the `text_encoder_dtype` setting; for `auto`, `dtype`, except that dtype=auto on a
-    CPU never holds T5-XXL in float32.
+    """The T5 encoder's dtype: the `text_encoder_dtype` setting (INT8 for int8); for `auto`, `dtype`, except that
+    dtype=auto on a CPU never holds T5-XXL in float32.
 
     T5-XXL is 19 GB in float32 and 9.5 GB in bfloat16; it runs once per new prompt (the embeddings
     are cached), so on a CPU without native bfloat16 its slower emulated matmuls cost little.
     """
+    if setting == "int8":
+        if device.type not in ("cpu", "cuda"):
+            raise SettingsError([
+                f"text_encoder_dtype='int8' is not supported on {device.type}: its int8 weights run through "
+                "torchao, which supports CPUs and CUDA GPUs only; use text_encoder_dtype='bfloat16' or 'float32' "
+                "there, or device='cpu'"
+            ])
+        return INT8
     if setting != "auto":
         return resolve_dtype(setting, device, field="text_encoder_dtype")
     if dtype_setting == "auto" and device.type == "cpu":

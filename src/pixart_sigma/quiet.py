@@ -4,7 +4,13 @@ transformers (warnings that matter still come through our own errors and logs)."
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
+
+# Loggers that speak when torchao (text_encoder_dtype=int8) is first imported, about nothing that concerns us:
+# torchao's CUDA-only kernels on a CPU build of torch, torch deprecating how torchao registers two enums, and
+# diffusers missing torchao classes that moved (they load checkpoints saved quantized: we load none).
+TORCHAO_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
 
 
 def quiet_libraries() -> None:
@@ -32,3 +38,19 @@ def no_loading_bars() -> Iterator[None]:
         for library, enabled in libraries:
             if enabled:
                 library.utils.logging.enable_progress_bar()
+
+
+def import_torchao_quietly() -> None:
+    """Import torchao, and the part of diffusers that imports it at a model's first load, without their chatter."""
+    loggers = [logging.getLogger(name) for name in TORCHAO_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import diffusers.quantizers.torchao.torchao_quantizer  # noqa: F401
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        pass  # only text_encoder_dtype=int8 needs torchao (devices.quantize_int8 says so when it is missing)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
