@@ -30,7 +30,9 @@ GOOD = {"model_name": BASE_REPO, "negative_prompt": "", "num_inference_steps": 3
         "device": "CPU", "seed": 42, "width": 64, "height": 64, "num_images_per_prompt": 2, "dtype": "auto",
         "text_encoder_dtype": "auto",
         "memory": "auto", "vae_tiling": False, "compile": False, "scheduler": "dpm-solver++", "use_resolution_binning": True, "max_sequence_length": 300,
-        "loras": "[]"}  # a list of objects: DashAI's form sends it as JSON text
+        "loras": "[]",  # a list of objects: DashAI's form sends it as JSON text
+        "step_cache": "off", "step_cache_threshold": 0.1, "step_cache_interval": 2, "step_cache_warmup": 1,
+        "step_cache_cooldown": 2}
 
 
 @pytest.fixture(scope="module")

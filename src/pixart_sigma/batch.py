@@ -21,12 +21,13 @@ from .calls import random_seed
 from .devices import dtype_name
 from .errors import MetadataError, SettingsError
 from .images import read_settings, safe_stem
-from .settings import PLACEMENT_SETTINGS, Settings, check_text
+from .settings import PLACEMENT_SETTINGS, STEP_CACHE_SETTINGS, Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
 # Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match
 # (LoRAs by their SHA-256 and scale: lora_key).
-KEYED_WHEN_SET = {"vae_tiling": False, "compile": False, "loras": []}
+KEYED_WHEN_SET = {"vae_tiling": False, "compile": False, "loras": [],
+                  **{name: Settings.model_fields[name].default for name in STEP_CACHE_SETTINGS}}
 COMMENT = "#"
 LINE_END = re.compile(r"\r\n|\r|\n")  # as editors break lines; not U+2028 or form feeds
 

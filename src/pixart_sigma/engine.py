@@ -28,10 +28,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import sampling, text_cache
-from .calls import check_memory_mode
+from . import sampling, step_cache, text_cache
+from .calls import check_memory_mode, check_text_encoder_memory
+from .devices import INT8, dtype_name, int8_activation_dtype, module_bytes, quantize_int8
 from .errors import Cancelled, GenerationError, SettingsError
 from .loras import LoraUse, fuse
+from .quiet import import_torchao_quietly
 from .placement import OFFLOADED, PARTS, PartSizes, Placement, place, resolve_mode
 from .sampling import CancelFlag, Conditioning, LatentLayout, ProgressCallback, StartStage, StepHook
 from .settings import SAMPLERS, Settings, check_images_per_call, check_pixel_budget
@@ -177,6 +179,7 @@ class Output:
     images: list  # PIL images, one per seed
     truncated_tokens: int  # prompt tokens the encoder did not see
     generated_size: tuple[int, int]  # (width, height) actually sampled, before fitting to the request
+    full_steps: list[int]  # per image: the steps that ran the whole transformer (fewer under a step cache)
 
 
 class Engine:
@@ -334,13 +337,15 @@ class Engine:
         sampling.check_start(start, layout)
 
         # Denoise, then finish.
+        passes = step_cache.Passes(len(generators))
         latents = self.denoise(conditioning, scheduler, start, guidance_scale=s.guidance_scale, compile=s.compile,
-                               generators=generators, hooks=hooks, on_progress=on_progress, cancel=cancel)
+                               generators=generators, hooks=hooks, on_progress=on_progress, cancel=cancel,
+                               cache=step_cache.StepCache.of(s), passes=passes)
         images = self.finish(latents, plan, tiled=s.vae_tiling)
         outputs, first = [], 0
         for text, count in zip(texts, images_per_prompt):
             outputs.append(Output(images[first:first + count], text.truncated_tokens,
-                                  (plan.sample_width, plan.sample_height)))
+                                  (plan.sample_width, plan.sample_height), passes.full_steps[first:first + count]))
             first += count
         return outputs
 
@@ -369,10 +374,13 @@ class Engine:
 
     def denoise(self, conditioning: Conditioning, scheduler, start: sampling.Start, *, guidance_scale: float,
                 compile: bool, generators: list[torch.Generator], hooks: Sequence[StepHook] = (),
-                on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> torch.Tensor:
+                on_progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
+                cache: step_cache.StepCache = step_cache.StepCache(),
+                passes: Optional[step_cache.Passes] = None) -> torch.Tensor:
         """The denoising stage: the transformer (compiled if asked) on the device for the whole loop.
 
-        `generators`: the images' own, for a stochastic sampler's steps. Raises on NaN/inf latents, and
+        `generators`: the images' own, for a stochastic sampler's steps. `cache`: the call's step cache;
+        `passes`, if given, is filled with each image's full transformer steps. Raises on NaN/inf latents, and
         `Cancelled` when cancel was set during the last step (before the decode is paid for).
         """
         config = self.pipeline.transformer.config
@@ -383,9 +391,12 @@ class Engine:
             # The text's projection and cross-attention keys/values once per call, not per step (same pixels).
             reuse = contextlib.nullcontext() if compile else text_cache.session(self.pipeline.transformer,
                                                                                  denoiser.embeds)
-            with reuse:
+            steps = len(start.timesteps)
+            with reuse, step_cache.session(self.pipeline.transformer, cache, len(generators), steps) as done:
                 latents = sampling.denoise(denoiser, scheduler, start, step_kwargs=step_kwargs, hooks=hooks,
                                            on_progress=on_progress, cancel=cancel)
+            if passes is not None:
+                passes.full_steps = done.full_steps
         if not torch.isfinite(latents).all():
             raise GenerationError(
                 f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")
@@ -483,7 +494,10 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
         # device, default dtype, lazy imports) that concurrent loads trip over. Lookups of warm keys never
         # take this lock, so they do not wait.
         with _read_lock, loading_guard(folder, part):
-            value = load_part(folder, part, dtype)
+            if dtype == INT8:  # text_encoder_dtype=int8: read in the dtype it computes in, then Linear weights to int8
+                value = quantize_int8(load_part(folder, part, int8_activation_dtype(device)))
+            else:
+                value = load_part(folder, part, dtype)
             if not device_free:
                 place(value, memory, part, device)
         return value
@@ -497,11 +511,7 @@ def _part(part: str, folder, device: torch.device, dtype: torch.dtype, memory: s
 
 
 def _module_bytes(modules) -> dict[int, int]:
-    sizes = {}
-    for module in modules:
-        sizes[id(module)] = sum(t.numel() * t.element_size()
-                                for t in list(module.parameters()) + list(module.buffers()))
-    return sizes
+    return {id(module): module_bytes(module) for module in modules}
 
 
 def memory_budget(device: torch.device) -> int:
@@ -545,6 +555,7 @@ def _part_sizes(located, dtype: torch.dtype, text_dtype: torch.dtype) -> PartSiz
     from .checkpoints import parameter_count, vae_dtype
 
     def size(part, part_dtype):
+        # INT8: 1 byte per weight (T5's embedding stays in its float dtype: a few % more than counted).
         return parameter_count(located.folders[part]) * torch.empty((), dtype=part_dtype).element_size()
 
     return PartSizes(size("text_encoder", text_dtype), size("transformer", dtype), size("vae", vae_dtype(dtype)))
@@ -581,9 +592,11 @@ def get_engine(checkpoint, device: torch.device, dtype: torch.dtype, text_dtype:
 
     def build():
         with _read_lock:  # diffusers' lazy imports are not thread-safe either
+            import_torchao_quietly()  # before diffusers and transformers import it, with its chatter
             from diffusers import PixArtSigmaPipeline
         located = locate(checkpoint)
         mode = resolve_mode(memory, device, lambda: _part_sizes(located, dtype, text_dtype))
+        check_text_encoder_memory(dtype_name(text_dtype), mode)
         parts = {part: _part(part, folder, device, text_dtype if part == "text_encoder" else dtype, mode)
                  for part, folder in located.folders.items()}
         text_key = ("text", str(located.folders["text_encoder"]), str(located.folders["tokenizer"]), str(device),

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
-from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, PLACEMENT_SETTINGS, SAMPLERS,
+from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, PLACEMENT_SETTINGS, SAMPLERS,
                        SHORT_HASH_DIGITS, EditSettings, LoraRecord, Settings, check_text, is_plain_lora_name,
                        parse_settings, shown)
 
@@ -45,7 +45,7 @@ REPRODUCIBLE_KEYS = tuple(name for name in Settings.model_fields
                           if name not in PLACEMENT_SETTINGS and name not in RECORDED_ELSEWHERE)
 # What a record may hold besides the settings and the prompt; any other key read from a file is dropped.
 INFO_KEYS = ("batch_index", "batch_seed", "batch_size", "sampled_size", "truncated_tokens", "model_revision",
-             "base_revision", "version", "cpu_threads")
+             "base_revision", "version", "cpu_threads", "full_transformer_steps")
 MAX_CPU_THREADS = 1024
 # An edit's record: its settings and what identifies its pictures (the SHA-256 of their pixels, editing.py).
 PICTURE_KEYS = ("source_sha256", "mask_sha256")
@@ -588,6 +588,7 @@ def _info_problems(record: dict[str, Any]) -> list[str]:
             problems.append(f"{key}={revision!r} is not valid: it must be a 40 hexadecimal digit commit hash, "
                             "or null for a local checkpoint")
     integer("cpu_threads", 1, MAX_CPU_THREADS)  # on a CPU the thread count changes the rounding
+    integer("full_transformer_steps", 0, MAX_STEPS)  # what a step cache left to run in full
     for key in PICTURE_KEYS:
         digest = record.get(key)
         if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):

@@ -13,8 +13,9 @@ from PIL import Image
 
 from . import __version__
 from .checkpoints import Checkpoint, resolve_checkpoint
-from .devices import dtype_name, resolve_device, resolve_dtype, text_encoder_dtype
-from .calls import call_settings, check_call, check_edit, check_prompt, fill_size, random_seed, split_edit_values
+from .devices import dtype_name, held_dtype, resolve_device, resolve_dtype, text_encoder_dtype
+from .calls import (call_settings, check_call, check_edit, check_prompt, check_text_encoder_memory, fill_size,
+                    random_seed, split_edit_values)
 from .editing import Edit, EditRun, PictureInput
 from .engine import (CancelFlag, Engine, Output, ProgressCallback, check_callbacks, get_engine, is_warm,
                      memory_budget)
@@ -36,17 +37,21 @@ def validate(raw_data: dict[str, Any]) -> dict[str, Any]:
         problems += exc.problems
     except CheckpointError as exc:  # most already name the field; each message names it once
         problems.append(str(exc) if str(exc).startswith("model_name=") else f"model_name={settings.model_name!r}: {exc}")
-    device = dtype = None
+    device = dtype = text_dtype = None
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        text_dtype = text_encoder_dtype(settings.text_encoder_dtype, settings.dtype, device, dtype)
+    except SettingsError as exc:
+        problems += exc.problems
+    try:
+        check_text_encoder_memory(settings.text_encoder_dtype, settings.memory)
     except SettingsError as exc:
         problems += exc.problems
     if problems:
         raise SettingsError(problems)
     fill_size(values, checkpoint.native_size)
-    values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype,
-                  torch_text_encoder_dtype=text_encoder_dtype(settings.text_encoder_dtype, settings.dtype, device, dtype))
+    values.update(checkpoint=checkpoint, torch_device=device, torch_dtype=dtype, torch_text_encoder_dtype=text_dtype)
     return values
 
 
@@ -116,8 +121,8 @@ class PixArtSigmaModel:
         fill_size(values, engine.native_size)
         values.update(model_name=name, device=str(engine.device), dtype=dtype_name(engine.dtype), memory=mode,
                       checkpoint=Checkpoint(name, name, None, engine.native_size), torch_device=engine.device,
-                      text_encoder_dtype=dtype_name(pipeline.text_encoder.dtype), torch_dtype=engine.dtype,
-                      torch_text_encoder_dtype=pipeline.text_encoder.dtype)
+                      text_encoder_dtype=dtype_name(held_dtype(pipeline.text_encoder)), torch_dtype=engine.dtype,
+                      torch_text_encoder_dtype=held_dtype(pipeline.text_encoder))
         model = cls.__new__(cls)
         model.settings = values
         model._set_lora_source(lora_dir, lora_paths)
@@ -260,15 +265,16 @@ class PixArtSigmaModel:
         # On a CPU the thread count changes how sums are split, so the last bit of some pixels: recorded, replayed.
         cpu_threads = {"cpu_threads": torch.get_num_threads()} if engine.device.type == "cpu" else {}
         for prompt, group, output in zip(checked, groups, outputs):
-            for index, (image, seed) in enumerate(zip(output.images, group)):
+            for index, (image, seed, full_steps) in enumerate(zip(output.images, group, output.full_steps)):
                 attach(image, {
                     "prompt": prompt, **chosen, "seed": seed, "model_name": self.settings["checkpoint"].model_name,
                     "model_revision": located.revision if located else None,
                     "base_revision": located.base_revision if located else None,
-                    "dtype": dtype_name(engine.dtype), "text_encoder_dtype": dtype_name(engine.text.encoder.dtype),
+                    "dtype": dtype_name(engine.dtype), "text_encoder_dtype": dtype_name(held_dtype(engine.text.encoder)),
                     "device": str(engine.device), **cpu_threads,
                     "batch_index": index, "batch_seed": group[0], "batch_size": len(group),
                     "sampled_size": list(output.generated_size), "truncated_tokens": output.truncated_tokens,
+                    "full_transformer_steps": full_steps,
                     "version": __version__,
                 })
         return [output.images for output in outputs]

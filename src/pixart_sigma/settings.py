@@ -22,6 +22,7 @@ from .errors import SettingsError
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TEXT_ENCODER_DTYPES = DTYPES + ("int8",)  # int8: weight-only, T5 alone (devices.INT8)
 
 # Where the weights live between uses, as diffusers users know it (ComfyUI: high/normal/low VRAM).
 # No mode changes a pixel: each runs the same kernels in the same dtype on the same device.
@@ -32,6 +33,19 @@ MEMORY_MODES = {
     "model-offload": "each part (T5, transformer, VAE) is on the device only while it runs",
     "sequential-offload": "weights stream to the device block by block: the least memory, the slowest",
 }
+
+
+# Step caches (step_cache.py): fewer full transformer passes per image, approximately the same image.
+STEP_CACHES = {
+    "off": "every step runs the whole transformer",
+    "first-block": "a step whose first block barely changed (step_cache_threshold) skips the other blocks and "
+                   "reuses what they added at the image's last full step",
+    "taylorseer": "the whole transformer runs every step_cache_interval-th step; in between, each block's attention "
+                  "and feed-forward outputs are extrapolated from the last two full steps",
+}
+MAX_STEP_CACHE_INTERVAL = 8
+STEP_CACHE_SETTINGS = ("step_cache", "step_cache_threshold", "step_cache_interval", "step_cache_warmup",
+                       "step_cache_cooldown")
 
 
 @dataclass(frozen=True)
@@ -375,10 +389,13 @@ class Settings(SettingsModel):
         "(AVX512-BF16, AMX), float16 on older GPUs (T4, V100), float32 on other CPUs (with the T5 encoder in bfloat16, "
         "half the RAM) and mps."
     )
-    text_encoder_dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+    text_encoder_dtype: Literal[TEXT_ENCODER_DTYPES] = Field(  # type: ignore[valid-type]
         "auto", title="Text encoder number format", description="Number format of the T5 text encoder: auto = as "
-        "dtype, except bfloat16 on a CPU when dtype is auto (T5-XXL in float32 is 19 GB). Each image records the "
-        "formats it was made with, so a remake (--from) uses the same."
+        "dtype, except bfloat16 on a CPU when dtype is auto (T5-XXL in float32 is 19 GB); int8 = weight-only 8-bit "
+        "weights with activations in bfloat16 (float32 where the device lacks native bfloat16): about half of "
+        "bfloat16's memory, embeddings very close to bfloat16's but not identical (CPU and CUDA; not with "
+        "memory=sequential-offload). Each image records the formats it was made with, so a remake (--from) uses "
+        "the same."
     )
     memory: Literal[tuple(MEMORY_MODES)] = Field(  # type: ignore[valid-type]
         "auto", title="Memory mode", description="Where the weights wait between uses; no mode changes the image. "
@@ -409,6 +426,30 @@ class Settings(SettingsModel):
         [], title="LoRAs", description=f"LoRA adapters applied for this call, at most {MAX_LORAS}, each with its scale; "
         "the base weights come back exactly after the call. Each image records each LoRA's name, scale and SHA-256.",
         examples=[[{"name": "my-style", "scale": 0.8}]], json_schema_extra={"maxItems": MAX_LORAS},
+    )
+
+    step_cache: Literal[tuple(STEP_CACHES)] = Field(  # type: ignore[valid-type]
+        "off", title="Step cache", description="Fewer transformer passes per image, for a slightly different image "
+        "(docs/performance.md measures each): " + "; ".join(f"{name}: {text}" for name, text in STEP_CACHES.items())
+        + ". Not with compile.",
+    )
+    step_cache_threshold: float = Field(
+        0.1, title="Step cache threshold", description="first-block: how much the first block's output may change "
+        "(relative, above 0 up to 1) before a step runs in full; higher skips more steps and drifts more.",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": 1},
+    )
+    step_cache_interval: int = Field(
+        2, title="Step cache interval", ge=2, le=MAX_STEP_CACHE_INTERVAL, description="taylorseer: the whole "
+        "transformer runs every this many steps after the warm-up; higher is faster and drifts more.",
+    )
+    step_cache_warmup: int = Field(
+        1, title="Step cache warm-up", ge=1, le=MAX_STEPS, description="Steps at the start that always run the whole "
+        "transformer.",
+    )
+    step_cache_cooldown: int = Field(
+        2, title="Step cache cool-down", ge=0, le=MAX_STEPS, description="Steps at the end that always run the whole "
+        "transformer: they settle colours and edges (on the demo model, predicting either of the last two steps "
+        "cost 5 to 20 points of its checker).",
     )
 
     @field_validator("model_name")
@@ -455,6 +496,23 @@ class Settings(SettingsModel):
             return None
         check_text("negative_prompt", value, required=False)
         return value if value.strip() else None
+
+    @field_validator("step_cache_threshold", mode="before")
+    @classmethod
+    def _threshold(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"step_cache_threshold={shown(value)} is not valid: it must be a number above 0 and at "
+                             "most 1 (0.05 to 0.2 are usual)")
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _step_cache_not_compiled(self) -> "Settings":
+        if self.compile and self.step_cache != "off":
+            raise ValueError(f"step_cache={self.step_cache!r} cannot be used with compile=True: the cache decides in "
+                             "Python at every step, which breaks the compiled graph; use one of them "
+                             "(step_cache='off' or compile=False)")
+        return self
 
     @model_validator(mode="after")
     def _pixel_budget(self) -> "Settings":
