@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 # tests do not need.
 $(TEST_STAMP): $(STAMP) requirements-dashai-test.txt
 	test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
-	$(PY) -m pip install --quiet -e ".[server,test,ray]"
+	$(PY) -m pip install --quiet -e ".[server,test,ray,int8]"
 	$(PY) -m pip install --quiet --no-deps dashai==0.10.0
 	$(PY) -m pip install --quiet -r requirements-dashai-test.txt
 	touch $(TEST_STAMP)
@@ -36,7 +36,7 @@ serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pixart-sigma serve --model-name demo --port $(PORT)
 
 test: $(TEST_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=30
 
 clean:
 	rm -rf $(VENV) outputs

@@ -6,6 +6,8 @@ About half of bfloat16's memory, embeddings very close to bfloat16's; recorded a
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("torchao", reason="text_encoder_dtype=int8 needs the int8 extra (make test installs it)")
 from PIL import Image
 
 import pixart_sigma.devices as devices
@@ -118,3 +120,10 @@ def test_int8_is_refused_when_memory_auto_picks_sequential_offload(monkeypatch):
     monkeypatch.setattr(engine, "resolve_mode", lambda mode, device, sizes_of: "sequential-offload")
     with pytest.raises(SettingsError, match="memory=auto picks it"):
         engine.get_engine(resolve_checkpoint("demo"), torch.device("cpu"), torch.bfloat16, INT8, "auto")
+
+
+def test_int8_computes_in_bfloat16_on_every_cpu_so_a_record_decides_the_pixels(monkeypatch):
+    """A record says only "int8": the activations' format must not depend on whether this CPU has native bfloat16."""
+    for native in (True, False):
+        monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: native)
+        assert devices.int8_activation_dtype(torch.device("cpu")) == torch.bfloat16

@@ -24,6 +24,11 @@ LORAS_STREAMED = ("loras cannot be used with memory='sequential-offload' (memory
                   "fit whole): its offloading hooks keep their own copies of the weights, which a LoRA cannot change; "
                   "use model-offload, text-offload or resident, or no loras")
 
+# diffusers' group offloading puts a hook of its own on every block for the first forward and rewires the
+# blocks' forwards when it takes it off: a step cache's hooks installed before then stop running.
+STEP_CACHE_STREAMED = ("step_cache={step_cache!r} cannot be used with memory='sequential-offload' (memory=auto picks "
+                       "it when the model does not fit whole): the streaming hooks on each block displace the "
+                       "cache's; use model-offload, text-offload or resident, or step_cache='off'")
 INT8_STREAMED = ("text_encoder_dtype='int8' cannot be used with memory='sequential-offload' (memory=auto picks it "
                  "when the model does not fit whole): its int8 weights cannot be streamed block by block; use "
                  "memory='model-offload' or 'text-offload', or text_encoder_dtype='bfloat16'")
@@ -68,7 +73,7 @@ def call_settings(model_settings: Mapping[str, Any], overrides: Mapping[str, Any
     values = {name: model_settings[name] for name in Settings.field_names()}
     values.update(overrides)
     values = parse_settings(values).model_dump()
-    check_memory_mode(values["compile"], values["loras"], memory_mode)
+    check_memory_mode(values["compile"], values["loras"], memory_mode, values["step_cache"])
     fill_size(values, native_size)
     return Settings.model_construct(**values)
 
@@ -128,9 +133,9 @@ def check_edit(image: Any, mask: Any, edit_values: Mapping[str, Any], overrides:
                         native_size or MIN_SIDE)
 
 
-def check_memory_mode(compile: bool, loras: Any, memory_mode: str) -> None:
+def check_memory_mode(compile: bool, loras: Any, memory_mode: str, step_cache: str = "off") -> None:
     """What a memory mode cannot run: compile and LoRAs need the weights whole (a streamed model's hooks move
-    and copy them); every problem at once."""
+    and copy them), a step cache its own hooks on the blocks; every problem at once."""
     problems = []
     try:
         check_compile(compile, memory_mode)
@@ -138,6 +143,8 @@ def check_memory_mode(compile: bool, loras: Any, memory_mode: str) -> None:
         problems += exc.problems
     if loras and memory_mode == "sequential-offload":
         problems.append(LORAS_STREAMED)
+    if step_cache != "off" and memory_mode == "sequential-offload":
+        problems.append(STEP_CACHE_STREAMED.format(step_cache=step_cache))
     if problems:
         raise SettingsError(problems)
 

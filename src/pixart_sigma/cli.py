@@ -201,7 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         model = _load(settings, args.quiet, args.lora_dir)
     except SettingsError as exc:
-        if not record or not any("dtype" in problem for problem in exc.problems):
+        if not record or not any(problem.startswith(("dtype=", "text_encoder_dtype=")) and "memory=" not in problem
+                                 for problem in exc.problems):
             raise
         raise _UsageError(f"{args.from_image} was made with dtype={record.get('dtype')!r}, text_encoder_dtype="
                           f"{record.get('text_encoder_dtype')!r} on {record.get('device', 'another machine')}, which "

@@ -94,9 +94,12 @@ _INT8_MARK = "_pixart_sigma_int8"  # set on a module quantize_int8 made
 
 
 def int8_activation_dtype(device: torch.device) -> torch.dtype:
-    """The dtype an int8 T5 computes in: bfloat16 where the device runs it natively, else float32 (T5 overflows
-    in float16)."""
-    return torch.bfloat16 if resolve_dtype("auto", device) == torch.bfloat16 else torch.float32
+    """The dtype an int8 T5 computes in, fixed per kind of device so that a record's "int8" decides the pixels:
+    bfloat16 on every CPU (emulated where not native, as dtype=auto's T5 on a CPU), bfloat16 on GPUs that have
+    it and float32 on older ones (T5 overflows in float16)."""
+    if device.type == "cuda" and resolve_dtype("auto", device) != torch.bfloat16:
+        return torch.float32
+    return torch.bfloat16
 
 
 def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
@@ -108,7 +111,7 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise SettingsError([f"text_encoder_dtype='int8' needs torchao 0.18 or later ({exc}): pip install "
-                             "'torchao>=0.18', or use text_encoder_dtype='bfloat16'"]) from None
+                             "'pixart-sigma[int8]' (or 'torchao>=0.18'), or use text_encoder_dtype='bfloat16'"]) from None
 
     # set_inductor_config=False: leave torch.compile's process-wide settings (the transformer's compile) alone.
     quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False))
