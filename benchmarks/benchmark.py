@@ -2,19 +2,23 @@
 
 Builds the release architecture with random weights (DiT-XL/2 611 M, T5-XXL encoder 4.76 B,
 SDXL VAE) -- the same compute as the real checkpoint -- and times, per resolution:
-end to end (ours with a cold and a warm prompt cache, diffusers), T5 encode, one DiT step
-(CFG batch), VAE decode, peak GPU memory, and our images' drift (PSNR) from diffusers'. The
-baseline runs in --dtype; ours in what dtype=auto picks (on a CPU with native bfloat16: bfloat16).
-Then images/s with several prompts per call, each memory mode (time, peak, same pixels), and
-VAE tiling at the largest size. Prints Markdown tables; --json writes the rows.
+end to end (ours with a cold, a new-prompt and a warm prompt cache, and without the text K/V cache;
+diffusers in --dtype and in our dtype, as `torch_dtype=` gives it), transformer passes per image, T5
+encode, one DiT step (CFG batch), VAE decode, peak GPU memory, and our images' drift (PSNR) from
+diffusers'. Ours runs in what dtype=auto picks (on a CPU with native bfloat16: bfloat16). Then each
+step_cache at its defaults (time, passes, PSNR against no cache), images/s with several prompts per
+call, each memory mode (time, peak, same pixels), and VAE tiling at the largest size. Prints Markdown
+tables; --json writes the rows.
 
     python benchmarks/benchmark.py                       # GPU: 512, 1024, 2048 at 20 steps (2 min on an H200)
     python benchmarks/benchmark.py --preset cpu-small    # CPU: 2-layer DiT and T5 at full width, 256 px
+    python benchmarks/benchmark.py --preset cpu-cache --step-cache-only  # CPU: step_cache at the DiT's full depth
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -35,6 +39,8 @@ PROMPT = "a photo of a red fox sitting in the snow at sunset, highly detailed"
 PRESETS = {
     "full": dict(dit_layers=28, t5_layers=24, sizes=[512, 1024, 2048], steps=20, repeats=3, batches=[1, 4, 8]),
     "cpu-small": dict(dit_layers=2, t5_layers=2, sizes=[256], steps=4, repeats=2, batches=[1, 4]),
+    # step_cache on a CPU: the release DiT's full depth (28 blocks), where the transformer dominates, at 20 steps
+    "cpu-cache": dict(dit_layers=28, t5_layers=2, sizes=[256], steps=20, repeats=2, batches=[1]),
     # the test suite's check that every section runs: its tiny test model (seconds, not minutes)
     "smoke": dict(dit_layers=0, t5_layers=0, sizes=[64], steps=2, repeats=1, batches=[1, 2]),
 }
@@ -109,7 +115,34 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: int, device) -> dict:
+class TransformerCalls:
+    """Counts a transformer's forward calls (one per step: the guidance rows run in the same call)."""
+
+    def __init__(self, transformer):
+        self.count = 0
+        self.handle = transformer.register_forward_hook(self._add)
+
+    def _add(self, *_):
+        self.count += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def diffusers_call(pipe, size: int, steps: int):
+    """The baseline: diffusers' own PixArtSigmaPipeline.__call__, seeded."""
+    def theirs():
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                    generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False,
+                    clean_caption=False).images
+    return theirs
+
+
+def bench_size(model: PixArtSigmaModel, pipe, same_dtype_pipe, size: int, steps: int, repeats: int, device) -> dict:
+    """Ours against diffusers in its default dtype (`pipe`) and in ours (`same_dtype_pipe`, bfloat16 on a CPU
+    that has it), and ours without the text cache, all on the same weights; transformer passes per image."""
+    from pixart_sigma import text_cache
+
     engine = model.engine
     call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
                 use_resolution_binning=False)
@@ -118,17 +151,33 @@ def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: in
         engine.text.clear()
         return model.generate(PROMPT, **call)
 
-    def theirs():
-        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
-                    generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False,
-                    clean_caption=False).images
+    prompts = (f"{PROMPT}, take {k}" for k in range(1000))
 
+    def ours_new_prompt():  # a prompt never seen; the negative prompt ("") cached, as after a session's first call
+        return model.generate(next(prompts), **call)
+
+    theirs, theirs_same = diffusers_call(pipe, size, steps), diffusers_call(same_dtype_pipe, size, steps)
     row = {"size": size, "steps": steps}
     row["diffusers_s"], row["diffusers_peak_gib"] = timed(device, theirs, repeats)
+    row["diffusers_same_dtype_s"], _ = timed(device, theirs_same, repeats)
     row["ours_cold_s"], row["ours_peak_gib"] = timed(device, ours_cold, repeats)
     row["ours_warm_s"], row["ours_warm_peak_gib"] = timed(device, lambda: model.generate(PROMPT, **call), repeats)
+    row["ours_new_prompt_s"], _ = timed(device, ours_new_prompt, repeats)
+    session = text_cache.session
+    text_cache.session = lambda transformer, embeds: contextlib.nullcontext()  # the text's K/V at every step
+    try:
+        row["ours_no_text_cache_s"], _ = timed(device, ours_cold, repeats)
+    finally:
+        text_cache.session = session
+    counter = TransformerCalls(same_dtype_pipe.transformer)
+    theirs_same()
+    counter.close()
+    row["diffusers_passes"] = counter.count
     # Drift of our images (in our dtype) from diffusers' (in the baseline's): inf when identical.
-    row["psnr_db"] = psnr(model.generate(PROMPT, **call)[0], theirs()[0])
+    image = model.generate(PROMPT, **call)[0]
+    row["ours_passes"] = json.loads(image.info["pixart_sigma"])["full_transformer_steps"]
+    row["psnr_db"] = psnr(image, theirs()[0])
+    row["psnr_same_dtype_db"] = psnr(image, theirs_same()[0])
 
     text_encoder = engine.pipeline.text_encoder
     with torch.inference_mode():
@@ -144,8 +193,33 @@ def bench_size(model: PixArtSigmaModel, pipe, size: int, steps: int, repeats: in
             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False), repeats)[0] * 1e3
         row["vae_ms"] = timed(device, lambda: engine.decode(latents[:1]), repeats)[0] * 1e3
     row["speedup"] = row["diffusers_s"] / row["ours_cold_s"]
+    row["speedup_same_dtype"] = row["diffusers_same_dtype_s"] / row["ours_cold_s"]
+    row["speedup_same_dtype_new_prompt"] = row["diffusers_same_dtype_s"] / row["ours_new_prompt_s"]
+    row["speedup_same_dtype_warm"] = row["diffusers_same_dtype_s"] / row["ours_warm_s"]
+    row["text_cache_speedup"] = row["ours_no_text_cache_s"] / row["ours_cold_s"]
     row["text_encoder_dtype"] = str(text_encoder.dtype)
     return row
+
+
+def bench_step_cache(model: PixArtSigmaModel, size: int, steps: int, repeats: int, device) -> list[dict]:
+    """Each step cache at its default parameters against ours without one: time (prompt cached), full transformer
+    passes per image, PSNR against the uncached image. Random weights: the passes first-block skips here say
+    nothing about a trained model's (tools/evaluate_step_cache.py measures the demo model's)."""
+    from pixart_sigma.settings import STEP_CACHES
+
+    call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
+                use_resolution_binning=False)
+    rows, reference = [], None
+    for method in STEP_CACHES:
+        seconds, peak = timed(device, lambda: model.generate(PROMPT, step_cache=method, **call), repeats)
+        image = model.generate(PROMPT, step_cache=method, **call)[0]
+        reference = reference or image
+        rows.append({"step_cache": method, "size": size, "steps": steps, "s": seconds, "peak_gib": peak,
+                     "passes": json.loads(image.info["pixart_sigma"])["full_transformer_steps"],
+                     "psnr_db": psnr(image, reference)})
+    for row in rows:
+        row["speedup"] = rows[0]["s"] / row["s"]
+    return rows
 
 
 def bench_batching(model: PixArtSigmaModel, size: int, steps: int, repeats: int, device, batches) -> list[dict]:
@@ -234,6 +308,14 @@ def ours_pipeline(pipe, device):
     return ours
 
 
+def same_dtype(pipe, device):
+    """The baseline in the dtype ours picks (all parts, as `torch_dtype=` does): the same pipe when it already is."""
+    from pixart_sigma.devices import resolve_dtype
+
+    dtype = resolve_dtype("auto", device)
+    return pipe if pipe.transformer.dtype == dtype else copy.deepcopy(pipe).to(dtype=dtype)
+
+
 def weight_gib(pipe) -> float:
     return sum(t.numel() * t.element_size() for part in (pipe.transformer, pipe.text_encoder, pipe.vae)
                for t in part.parameters()) / 2**30
@@ -261,15 +343,22 @@ def main() -> None:
     parser.add_argument("--no-extras", action="store_true", help="only the ours-against-diffusers rows")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="also time compile=True (default: on a GPU; about a minute of compiling per size)")
+    parser.add_argument("--step-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time each step_cache at 20 steps (default: with --preset full and cpu-cache)")
+    parser.add_argument("--step-cache-only", action="store_true", help="only the step_cache rows (with --preset "
+                        "cpu-cache: the other rows would take an hour on 2 cores at full depth)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    if args.step_cache is None:
+        args.step_cache = args.preset in ("full", "cpu-cache")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
     start = time.perf_counter()
     pipe = build_pipeline(preset["dit_layers"], preset["t5_layers"], dtype, device)
+    same_dtype_pipe = same_dtype(pipe, device)  # what a diffusers user gets with torch_dtype=<our dtype>
     mine = ours_pipeline(pipe, device)
     model = PixArtSigmaModel.from_pipeline(mine)  # the very same weights as the baseline, in our dtypes
     print(f"# {name}, preset {args.preset}, baseline {dtype}, ours {model.engine.dtype} (T5 "
@@ -279,32 +368,52 @@ def main() -> None:
     sizes = args.sizes or preset["sizes"]
     report = {"device": name, "preset": args.preset, "dtype": str(dtype), "ours_dtype": str(model.engine.dtype),
               "rows": []}
-    for size in sizes:
-        report["rows"].append(bench_size(model, pipe, size, preset["steps"], preset["repeats"], device))
+    for size in [] if args.step_cache_only else sizes:
+        report["rows"].append(bench_size(model, pipe, same_dtype_pipe, size, preset["steps"], preset["repeats"],
+                                         device))
         print(json.dumps(report["rows"][-1]), flush=True)
-    if not args.no_extras:
-        middle = 1024 if 1024 in sizes else sizes[0]
+    middle = 1024 if 1024 in sizes else sizes[0]
+    if args.step_cache or args.step_cache_only:
+        report["step_cache"] = bench_step_cache(model, middle, 20, preset["repeats"], device)
+        print(json.dumps(report["step_cache"]), flush=True)
+    if not args.no_extras and not args.step_cache_only:
         report["batching"] = bench_batching(model, middle, preset["steps"], preset["repeats"], device,
                                            args.batches or preset["batches"])
         print(json.dumps(report["batching"]), flush=True)
         if device.type == "cuda" and max(sizes) >= 2048:
             report["vae_tiling"] = bench_vae_tiling(model, max(sizes), preset["steps"], device)
             print(json.dumps(report["vae_tiling"]), flush=True)
-    if args.compile:
+    if args.compile and not args.step_cache_only:
         report["compile"] = [bench_compile(model, size, preset["steps"], preset["repeats"], device) for size in sizes]
         print(json.dumps(report["compile"]), flush=True)
-    if not args.no_extras:  # last: sequential-offload leaves offloading hooks on the modules
+    if not args.no_extras and not args.step_cache_only:  # last: sequential-offload leaves offloading hooks on the modules
         report["memory_modes"] = bench_memory_modes(mine, middle, preset["steps"], preset["repeats"], device)
         print(json.dumps(report["memory_modes"]), flush=True)
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     print()
     print(table(report["rows"], {"size": "size", "steps": "steps", "diffusers_s": "diffusers s",
+                                 "diffusers_same_dtype_s": "diffusers s (our dtype)",
                                  "ours_cold_s": "ours s (cold cache)", "ours_warm_s": "ours s (warm cache)",
-                                 "speedup": "speed-up (cold)", "psnr_db": "PSNR vs diffusers dB", "t5_ms": "T5 ms",
+                                 "ours_new_prompt_s": "ours s (new prompt, negative cached)",
+                                 "speedup": "speed-up (cold)", "speedup_same_dtype": "vs same dtype (cold)",
+                                 "speedup_same_dtype_new_prompt": "vs same dtype (new prompt)",
+                                 "speedup_same_dtype_warm": "vs same dtype (warm)",
+                                 "ours_no_text_cache_s": "ours s without text K/V cache",
+                                 "text_cache_speedup": "text K/V cache speed-up",
+                                 "diffusers_passes": "transformer passes/image diffusers",
+                                 "ours_passes": "transformer passes/image ours",
+                                 "psnr_db": "PSNR vs diffusers dB", "psnr_same_dtype_db": "PSNR vs diffusers same dtype dB",
+                                 "t5_ms": "T5 ms",
                                  "dit_step_ms": "DiT step ms", "vae_ms": "VAE ms",
                                  "diffusers_peak_gib": "peak GiB diffusers", "ours_peak_gib": "peak GiB ours",
                                  "ours_warm_peak_gib": "peak GiB ours (cached prompt)"}))
+    if "step_cache" in report:
+        print()
+        print(table(report["step_cache"], {"step_cache": "step_cache (defaults)", "size": "size", "steps": "steps",
+                                           "s": "s (prompt cached)", "speedup": "speed-up vs off",
+                                           "passes": "transformer passes/image", "psnr_db": "PSNR vs off dB",
+                                           "peak_gib": "peak GiB"}))
     if "batching" in report:
         print()
         print(table(report["batching"], {"size": "size", "batch": "prompts per call", "images_per_s": "images/s",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks only a GPU machine can make, in one call of about 12 minutes on an H200:
 #   1. benchmarks/benchmark.py at full size (512, 1024, 2048 px): ours (dtype=auto) against diffusers,
-#      drift, prompts per call (1, 4, 8), VAE tiling at 2048, every memory mode with its peak (4 min);
+#      drift, diffusers in the same dtype, the text K/V cache, each step_cache at 1024, prompts per call
+#      (1, 4, 8), VAE tiling at 2048, every memory mode with its peak (5 min);
 #   2. compile=True at 512 and 1024: compile time, first image, steady speed-up, drift (3 min);
 #   3. the demo model's figures generated on cuda (dtype=auto: bfloat16), 80 held-out prompts (3 min);
 #   4. the fast tests (-m "not slow") on a machine where device=auto means cuda.
@@ -17,7 +18,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf-home
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
-timeout 270 python3 benchmarks/benchmark.py --no-compile --json "$out/benchmark.json" 2>&1 | grep -v Warning \
+timeout 330 python3 benchmarks/benchmark.py --no-compile --json "$out/benchmark.json" 2>&1 | grep -v Warning \
     | tee "$out/benchmark.log"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/pixart-compile-cache
 timeout 200 python3 benchmarks/benchmark.py --sizes 512 1024 --compile --no-extras --json "$out/compile.json" 2>&1 \

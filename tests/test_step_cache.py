@@ -1,6 +1,6 @@
 """step_cache: fewer full transformer steps (counted in the blocks themselves), recorded and replayed, the same image
 in any batch, gone after the call, refused where it cannot work. What it costs in meaning: test_demo_model.py's
-step-cache check and tools/evaluate_step_cache.py."""
+held-out check with a step cache, and tools/evaluate_step_cache.py."""
 
 import math
 
@@ -76,12 +76,13 @@ def test_first_block_below_any_change_is_the_uncached_image_bit_for_bit(model):
     assert np.array_equal(np.asarray(image), plain)
 
 
+@pytest.mark.parametrize("method", ["taylorseer", "taylorseer-lite"])
 @pytest.mark.parametrize("interval, warmup, cooldown, expected", [(2, 1, 2, 11), (2, 3, 2, 12), (4, 1, 0, 6)])
-def test_taylorseer_runs_the_blocks_every_interval_between_warmup_and_cooldown(model, interval, warmup, cooldown,
-                                                                                expected):
+def test_taylorseer_runs_the_blocks_every_interval_between_warmup_and_cooldown(model, method, interval, warmup,
+                                                                                cooldown, expected):
     calls = block_calls(model)
     try:
-        image = model.generate(PROMPT, step_cache="taylorseer", step_cache_interval=interval,
+        image = model.generate(PROMPT, step_cache=method, step_cache_interval=interval,
                                step_cache_warmup=warmup, step_cache_cooldown=cooldown)[0]
     finally:
         calls.close()
@@ -90,7 +91,8 @@ def test_taylorseer_runs_the_blocks_every_interval_between_warmup_and_cooldown(m
 
 
 @pytest.mark.parametrize("cache", [{"step_cache": "first-block", "step_cache_threshold": 0.2},
-                                   {"step_cache": "taylorseer", "step_cache_interval": 3}])
+                                   {"step_cache": "taylorseer", "step_cache_interval": 3},
+                                   {"step_cache": "taylorseer-lite"}])
 def test_a_cached_image_is_the_same_alone_or_in_a_batch(model, image_array, cache):
     """First-block decides per image (diffusers' hook decides per batch): a neighbour never changes an image."""
     batch = model.generate(PROMPT, seed=30, num_images_per_prompt=3, **cache)
@@ -104,7 +106,7 @@ def test_a_cached_image_is_the_same_alone_or_in_a_batch(model, image_array, cach
 def test_the_cache_works_without_guidance_and_with_a_negative_prompt(model):
     for settings in ({"guidance_scale": 1.0}, {"negative_prompt": "a blue square"}):
         for cache in ({"step_cache": "first-block", "step_cache_threshold": 0.3},
-                      {"step_cache": "taylorseer"}):
+                      {"step_cache": "taylorseer"}, {"step_cache": "taylorseer-lite"}):
             image = model.generate(PROMPT, **settings, **cache)[0]
             assert image.size == (64, 64) and full_steps(image) < 20
 
@@ -116,7 +118,8 @@ def test_the_hooks_are_gone_after_a_call_even_a_failed_one(model):
         if step == 5:
             raise RuntimeError("stop here")
 
-    for cache in ({"step_cache": "first-block", "step_cache_threshold": 0.3}, {"step_cache": "taylorseer"}):
+    for cache in ({"step_cache": "first-block", "step_cache_threshold": 0.3}, {"step_cache": "taylorseer"},
+                  {"step_cache": "taylorseer-lite"}):
         with pytest.raises(RuntimeError, match="stop here"):
             model.generate(PROMPT, on_progress=fail, **cache)
         transformer = model.engine.pipeline.transformer
@@ -151,8 +154,8 @@ def test_compile_with_a_step_cache_is_refused_by_name(model):
     ({"step_cache_interval": 1}, "step_cache_interval=1 is not valid: it must be from 2 to 8"),
     ({"step_cache_warmup": 0}, "step_cache_warmup=0 is not valid: it must be from 1 to 200"),
     ({"step_cache_cooldown": -1}, "step_cache_cooldown=-1 is not valid: it must be from 0 to 200"),
-    ({"step_cache": "tea-cache"}, "step_cache='tea-cache' is not valid: choose one of 'off', 'first-block' or "
-                                  "'taylorseer'"),
+    ({"step_cache": "tea-cache"}, "step_cache='tea-cache' is not valid: choose one of 'off', 'first-block', "
+                                  "'taylorseer' or 'taylorseer-lite'"),
 ])
 def test_bad_cache_settings_are_named(model, settings, message):
     with pytest.raises(SettingsError) as error:
@@ -162,17 +165,42 @@ def test_bad_cache_settings_are_named(model, settings, message):
 
 def test_the_schema_declares_the_cache_settings():
     schema = PixArtSigmaModel.get_schema()["properties"]
-    assert schema["step_cache"]["enum"] == ["off", "first-block", "taylorseer"]
+    assert schema["step_cache"]["enum"] == ["off", "first-block", "taylorseer", "taylorseer-lite"]
     assert schema["step_cache_threshold"]["exclusiveMinimum"] == 0 and schema["step_cache_threshold"]["maximum"] == 1
     assert (schema["step_cache_interval"]["minimum"], schema["step_cache_interval"]["maximum"]) == (2, 8)
 
 
-@pytest.mark.parametrize("memory", ["model-offload", "sequential-offload"])
-def test_the_cache_gives_the_same_image_in_every_memory_mode(model, memory):
-    """The hooks wrap whole blocks and their attention and feed-forward modules, outside the offloading hooks."""
+def test_the_cache_gives_the_same_image_with_model_offload_and_is_refused_when_streamed(model):
+    """The hooks wrap whole blocks and their attention and feed-forward modules, outside model-offload's hooks;
+    sequential-offload's own hooks on each block would displace them (on a GPU), so it is refused by name."""
     offloaded = PixArtSigmaModel(model_name="demo", device="cpu", dtype="float32", num_inference_steps=20, seed=4,
-                                 memory=memory)
-    for cache in ({"step_cache": "first-block", "step_cache_threshold": 0.2}, {"step_cache": "taylorseer"}):
+                                 memory="model-offload")
+    for cache in ({"step_cache": "first-block", "step_cache_threshold": 0.2}, {"step_cache": "taylorseer"},
+                  {"step_cache": "taylorseer-lite"}):
         expected = model.generate(PROMPT, **cache)[0]
         image = offloaded.generate(PROMPT, **cache)[0]
         assert np.array_equal(np.asarray(image), np.asarray(expected)) and full_steps(image) == full_steps(expected)
+    streamed = PixArtSigmaModel(model_name="demo", device="cpu", dtype="float32", memory="sequential-offload")
+    with pytest.raises(SettingsError, match="step_cache='taylorseer' cannot be used with memory='sequential-offload'"):
+        streamed.generate(PROMPT, step_cache="taylorseer")
+
+
+def test_batch_names_key_only_the_cache_parameters_that_change_the_images():
+    """A resumed batch finds its images: names stay as before the cache existed, and a parameter the chosen method
+    does not read never renames them."""
+    from pixart_sigma import plan_batch
+
+    def name(**settings):
+        values = PixArtSigmaModel.validate_and_transform({"model_name": "demo", "seed": 1, "num_inference_steps": 2,
+                                                          "dtype": "float32", **settings})
+        return plan_batch([(1, "a red circle")], values)[0].names[0]
+
+    plain = name()
+    assert plain == "a-red-circle-70f8d6b899e5-0.png"  # the name from before step_cache existed
+    assert name(step_cache_threshold=0.3, step_cache_interval=4) == plain
+    taylorseer = name(step_cache="taylorseer")
+    assert taylorseer != plain and name(step_cache="taylorseer", step_cache_threshold=0.3) == taylorseer
+    assert name(step_cache="taylorseer", step_cache_interval=3) != taylorseer
+    first_block = name(step_cache="first-block")
+    assert name(step_cache="first-block", step_cache_interval=5) == first_block
+    assert name(step_cache="first-block", step_cache_threshold=0.2) != first_block

@@ -21,7 +21,7 @@ from .calls import random_seed
 from .devices import dtype_name
 from .errors import MetadataError, SettingsError
 from .images import read_settings, safe_stem
-from .settings import PLACEMENT_SETTINGS, STEP_CACHE_SETTINGS, Settings, check_text
+from .settings import PLACEMENT_SETTINGS, STEP_CACHE_PARAMETERS, STEP_CACHE_SETTINGS, Settings, check_text
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
 # Settings added after batch names were fixed: keyed only when set, so earlier runs' names still match
@@ -126,8 +126,9 @@ def plan_batch(prompts: list[tuple[int, str]], settings: dict[str, Any],
     """Name every prompt's images from its content. `settings`: the model's validated settings; `loras`: with
     LoRAs set, each one's record (SHA-256 and scale: what names are keyed by, see lora_key)."""
     # Every setting but where it runs decides the pixels; a local model is keyed by its absolute path.
+    unread = set(STEP_CACHE_SETTINGS) - {"step_cache", *STEP_CACHE_PARAMETERS[settings["step_cache"]]}
     keyed = {name: settings[name] for name in Settings.field_names()
-             if name not in PLACEMENT_SETTINGS and KEYED_WHEN_SET.get(name, ...) != settings[name]}
+             if name not in PLACEMENT_SETTINGS and name not in unread and KEYED_WHEN_SET.get(name, ...) != settings[name]}
     if "loras" in keyed:
         keyed["loras"] = lora_key(settings, loras)
     if "checkpoint" in settings:

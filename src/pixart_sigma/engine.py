@@ -311,7 +311,7 @@ class Engine:
             raise SettingsError([f"generate_many needs one non-empty seed list per prompt: got {len(prompts)} "
                                  f"prompt(s) and {len(seeds)} seed list(s)"])
         check_image_count(settings.width, settings.height, seeds)
-        check_memory_mode(settings.compile, loras, self.memory)
+        check_memory_mode(settings.compile, loras, self.memory, settings.step_cache)
         with _DeviceTurn(self.device, cancel), torch.inference_mode():
             # The transformer is shared by every call on this device: its weights are this call's set for the turn.
             fuse(self.pipeline.transformer, loras)

@@ -41,9 +41,19 @@ STEP_CACHES = {
     "first-block": "a step whose first block barely changed (step_cache_threshold) skips the other blocks and "
                    "reuses what they added at the image's last full step",
     "taylorseer": "the whole transformer runs every step_cache_interval-th step; in between, each block's attention "
-                  "and feed-forward outputs are extrapolated from the last two full steps",
+                  "and feed-forward outputs are extrapolated from the last two full steps (copied from the first while there is "
+                  "only one)",
+    "taylorseer-lite": "as taylorseer, but in between only the transformer's output is extrapolated and the blocks do "
+                       "not run at all: faster, almost no extra memory",
 }
 MAX_STEP_CACHE_INTERVAL = 8
+# The parameters each step cache reads (the others do not change its images).
+STEP_CACHE_PARAMETERS = {
+    "off": (),
+    "first-block": ("step_cache_threshold", "step_cache_warmup", "step_cache_cooldown"),
+    "taylorseer": ("step_cache_interval", "step_cache_warmup", "step_cache_cooldown"),
+    "taylorseer-lite": ("step_cache_interval", "step_cache_warmup", "step_cache_cooldown"),
+}
 STEP_CACHE_SETTINGS = ("step_cache", "step_cache_threshold", "step_cache_interval", "step_cache_warmup",
                        "step_cache_cooldown")
 
@@ -392,8 +402,8 @@ class Settings(SettingsModel):
     text_encoder_dtype: Literal[TEXT_ENCODER_DTYPES] = Field(  # type: ignore[valid-type]
         "auto", title="Text encoder number format", description="Number format of the T5 text encoder: auto = as "
         "dtype, except bfloat16 on a CPU when dtype is auto (T5-XXL in float32 is 19 GB); int8 = weight-only 8-bit "
-        "weights with activations in bfloat16 (float32 where the device lacks native bfloat16): about half of "
-        "bfloat16's memory, embeddings very close to bfloat16's but not identical (CPU and CUDA; not with "
+        "weights with activations in bfloat16 (float32 on GPUs without bfloat16): about half of bfloat16's memory, "
+        "embeddings very close to bfloat16's but not identical (CPU and CUDA, needs pixart-sigma[int8]; not with "
         "memory=sequential-offload). Each image records the formats it was made with, so a remake (--from) uses "
         "the same."
     )
@@ -439,7 +449,7 @@ class Settings(SettingsModel):
         json_schema_extra={"exclusiveMinimum": 0, "maximum": 1},
     )
     step_cache_interval: int = Field(
-        2, title="Step cache interval", ge=2, le=MAX_STEP_CACHE_INTERVAL, description="taylorseer: the whole "
+        2, title="Step cache interval", ge=2, le=MAX_STEP_CACHE_INTERVAL, description="taylorseer(-lite): the whole "
         "transformer runs every this many steps after the warm-up; higher is faster and drifts more.",
     )
     step_cache_warmup: int = Field(

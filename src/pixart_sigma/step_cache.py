@@ -10,11 +10,15 @@ Neighbouring denoising steps change the transformer's features little, so a step
   so one image's content would change another's steps.
 - `taylorseer` (TaylorSeer): the whole transformer runs every `interval`-th step; in between, each block's
   self-attention, cross-attention and feed-forward outputs are extrapolated from their last two full steps (a
-  first-order Taylor series); the norms and the timestep's modulation still run. diffusers' TaylorSeer hook,
-  element-wise, so batch-safe as it is.
+  first-order Taylor series; copied while only one full step is there); the norms and the timestep's modulation
+  still run. Keeps two activation-sized tensors per module: about 3.2 GB per image at 1024² in bfloat16.
+- `taylorseer-lite` (diffusers' TaylorSeer Lite): the same schedule, but on the steps in between only the
+  transformer's output is extrapolated and the blocks do not run at all: faster (a predicted step costs next
+  to nothing) and almost no extra memory.
 
-Both run the first `warmup` and the last `cooldown` steps in full: on the demo model, predicting either of the
-last two steps of 20 cost 5 to 20 points of its checker (tools/evaluate_step_cache.py).
+Both are diffusers' TaylorSeer hook, element-wise, so batch-safe as they are. All three run the first `warmup`
+and the last `cooldown` steps in full: on the demo model, predicting either of the last two steps of 20 cost 5
+to 20 points of its checker (tools/evaluate_step_cache.py).
 
 A session is opened per call (`session`) and removes its hooks when the call ends, so the shared transformer
 runs uncached outside it. Not under torch.compile (settings refuse the pair: the hooks' Python decisions
@@ -165,7 +169,7 @@ def _first_block(transformer, images: int, steps: int, cache: StepCache, passes:
 
 # -- TaylorSeer ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _taylorseer(transformer, steps: int, cache: StepCache, passes: Passes) -> Iterator[None]:
+def _taylorseer(transformer, steps: int, cache: StepCache, passes: Passes, lite: bool) -> Iterator[None]:
     from diffusers.hooks import HookRegistry, TaylorSeerCacheConfig, apply_taylorseer_cache
     from diffusers.hooks.hooks import CacheContext
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
@@ -173,7 +177,7 @@ def _taylorseer(transformer, steps: int, cache: StepCache, passes: Passes) -> It
     config = TaylorSeerCacheConfig(cache_interval=cache.interval, disable_cache_before_step=cache.warmup,
                                    disable_cache_after_step=steps - cache.cooldown if cache.cooldown else None,
                                    max_order=1, taylor_factors_dtype=transformer.dtype,
-                                   cache_identifiers=[TAYLORSEER_MODULES])
+                                   cache_identifiers=None if lite else [TAYLORSEER_MODULES], use_lite_mode=lite)
     apply_taylorseer_cache(transformer, config)
     hooked = [module for module in transformer.modules()
               if _TAYLORSEER_CACHE_HOOK in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})]
@@ -213,8 +217,8 @@ def session(transformer, cache: StepCache, images: int, steps: int) -> Iterator[
             if len(transformer.transformer_blocks) < 2:
                 passes.full_steps = [steps] * images
             yield passes
-    elif cache.method == "taylorseer":
-        with _taylorseer(transformer, steps, cache, passes):
+    elif cache.method in ("taylorseer", "taylorseer-lite"):
+        with _taylorseer(transformer, steps, cache, passes, lite=cache.method == "taylorseer-lite"):
             yield passes
     else:
         raise ValueError(f"step_cache={cache.method!r} is not a step cache")
