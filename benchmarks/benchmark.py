@@ -209,14 +209,29 @@ def bench_step_cache(model: PixArtSigmaModel, size: int, steps: int, repeats: in
 
     call = dict(seed=0, num_inference_steps=steps, guidance_scale=4.5, width=size, height=size,
                 use_resolution_binning=False)
-    rows, reference = [], None
+    def run(method):
+        return model.generate(PROMPT, step_cache=method, **call)
+
+    images = {method: run(method)[0] for method in STEP_CACHES}  # warm-up, and the images compared
+    times: dict[str, list[float]] = {method: [] for method in STEP_CACHES}
+    peaks = dict.fromkeys(STEP_CACHES, 0.0)
+    for _ in range(repeats):  # round-robin: a machine that slows down mid-run slows every method alike
+        for method in STEP_CACHES:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            run(method)
+            sync(device)
+            times[method].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated(device) / 2**30)
+    rows = []
     for method in STEP_CACHES:
-        seconds, peak = timed(device, lambda: model.generate(PROMPT, step_cache=method, **call), repeats)
-        image = model.generate(PROMPT, step_cache=method, **call)[0]
-        reference = reference or image
-        rows.append({"step_cache": method, "size": size, "steps": steps, "s": seconds, "peak_gib": peak,
+        image = images[method]
+        rows.append({"step_cache": method, "size": size, "steps": steps, "s": statistics.median(times[method]),
                      "passes": json.loads(image.info["pixart_sigma"])["full_transformer_steps"],
-                     "psnr_db": psnr(image, reference)})
+                     "psnr_db": psnr(image, images["off"]), "peak_gib": peaks[method]})
     for row in rows:
         row["speedup"] = rows[0]["s"] / row["s"]
     return rows

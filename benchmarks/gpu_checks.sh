@@ -18,7 +18,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf-home
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
-timeout 330 python3 benchmarks/benchmark.py --no-compile --json "$out/benchmark.json" 2>&1 | grep -v Warning \
+timeout 300 python3 benchmarks/benchmark.py --no-compile --json "$out/benchmark.json" 2>&1 | grep -v Warning \
     | tee "$out/benchmark.log"
 export TORCHINDUCTOR_CACHE_DIR=/tmp/pixart-compile-cache
 timeout 200 python3 benchmarks/benchmark.py --sizes 512 1024 --compile --no-extras --json "$out/compile.json" 2>&1 \
@@ -28,5 +28,5 @@ timeout 220 python3 tools/evaluate_demo_model.py --device cuda --prompts 80 --ne
 # Several workers when pytest-xdist is there, 2 threads each, or they fight over the cores; the DashAI
 # tests need the dashai package, which GPU images lack.
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-OMP_NUM_THREADS=2 timeout 150 python3 -m pytest -q -m "not slow" -p no:cacheprovider $workers -rfE --tb=short \
+OMP_NUM_THREADS=2 timeout 120 python3 -m pytest -q -m "not slow" -p no:cacheprovider $workers -rfE --tb=short \
     --ignore tests/test_dashai.py 2>&1 | grep -v -i warning | tee "$out/pytest.log" | tail -30
