@@ -204,3 +204,17 @@ def test_batch_names_key_only_the_cache_parameters_that_change_the_images():
     first_block = name(step_cache="first-block")
     assert name(step_cache="first-block", step_cache_interval=5) == first_block
     assert name(step_cache="first-block", step_cache_threshold=0.2) != first_block
+
+
+def test_the_a1111_text_carries_the_cache_and_remakes_the_image(model):
+    """A copy that keeps only the A1111 `parameters` text (another tool's metadata) still says what was cached."""
+    image = model.generate(PROMPT, step_cache="taylorseer-lite", step_cache_interval=3)[0]
+    text = image.info["parameters"]
+    assert "Step cache: taylorseer-lite, Step cache interval: 3, Step cache warm-up: 1, Step cache cool-down: 2" in text
+    assert "threshold" not in text  # taylorseer reads no threshold
+    image.info.pop("pixart_sigma")
+    settings = reproducible_settings(read_settings(image))
+    assert (settings["step_cache"], settings["step_cache_interval"], settings["step_cache_cooldown"]) == (
+        "taylorseer-lite", 3, 2)
+    plain = model.generate(PROMPT)[0]
+    assert "Step cache" not in plain.info["parameters"]

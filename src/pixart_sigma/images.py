@@ -31,8 +31,8 @@ from PIL import Image, PngImagePlugin
 
 from .errors import MetadataError, SettingsError
 from .settings import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, PLACEMENT_SETTINGS, SAMPLERS,
-                       SHORT_HASH_DIGITS, EditSettings, LoraRecord, Settings, check_text, is_plain_lora_name,
-                       parse_settings, shown)
+                       SHORT_HASH_DIGITS, STEP_CACHE_PARAMETERS, EditSettings, LoraRecord, Settings, check_text,
+                       is_plain_lora_name, parse_settings, shown)
 
 JSON_KEY = "pixart_sigma"
 PARTIAL_PREFIX = ".partial-"  # an image being written; never a finished one
@@ -100,6 +100,7 @@ def a1111_text(record: dict[str, Any]) -> str:
         "Denoising strength": record.get("strength"),  # an edit's; A1111's names
         "Mask blur": record.get("mask_blur") if record.get("mask_sha256") else None,
         "Lora hashes": _lora_hashes(loras),
+        **_step_cache_pairs(record),
         "Model": record["model_name"],
         "Dtype": record.get("dtype"),
         "Version": f"pixart-sigma {record.get('version')}",
@@ -461,6 +462,19 @@ def _a1111_number(text: str) -> Optional[float]:
         return None
 
 
+# A step cache as A1111-style pairs (A1111 has none of its own): the method and the parameters it reads.
+A1111_STEP_CACHE = {"step_cache": "Step cache", "step_cache_threshold": "Step cache threshold",
+                    "step_cache_interval": "Step cache interval", "step_cache_warmup": "Step cache warm-up",
+                    "step_cache_cooldown": "Step cache cool-down"}
+
+
+def _step_cache_pairs(record: dict[str, Any]) -> dict[str, Any]:
+    method = record.get("step_cache", "off")
+    if method == "off" or method not in STEP_CACHE_PARAMETERS:
+        return {}
+    return {A1111_STEP_CACHE[name]: record.get(name) for name in ("step_cache", *STEP_CACHE_PARAMETERS[method])}
+
+
 def _parse_a1111(text: str) -> dict[str, Any]:
     """Read A1111 `parameters` text (ours or another tool's) into our setting names; what it cannot read is left out."""
     lines = text.split("\n")
@@ -483,6 +497,10 @@ def _parse_a1111(text: str) -> dict[str, Any]:
         "Seed": ("seed", _a1111_integer), "Model": ("model_name", str), "Dtype": ("dtype", str),
         "Sampler": ("scheduler", samplers.get),  # a sampler we do not have is left out
         "Denoising strength": ("strength", _a1111_number), "Mask blur": ("mask_blur", _a1111_integer),
+        A1111_STEP_CACHE["step_cache"]: ("step_cache", lambda text: text if text in STEP_CACHE_PARAMETERS else None),
+        A1111_STEP_CACHE["step_cache_threshold"]: ("step_cache_threshold", _a1111_number),
+        **{A1111_STEP_CACHE[name]: (name, _a1111_integer)
+           for name in ("step_cache_interval", "step_cache_warmup", "step_cache_cooldown")},
     }
     for key, (name, read) in readers.items():
         value = read(values[key]) if key in values else None
