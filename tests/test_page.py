@@ -131,9 +131,11 @@ def gallery_item(page, job_id: str):
 
 def natural_width(page, selector: str) -> int:
     """The naturalWidth of the first image matching `selector` once it has loaded (looked up afresh each poll,
-    since the gallery is redrawn when a job finishes)."""
+    since the gallery is redrawn when a job finishes), scrolled to as a person would: the gallery's pictures
+    load lazily, and below the settings form they are out of view."""
     return page.wait_for_function(
-        "s => { const img = document.querySelector(s); return img && img.complete && img.naturalWidth; }",
+        "s => { const img = document.querySelector(s); if (img && !img.complete) img.scrollIntoView(); "
+        "return img && img.complete && img.naturalWidth; }",
         arg=selector, timeout=WAIT_MS).json_value()
 
 
@@ -219,7 +221,9 @@ def test_clicking_a_gallery_item_fills_the_form(page, server, styled_job):
                       "num_inference_steps": "7", "guidance_scale": "3.5", "seed": "1234", "width": "64",
                       "height": "64", "num_images_per_prompt": "1", "scheduler": "euler",
                       "use_resolution_binning": False, "max_sequence_length": "120", "vae_tiling": False,
-                      "compile": False, "loras": None}  # the LoRA picker (a fieldset): nothing picked
+                      "compile": False, "loras": None,  # the LoRA picker (a fieldset): nothing picked
+                      "step_cache": "off", "step_cache_threshold": "0.1", "step_cache_interval": "2",
+                      "step_cache_warmup": "1", "step_cache_cooldown": "2"}
     assert page.locator('[data-field="loras"] input[type=checkbox]:checked').count() == 0
     assert natural_width(page, "#result img") == 64  # its picture is shown as the result
     page.get_by_role("button", name="Reset settings").click()

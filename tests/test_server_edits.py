@@ -358,3 +358,14 @@ def test_a_queued_edit_survives_a_restart_and_its_pictures_go_with_the_job(tmp_p
             assert uploads(second) == []
     finally:
         second.stop()
+
+
+def test_a_list_setting_sent_as_repeated_form_fields_is_a_list(http):
+    """OpenAPI tools (schemathesis among them) send an array in a form as the same field repeated, without []."""
+    fields = {"prompt": PROMPT, "seed": "5", "num_inference_steps": "2", "expand": ["0", "0", "8", "0"]}
+    response = http.post("/v1/generations", data=fields, files={"image": ("a.png", SOURCE, "image/png")})
+    assert response.status_code == 202, response.text
+    assert response.json()["settings"]["expand"] == [0, 0, 8, 0]
+    fields["seed"] = ["5", "6"]  # a field that is not a list, repeated: refused by name
+    response = http.post("/v1/generations", data=fields, files={"image": ("a.png", SOURCE, "image/png")})
+    assert response.status_code == 422 and "seed is sent 2 times" in response.text

@@ -82,11 +82,24 @@ def typed_fields(fields: dict[str, list[str]], typed: frozenset[str] = frozenset
             continue
         if name.endswith("[]"):
             values[name[:-2]] = [form_value(name[:-2], text, typed) for text in texts]
+        elif len(texts) > 1 and SETTING_SCHEMAS.get(name, {}).get("type") == "array":
+            # A list setting sent as repeated fields without [] (how OpenAPI tools encode an array in a form):
+            # each field one item, read as the list's items are.
+            item_kind = SETTING_SCHEMAS[name].get("items", {}).get("type")
+            values[name] = [text if item_kind in TEXT_TYPES else _json_item(text) for text in texts]
         elif len(texts) > 1:
             raise SettingsError([f"{name[:100]} is sent {len(texts)} times: send each field once"])
         else:
             values[name] = form_value(name, texts[0], typed)
     return values
+
+
+def _json_item(text: str) -> Any:
+    """One item of a list sent as repeated fields: JSON where it reads, else the text (the library names it)."""
+    try:
+        return json.loads(text, parse_float=json_number)
+    except (ValueError, RecursionError):
+        return text
 
 
 ITEM_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\[([0-9]*)\]\[([A-Za-z_][A-Za-z0-9_]*)\]")
