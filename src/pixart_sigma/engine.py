@@ -392,11 +392,9 @@ class Engine:
             reuse = contextlib.nullcontext() if compile else text_cache.session(self.pipeline.transformer,
                                                                                  denoiser.embeds)
             steps = len(start.timesteps)
-            with reuse, step_cache.session(self.pipeline.transformer, cache, len(generators), steps) as done:
+            with reuse, step_cache.session(self.pipeline.transformer, cache, len(generators), steps, passes):
                 latents = sampling.denoise(denoiser, scheduler, start, step_kwargs=step_kwargs, hooks=hooks,
                                            on_progress=on_progress, cancel=cancel)
-            if passes is not None:
-                passes.full_steps = done.full_steps
         if not torch.isfinite(latents).all():
             raise GenerationError(
                 f"the denoiser produced NaN/inf in {self.dtype}; try dtype='bfloat16' or 'float32'")

@@ -170,6 +170,14 @@ def check_text(field: str, text: str, *, required: bool) -> str:
     return text
 
 
+def above_zero_at_most_one(field: str, value: Any, hint: str) -> Any:
+    """A number in (0, 1] (an integer made a float); anything not a number is left for pydantic to name."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+            math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f"{field}={shown(value)} is not valid: it must be a number above 0 and at most 1 ({hint})")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _printable(field: str, text: str) -> None:
     for index, char in enumerate(text):
         if unicodedata.category(char) in ("Cc", "Cs"):
@@ -510,11 +518,7 @@ class Settings(SettingsModel):
     @field_validator("step_cache_threshold", mode="before")
     @classmethod
     def _threshold(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-                math.isfinite(value) and 0 < value <= 1):
-            raise ValueError(f"step_cache_threshold={shown(value)} is not valid: it must be a number above 0 and at "
-                             "most 1 (0.05 to 0.2 are usual)")
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        return above_zero_at_most_one("step_cache_threshold", value, "0.05 to 0.2 are usual")
 
     @model_validator(mode="after")
     def _step_cache_not_compiled(self) -> "Settings":
@@ -590,11 +594,8 @@ class EditSettings(SettingsModel):
     @field_validator("strength", mode="before")
     @classmethod
     def _strength(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-                math.isfinite(value) and 0 < value <= 1):
-            raise ValueError(f"strength={shown(value)} is not valid: it must be a number above 0 and at most 1 "
-                             "(0.2 keeps the picture's colours and shapes, 1 only its broad layout)")
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        return above_zero_at_most_one("strength", value,
+                                      "0.2 keeps the picture's colours and shapes, 1 only its broad layout")
 
     @field_validator("expand", mode="before")
     @classmethod

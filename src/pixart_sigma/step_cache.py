@@ -151,6 +151,7 @@ def _first_block(transformer, images: int, steps: int, cache: StepCache, passes:
 
     blocks = list(transformer.transformer_blocks)
     if len(blocks) < 2:  # nothing after the first block to skip
+        passes.full_steps = [steps] * images
         yield
         return
     state = _FirstBlockState(images, cache.threshold, lambda step: step < cache.warmup or step >= steps - cache.cooldown,
@@ -203,19 +204,18 @@ def _taylorseer(transformer, steps: int, cache: StepCache, passes: Passes, lite:
 
 
 @contextlib.contextmanager
-def session(transformer, cache: StepCache, images: int, steps: int) -> Iterator[Passes]:
+def session(transformer, cache: StepCache, images: int, steps: int,
+            passes: Optional[Passes] = None) -> Iterator[Passes]:
     """Install `cache` on `transformer` for one denoising call over `images` images; removed on exit.
 
-    Yields the call's `Passes` (full transformer steps per image), filled in as the call runs.
+    Yields the call's `Passes` (full transformer steps per image; `passes` if given), filled in as the call runs.
     """
-    passes = Passes(images)
+    passes = passes or Passes(images)
     if cache.method == "off":
         passes.full_steps = [steps] * images
         yield passes
     elif cache.method == "first-block":
         with _first_block(transformer, images, steps, cache, passes):
-            if len(transformer.transformer_blocks) < 2:
-                passes.full_steps = [steps] * images
             yield passes
     elif cache.method in ("taylorseer", "taylorseer-lite"):
         with _taylorseer(transformer, steps, cache, passes, lite=cache.method == "taylorseer-lite"):
